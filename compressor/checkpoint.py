@@ -1,0 +1,232 @@
+"""safetensors checkpoints that describe themselves.
+
+A checkpoint holds the model's state dict plus string metadata (safetensors
+only stores ``str -> str``; structured values are JSON-encoded):
+
+==============  ==========================================================
+key             value
+==============  ==========================================================
+format_version  ``"1"``
+arch            zoo name, e.g. ``resnet56``
+model_kwargs    JSON object of constructor options, e.g. ``{"shortcut": "A"}``
+num_classes     integer
+in_chans        integer
+input_size      JSON ``[C, H, W]``
+mean, std       JSON lists, the input normalisation the model was trained with
+class_names     JSON list of strings
+metrics         JSON object (test accuracy, epochs, ...)
+source          free text: where the weights came from
+==============  ==========================================================
+
+:func:`load_model` rebuilds the model from the file alone and verifies every
+tensor name and shape, so a truncated or mismatched file is caught on load.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import CompressError
+from .fileio import atomic_write
+from .models import create_model, get_entry
+
+FORMAT_VERSION = "1"
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class CheckpointMeta:
+    arch: str
+    num_classes: int
+    in_chans: int = 3
+    input_size: tuple = (3, 32, 32)
+    mean: tuple = CIFAR_MEAN
+    std: tuple = CIFAR_STD
+    class_names: list = field(default_factory=list)
+    model_kwargs: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    source: str = ""
+    format_version: str = FORMAT_VERSION
+
+    def to_strings(self) -> dict[str, str]:
+        d = asdict(self)
+        return {k: (v if isinstance(v, str) else json.dumps(list(v) if isinstance(v, tuple) else v))
+                for k, v in d.items()}
+
+    @classmethod
+    def from_strings(cls, meta: dict[str, str], path: str = "") -> "CheckpointMeta":
+        if "arch" not in meta or "num_classes" not in meta:
+            raise CompressError(
+                f"{path}: safetensors file has no compress metadata (arch, num_classes); "
+                f"pass --arch NAME (and --num-classes) to load it, or convert it with 'compress import'"
+            )
+        try:
+            return cls(
+                arch=meta["arch"],
+                num_classes=int(meta["num_classes"]),
+                in_chans=int(meta.get("in_chans", 3)),
+                input_size=tuple(json.loads(meta.get("input_size", "[3, 32, 32]"))),
+                mean=tuple(json.loads(meta.get("mean", json.dumps(CIFAR_MEAN)))),
+                std=tuple(json.loads(meta.get("std", json.dumps(CIFAR_STD)))),
+                class_names=list(json.loads(meta.get("class_names", "[]"))),
+                model_kwargs=dict(json.loads(meta.get("model_kwargs", "{}"))),
+                metrics=dict(json.loads(meta.get("metrics", "{}"))),
+                source=meta.get("source", ""),
+                format_version=meta.get("format_version", FORMAT_VERSION),
+            )
+        except (ValueError, TypeError) as exc:
+            raise CompressError(f"{path}: checkpoint metadata is malformed ({exc}); re-export the checkpoint") from None
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_readable_file(path, what: str = "file") -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise CompressError(f"{what} {str(p)!r} does not exist; check the path")
+    if p.is_dir():
+        raise CompressError(f"{what} {str(p)!r} is a directory, expected a file")
+    if p.stat().st_size == 0:
+        raise CompressError(f"{what} {str(p)!r} is empty (0 bytes); was it fully written?")
+    return p
+
+
+def save_checkpoint(path, model: nn.Module, meta: CheckpointMeta) -> Path:
+    """Write ``model``'s weights with ``meta`` atomically to ``path``."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_write(path, suffix=".safetensors") as tmp:
+        save_file(state, str(tmp), metadata=meta.to_strings())
+    return Path(path)
+
+
+def read_checkpoint(path, *, arch: str | None = None, num_classes: int | None = None):
+    """Return ``(state_dict, meta)``; ``arch``/``num_classes`` fill in for foreign files."""
+    p = check_readable_file(path, "checkpoint")
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            raw_meta = fh.metadata() or {}
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CompressError(
+            f"{p}: not a readable safetensors checkpoint ({reason}); "
+            f"convert PyTorch .pth/.th files with 'compress import'"
+        ) from None
+    if arch is not None:
+        raw_meta = {**raw_meta, "arch": arch}
+        if "num_classes" not in raw_meta:
+            raw_meta["num_classes"] = str(num_classes or _infer_num_classes(state))
+    meta = CheckpointMeta.from_strings(raw_meta, str(p))
+    return state, meta
+
+
+def _infer_num_classes(state: dict) -> int:
+    # The classifier is the last 2-D weight with a matching 1-D bias.
+    for key in reversed(list(state)):
+        if key.endswith("weight") and state[key].ndim == 2:
+            return int(state[key].shape[0])
+    raise CompressError("cannot infer num_classes from the checkpoint; pass --num-classes")
+
+
+def build_model(meta: CheckpointMeta) -> nn.Module:
+    return create_model(meta.arch, num_classes=meta.num_classes, in_chans=meta.in_chans, **meta.model_kwargs)
+
+
+def load_state_strict(model: nn.Module, state: dict, arch: str, source: str) -> None:
+    """Load ``state`` into ``model``, failing with the list of mismatched keys."""
+    own = model.state_dict()
+    # BatchNorm's step counter is absent from checkpoints saved before torch 0.4.1;
+    # it does not affect inference, so take the model's own value.
+    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if shape:
+            parts.append(f"{len(shape)} with wrong shape (e.g. {'; '.join(shape[:2])})")
+        raise CompressError(
+            f"{source}: weights do not match arch {arch!r}: {'; '.join(parts)}. "
+            f"Check --arch / --num-classes (and model options such as shortcut A/B)"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(path, *, arch: str | None = None, num_classes: int | None = None, map_location="cpu"):
+    """Rebuild the model stored in ``path``; returns ``(model, meta)`` in eval mode."""
+    state, meta = read_checkpoint(path, arch=arch, num_classes=num_classes)
+    get_entry(meta.arch)  # unknown arch -> CompressError with suggestions
+    model = build_model(meta)
+    load_state_strict(model, state, meta.arch, str(path))
+    return model.to(map_location).eval(), meta
+
+
+def meta_for(arch: str, *, num_classes: int, in_chans: int | None = None, mean=CIFAR_MEAN, std=CIFAR_STD,
+             class_names=(), model_kwargs=None, input_size=None, **extra) -> CheckpointMeta:
+    entry = get_entry(arch)
+    in_chans = entry.input_size[0] if in_chans is None else in_chans
+    size = tuple(input_size) if input_size else (in_chans, *entry.input_size[1:])
+    return CheckpointMeta(arch=entry.name, num_classes=num_classes, in_chans=in_chans, input_size=size,
+                          mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+                          class_names=list(class_names), model_kwargs=dict(model_kwargs or {}), **extra)
+
+
+# ---------------------------------------------------------------- importers
+def load_foreign_state_dict(path) -> dict[str, torch.Tensor]:
+    """Read a plain PyTorch checkpoint (.pth/.th/.pt or .safetensors).
+
+    Accepts a bare state dict, or a dict wrapping it under ``state_dict`` /
+    ``model`` / ``model_state_dict``; strips a ``module.`` (DataParallel) prefix.
+    ``weights_only=True`` is tried first; only trusted legacy files that need
+    more are loaded with full unpickling.
+    """
+    p = check_readable_file(path, "checkpoint")
+    if p.suffix == ".safetensors":
+        try:
+            with safe_open(str(p), framework="pt") as fh:
+                state = {k: fh.get_tensor(k) for k in fh.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise CompressError(f"{p}: not a readable safetensors file ({exc})") from None
+    else:
+        try:
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception:
+            try:
+                obj = torch.load(str(p), map_location="cpu", weights_only=False)
+            except Exception as exc:
+                raise CompressError(f"{p}: not a PyTorch checkpoint torch.load can read ({type(exc).__name__}); "
+                                    f"expected a .pth/.th state dict") from None
+        if isinstance(obj, nn.Module):
+            obj = obj.state_dict()
+        if isinstance(obj, dict):
+            for key in ("state_dict", "model_state_dict", "model", "net"):
+                if key in obj and isinstance(obj[key], dict):
+                    obj = obj[key]
+                    break
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise CompressError(f"{p}: does not contain a state dict of tensors; expected a .pth/.th state dict")
+        state = obj
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

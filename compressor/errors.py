@@ -1,0 +1,16 @@
+"""Exception types that the CLI maps to exit codes.
+
+* :class:`CompressError` -- bad input (a missing file, an unknown model name, a
+  recipe with an unknown key ...). The CLI prints its message on one line and
+  exits with code 2. Messages name the problem *and* the fix.
+* :class:`CheckFailed` -- the input was fine but a check the user asked for did
+  not pass (ONNX parity, a latency budget, an accuracy floor). Exit code 1.
+"""
+
+
+class CompressError(Exception):
+    """Bad input: exit code 2, one line, no traceback."""
+
+
+class CheckFailed(Exception):
+    """A requested check failed: exit code 1."""
