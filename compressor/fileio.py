@@ -17,6 +17,9 @@ import yaml
 
 from .errors import CompressError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def check_output_path(path: str | os.PathLike) -> Path:
     """Fail early (exit 2) when ``path`` cannot be written."""
@@ -42,6 +45,7 @@ def atomic_write(path: str | os.PathLike, suffix: str = ""):
         yield Path(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,363 @@
+"""The ``compress`` command line: a thin Click layer over the Python API.
+
+Exit codes: 0 ok; 1 a requested check failed (parity, latency budget, accuracy
+floor); 2 bad input (one line on stderr, no traceback); 130 interrupted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import sys
+import typing
+
+import click
+
+from .config import DistillConfig, TrainConfig
+from .errors import CheckFailed, CompressError
+
+
+def _csv_floats(value):
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise CompressError(f"expected comma-separated numbers, got {value!r} (e.g. 0.485,0.456,0.406)") from None
+
+
+def _parse_options(pairs) -> dict:
+    """``--option shortcut=B`` -> {"shortcut": "B"} (ints/floats converted)."""
+    out = {}
+    for pair in pairs or ():
+        if "=" not in pair:
+            raise CompressError(f"--option takes KEY=VALUE, got {pair!r} (e.g. --option shortcut=B)")
+        key, value = pair.split("=", 1)
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        out[key.strip()] = value
+    return out
+
+
+def config_options(cls, names: list[str], helps: dict[str, str]):
+    """Click options for dataclass fields ``names`` (all default to None = not given)."""
+    hints = typing.get_type_hints(cls)
+
+    def decorate(fn):
+        for name in reversed(names):
+            flag = "--" + name.replace("_", "-")
+            t = hints[name]
+            base = next((a for a in typing.get_args(t) if a is not type(None)), t)
+            help_ = helps.get(name, "")
+            default = next(f.default for f in dataclasses.fields(cls) if f.name == name) \
+                if any(f.name == name and f.default is not dataclasses.MISSING for f in dataclasses.fields(cls)) else None
+            if default not in (None, "", dataclasses.MISSING):
+                help_ = f"{help_} [default: {default}]".strip()
+            if base is bool:
+                fn = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None, help=help_)(fn)
+            elif base is list:
+                fn = click.option(flag, name, default=None, help=help_ + " (comma-separated)")(fn)
+            else:
+                ctype = {int: int, float: float}.get(base, str)
+                fn = click.option(flag, name, type=ctype, default=None, help=help_)(fn)
+        return fn
+
+    return decorate
+
+
+OPTIM_HELP = {
+    "data": "demo, a CIFAR-10/100 python dir, or an ImageFolder root",
+    "epochs": "training epochs", "batch_size": "images per step and process", "lr": "initial learning rate",
+    "momentum": "SGD momentum", "weight_decay": "SGD weight decay",
+    "schedule": "step | cosine | constant", "milestones": "step schedule: fractions of the epochs",
+    "gamma": "step schedule factor", "warmup_epochs": "linear warmup epochs",
+    "augment": "random crop + flip", "seed": "random seed", "mixed_precision": "no | bf16 | fp16",
+    "grad_accum": "gradient accumulation steps", "channels_last": "channels_last memory format",
+    "val_fraction": "hold out this share of train for per-epoch evaluation",
+    "train_subset": "train on the first N shuffled images only", "eval_every": "evaluate every N epochs",
+    "log_with": "Accelerate tracker (tensorboard, wandb, ...)",
+}
+OPTIM_FIELDS = list(OPTIM_HELP)
+
+
+class CompressGroup(click.Group):
+    def format_epilog(self, ctx, formatter):
+        formatter.write_paragraph()
+        formatter.write_text("Example:  compress models && compress plan --teacher T.safetensors --target resnet8")
+
+
+@click.group(cls=CompressGroup)
+@click.version_option(package_name="compress")
+def cli():
+    """compress: plan teacher assistants, distill with DGKD, export and benchmark ONNX students."""
+
+
+@cli.command("models")
+@click.option("--family", default=None, help="only this family")
+def models_cmd(family):
+    """List the model zoo: name, family, parameters and MACs (10 classes, default input).
+
+    Example:  compress models --family cifar_resnet
+    """
+    from .models import list_families, list_models, model_stats
+    from .report import format_table
+
+    if family is not None and family not in list_families():
+        raise CompressError(f"unknown family {family!r}; known: {', '.join(list_families())}")
+    rows = []
+    for name in list_models(family):
+        s = model_stats(name)
+        rows.append([s["name"], s["family"], f"{s['params']:,}", f"{s['macs'] / 1e6:.1f}M",
+                     "x".join(str(v) for v in s["input_size"])])
+    click.echo(format_table(["name", "family", "params", "MACs", "input"], rows))
+
+
+@cli.command("train")
+@click.option("--arch", default=None, help="zoo model name, e.g. resnet56")
+@click.option("--out", default=None, help="output checkpoint (.safetensors)")
+@click.option("--recipe", default=None, help="YAML recipe (keys = TrainConfig fields)")
+@click.option("--init", default=None, help="start from this checkpoint (fine-tuning)")
+@click.option("--num-classes", type=int, default=None, help="default: from the data")
+@click.option("--mean", default=None, help="normalisation mean, comma-separated")
+@click.option("--std", default=None, help="normalisation std, comma-separated")
+@click.option("--option", "options", multiple=True, help="model option KEY=VALUE, e.g. shortcut=B")
+@click.option("--resume", is_flag=True, help="continue an interrupted training of --out")
+@config_options(TrainConfig, OPTIM_FIELDS, OPTIM_HELP)
+def train_cmd(arch, out, recipe, init, num_classes, mean, std, options, resume, **flags):
+    """Train one model (e.g. a teacher) with cross-entropy.
+
+    Example:  compress train --arch resnet20 --data demo --epochs 30 --out teacher.safetensors
+    """
+    from .config import resolve_config
+    from .pipeline import train_model
+
+    flags = {k: (_csv_floats(v) if k == "milestones" else v) for k, v in flags.items()}
+    cli_values = dict(flags, arch=arch, out=out, init=init, num_classes=num_classes,
+                      mean=_csv_floats(mean), std=_csv_floats(std),
+                      model_kwargs=_parse_options(options) or None)
+    cfg = resolve_config(TrainConfig, recipe, cli_values)
+    metrics = train_model(cfg, resume=resume)
+    click.echo(f"saved {cfg.out}: test top-1 {metrics['test_top1']:.2f}%  top-5 {metrics['test_top5']:.2f}%  "
+               f"({metrics['train_seconds']:.0f} s)")
+
+
+@cli.command("import")
+@click.argument("file")
+@click.option("--arch", required=True, help="zoo model name the weights belong to")
+@click.option("--out", required=True, help="output .safetensors")
+@click.option("--num-classes", type=int, default=None, help="default: inferred from the classifier")
+@click.option("--mean", default=None, help="normalisation mean the weights expect (default CIFAR)")
+@click.option("--std", default=None, help="normalisation std (default CIFAR)")
+@click.option("--class-names", default=None, help="comma-separated class names")
+@click.option("--option", "options", multiple=True, help="model option KEY=VALUE, e.g. shortcut=A")
+def import_cmd(file, arch, out, num_classes, mean, std, class_names, options):
+    """Convert a PyTorch state dict (.pth/.th) into a compress checkpoint.
+
+    Accepts a bare state dict or one under 'state_dict'/'model', with or without
+    a 'module.' prefix. Every key must match the arch.
+
+    Example:  compress import resnet56-4bfd9763.th --arch resnet56 --mean 0.485,0.456,0.406
+    --std 0.229,0.224,0.225 --out teacher.safetensors
+    """
+    from .checkpoint import (CIFAR_MEAN, CIFAR_STD, _infer_num_classes, file_sha256, load_foreign_state_dict,
+                             load_state_strict, meta_for, save_checkpoint)
+    from .fileio import check_output_path
+    from .models import count_params, create_model, get_entry
+
+    entry = get_entry(arch)
+    check_output_path(out)
+    state = load_foreign_state_dict(file)
+    n = num_classes or _infer_num_classes(state)
+    kwargs = _parse_options(options)
+    model = create_model(entry.name, num_classes=n, **kwargs)
+    load_state_strict(model, state, entry.name, file)
+    names = [c.strip() for c in class_names.split(",")] if class_names else []
+    meta = meta_for(entry.name, num_classes=n, mean=_csv_floats(mean) or CIFAR_MEAN,
+                    std=_csv_floats(std) or CIFAR_STD, class_names=names, model_kwargs=kwargs,
+                    source=f"imported from {file} (sha256 {file_sha256(file)[:16]})")
+    save_checkpoint(out, model, meta)
+    click.echo(f"imported {len(state)} tensors into {entry.name} ({count_params(model):,} params, "
+               f"{n} classes) -> {out}")
+
+
+DISTILL_HELP = {
+    "method": "dgkd | takd | kd | ce", "assistants": "auto | N | comma-separated names",
+    "by": "assistant spacing metric: macs | params | latency", "max_assistants": "cap for --assistants auto",
+    "spacing": "auto: max compute ratio between neighbours", "temperature": "KD temperature T",
+    "kd_weight": "λ in (1-λ)·CE + λ·Σ KD", "drop_guides": "stochastic teaching: guides dropped per batch",
+    "assistant_epochs": "epochs for each assistant (default: --epochs)", "name": "run name (runs/NAME)",
+    "latency_backend": "plan table latency: torch | onnxruntime",
+}
+
+
+def _plan_options(fn):
+    for opt in reversed([
+        click.option("--teacher", default=None, help="teacher checkpoint (.safetensors)"),
+        click.option("--target", default=None, help="student model name, e.g. resnet8"),
+        click.option("--target-latency", "target_latency_ms", default=None,
+                     help="instead of --target: largest student under this batch-1 latency, e.g. 0.2ms"),
+        click.option("--recipe", default=None, help="YAML recipe (keys = DistillConfig fields)"),
+        click.option("--option", "options", multiple=True, help="student/assistant option KEY=VALUE"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _parse_ms(value):
+    if value is None:
+        return None
+    text = str(value).strip().lower().removesuffix("ms").strip()
+    try:
+        return float(text)
+    except ValueError:
+        raise CompressError(f"--target-latency takes milliseconds, e.g. 0.2ms; got {value!r}") from None
+
+
+def _distill_config(teacher, target, target_latency_ms, recipe, options, flags):
+    from .config import resolve_config
+
+    flags = {k: (_csv_floats(v) if k == "milestones" else v) for k, v in flags.items()}
+    values = dict(flags, teacher=teacher, target=target, target_latency_ms=_parse_ms(target_latency_ms),
+                  model_kwargs=_parse_options(options) or None)
+    return resolve_config(DistillConfig, recipe, values)
+
+
+@cli.command("plan")
+@_plan_options
+@config_options(DistillConfig,
+                ["method", "assistants", "by", "max_assistants", "spacing", "latency_backend", "epochs",
+                 "drop_guides", "data"], {**DISTILL_HELP, **OPTIM_HELP})
+@click.option("--json", "json_out", default=None, help="also write the plan as JSON here")
+def plan_cmd(teacher, target, target_latency_ms, recipe, options, json_out, **flags):
+    """Pick the teacher assistants between a teacher and a target student.
+
+    Example:  compress plan --teacher resnet110.safetensors --target resnet8 --assistants auto
+    """
+    from .checkpoint import read_checkpoint
+    from .fileio import check_output_path, write_json
+    from .planning import format_plan, plan_chain
+    from .pipeline import _resolve_target
+
+    cfg = _distill_config(teacher, target, target_latency_ms, recipe, options, flags)
+    if json_out:
+        check_output_path(json_out)
+    _, tmeta = read_checkpoint(cfg.teacher)
+    arch = _resolve_target(cfg, tmeta)
+    plan = plan_chain(tmeta.arch, tmeta.num_classes, arch, teacher_kwargs=tmeta.model_kwargs,
+                      assistants=cfg.assistants, by=cfg.by, max_assistants=cfg.max_assistants,
+                      spacing=cfg.spacing, method=cfg.method, model_kwargs=cfg.model_kwargs,
+                      latency_backend=cfg.latency_backend, drop_guides=cfg.drop_guides, epochs=cfg.epochs,
+                      assistant_epochs=cfg.assistant_epochs)
+    click.echo(format_plan(plan))
+    if json_out:
+        write_json(json_out, plan.to_dict())
+
+
+@cli.command("distill")
+@_plan_options
+@click.option("--out", default=None, help="run directory [default: runs/<teacher>-to-<target>-<method>]")
+@click.option("--resume", is_flag=True, help="continue an interrupted run (same config)")
+@config_options(DistillConfig,
+                ["method", "assistants", "by", "max_assistants", "spacing", "temperature", "kd_weight",
+                 "drop_guides", "assistant_epochs", "name", "latency_backend"] + OPTIM_FIELDS,
+                {**DISTILL_HELP, **OPTIM_HELP})
+def distill_cmd(teacher, target, target_latency_ms, recipe, options, out, resume, **flags):
+    """Train teacher -> assistants -> student with DGKD (or takd / kd / ce).
+
+    Example:  compress distill --teacher resnet110.safetensors --target resnet8 --data demo --epochs 20
+    """
+    from .pipeline import run_distillation
+
+    cfg = _distill_config(teacher, target, target_latency_ms, recipe, options, dict(flags, out=out))
+    command = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        run_distillation(cfg, resume=resume, command=command)
+    except KeyboardInterrupt:
+        resume_cmd = command if "--resume" in command else command + " --resume"
+        click.echo(f"\ninterrupted: finished epochs and stages are saved. Resume with:\n  {resume_cmd}", err=True)
+        sys.exit(130)
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--data", default="demo", show_default=True, help="dataset to evaluate on (its test split)")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--min-accuracy", type=float, default=None, help="exit 1 when top-1 (%) is below this")
+@click.option("--arch", default=None, help="for safetensors files without compress metadata")
+def eval_cmd(model, data, batch_size, min_accuracy, arch):
+    """Top-1/top-5 accuracy and loss of a .safetensors or .onnx model.
+
+    Example:  compress eval runs/latest/student.safetensors --data demo --min-accuracy 40
+    """
+    from .evaluation import evaluate_checkpoint
+
+    if batch_size <= 0:
+        raise CompressError(f"--batch-size must be > 0, got {batch_size}")
+    if model.endswith(".onnx"):
+        from export.runtime import evaluate_onnx
+
+        result = evaluate_onnx(model, data, batch_size=batch_size)
+        backend = "onnxruntime"
+    else:
+        result = evaluate_checkpoint(model, data, batch_size=batch_size, arch=arch)
+        backend = "torch"
+    click.echo(f"{model} on {data} ({result['n']} images, {backend}): top-1 {result['top1']:.2f}%  "
+               f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
+    if min_accuracy is not None and result["top1"] < min_accuracy:
+        raise CheckFailed(f"top-1 {result['top1']:.2f}% is below the floor --min-accuracy {min_accuracy}")
+
+
+@cli.command("report")
+@click.argument("run_dir", default="runs/latest")
+def report_cmd(run_dir):
+    """Write report.md and plots for a distillation run directory.
+
+    Example:  compress report runs/latest
+    """
+    from .report import write_report
+
+    click.echo(f"wrote {write_report(run_dir)}")
+
+
+def _add_export_commands() -> None:
+    try:
+        from export.commands import bench_cmd, export_cmd
+    except ImportError:  # pragma: no cover - the export package ships with compress
+        return
+    cli.add_command(export_cmd)
+    cli.add_command(bench_cmd)
+
+
+_add_export_commands()
+
+
+def main(argv=None) -> None:
+    """Console entry point: map our exceptions to exit codes without tracebacks."""
+    try:
+        cli.main(args=argv, prog_name="compress", standalone_mode=False)
+    except CompressError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except CheckFailed as exc:
+        click.echo(f"check failed: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+    except OSError as exc:
+        click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+        sys.exit(2)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

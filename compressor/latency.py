@@ -1,0 +1,113 @@
+"""Batch-1 CPU latency of zoo models, in torch eager or onnxruntime.
+
+Latency planning needs numbers from *this* machine, so onnxruntime latencies
+are cached per machine (CPU model, core count, thread count, versions) in
+``$COMPRESS_CACHE`` (default ``~/.cache/compress``)/``latency.json``.
+Torch-eager figures are cheap and are not cached.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .fileio import write_json
+from .models import create_model, get_entry
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
+
+
+def machine_key(threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return f"{cpu}|cores={os.cpu_count()}|threads={threads}|ort={onnxruntime.__version__}|torch={torch.__version__}"
+
+
+def _time_fn(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return statistics.median(times)
+
+
+def _default_threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def torch_latency_ms(arch: str, num_classes: int = 10, model_kwargs: dict | None = None,
+                     threads: int | None = None, warmup: int = 5, iters: int = 30) -> float:
+    """Median batch-1 latency of the torch eager model (random weights)."""
+    entry = get_entry(arch)
+    model = create_model(arch, num_classes=num_classes, **(model_kwargs or {})).eval()
+    x = torch.randn(1, *entry.input_size)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or _default_threads())
+    try:
+        with torch.inference_mode():
+            return _time_fn(lambda: model(x), warmup, iters)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def onnx_latency_ms(arch: str, num_classes: int = 10, model_kwargs: dict | None = None,
+                    threads: int | None = None, warmup: int = 10, iters: int = 50, use_cache: bool = True) -> float:
+    """Median batch-1 onnxruntime latency on this machine (cached per machine)."""
+    threads = threads or _default_threads()
+    key = f"{machine_key(threads)}|{arch}|{num_classes}|{json.dumps(model_kwargs or {}, sort_keys=True)}"
+    cache_file = cache_dir() / "latency.json"
+    cache = {}
+    if use_cache and cache_file.exists():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            cache = {}
+        if key in cache:
+            return float(cache[key])
+    import onnxruntime as ort
+
+    entry = get_entry(arch)
+    model = create_model(arch, num_classes=num_classes, **(model_kwargs or {})).eval()
+    x = torch.randn(1, *entry.input_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"{arch}.onnx")
+        torch.onnx.export(model, (x,), path, dynamo=True, external_data=False,
+                          input_names=["input"], output_names=["logits"], verbose=False)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        ms = _time_fn(lambda: session.run(None, feed), warmup, iters)
+    if use_cache:
+        cache[key] = ms
+        try:
+            write_json(cache_file, cache)
+        except OSError:
+            pass  # a read-only home must not break planning
+    return ms
+
+
+def latency_ms(arch: str, backend: str = "torch", **kwargs) -> float:
+    if backend == "onnxruntime":
+        return onnx_latency_ms(arch, **kwargs)
+    return torch_latency_ms(arch, **kwargs)

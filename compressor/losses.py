@@ -1,0 +1,69 @@
+"""Distillation losses as pure functions (no state, no config lookups).
+
+Notation: ``z_s`` student logits, ``z_g`` a guide's logits, ``T`` temperature,
+``λ`` (``kd_weight``) the weight of the distillation terms.
+
+* :func:`kd_loss` -- Hinton et al. 2015:
+  ``KD_g = T² · KL(softmax(z_g/T) ‖ softmax(z_s/T))``, averaged over the batch
+  ("batchmean"). The official DGKD code divides additionally by the number of
+  classes (``nn.KLDivLoss()`` default mean); we do not copy that quirk.
+* :func:`dgkd_loss` -- DGKD (Son et al., ICCV 2021), the form of the official
+  code: ``L = (1−λ)·CE(z_s, y) + λ·Σ_{g∈G'} KD_g`` with CE counted once and the
+  KD terms *summed* over the kept guides G'. With no guide at all (plain
+  training) the loss is ``CE``. With λ=1 (the paper's setting) this equals the
+  paper's "sum of TAKD losses".
+* :func:`kept_guides` -- stochastic teaching: drop ``drop`` guides per batch,
+  uniformly, never all of them (a single guide is never dropped).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_loss(student_logits: torch.Tensor, guide_logits: torch.Tensor, *, temperature: float) -> torch.Tensor:
+    """``T² · KL(softmax(z_g/T) ‖ softmax(z_s/T))`` averaged over the batch."""
+    t = float(temperature)
+    log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p_guide = F.log_softmax(guide_logits.float() / t, dim=1)
+    kl = F.kl_div(log_p_student, log_p_guide, reduction="batchmean", log_target=True)
+    return kl * (t * t)
+
+
+def dgkd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor], labels: torch.Tensor, *,
+              temperature: float, kd_weight: float) -> dict[str, torch.Tensor]:
+    """DGKD objective; returns named terms ``loss``, ``ce``, ``kd`` and ``kd_<i>`` per guide.
+
+    ``guide_logits`` holds the logits of the guides kept for this batch (after
+    stochastic dropping). ``kd`` is their summed KD term (0 without guides).
+    """
+    ce = F.cross_entropy(student_logits.float(), labels)
+    terms: dict[str, torch.Tensor] = {"ce": ce}
+    if not guide_logits:
+        terms["kd"] = torch.zeros((), device=ce.device)
+        terms["loss"] = ce
+        return terms
+    kd_terms = [kd_loss(student_logits, g, temperature=temperature) for g in guide_logits]
+    for i, term in enumerate(kd_terms):
+        terms[f"kd_{i}"] = term
+    kd = torch.stack(kd_terms).sum()
+    terms["kd"] = kd
+    terms["loss"] = (1.0 - kd_weight) * ce + kd_weight * kd
+    return terms
+
+
+def kept_guides(num_guides: int, drop: int, generator: torch.Generator) -> list[int]:
+    """Indices of the guides used for one batch under stochastic teaching.
+
+    Drops ``min(drop, num_guides - 1)`` guides chosen uniformly without
+    replacement, so at least one guide always remains; the kept indices are
+    returned in ascending order. Draws from ``generator`` only when something
+    is dropped, so runs with one guide consume no random numbers.
+    """
+    n_drop = min(max(int(drop), 0), max(num_guides - 1, 0))
+    if n_drop == 0:
+        return list(range(num_guides))
+    perm = torch.randperm(num_guides, generator=generator).tolist()
+    return sorted(perm[n_drop:])

@@ -1,0 +1,329 @@
+"""Runs: ``train_model`` (one model, CE) and ``run_distillation`` (the chain).
+
+A distillation run directory::
+
+    runs/<name>/
+      config.yaml                 resolved config, written before step 0
+      plan.json                   the chain (see planning.Plan.to_dict)
+      teacher_eval.json           the teacher's test metrics
+      stages/<k>-<arch>/          one per trained model, k = 1..
+        metrics.jsonl             one line per epoch
+        state/                    Accelerate state after the last epoch (removed when done)
+        model.safetensors         the finished model (written last, atomically)
+      student.safetensors         copy of the last stage's model
+      summary.json, report.md, *.png
+    runs/latest -> <name>
+
+A stage whose ``model.safetensors`` exists is finished and is never retrained;
+``--resume`` continues a running stage from its last saved epoch.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from .checkpoint import build_model, load_model, meta_for, read_checkpoint, save_checkpoint, load_state_strict
+from .config import DistillConfig, TrainConfig, config_to_dict
+from .data import DataBundle, load_data, make_loader, subset
+from .errors import CompressError
+from .fileio import check_output_path, read_jsonl, write_json, write_yaml
+from .models import create_model, get_entry
+from .planning import Plan, format_plan, guides_for_stage, pick_student_by_latency, plan_chain
+from .progress import Progress
+from .report import format_summary, write_report
+from .trainer import LossSettings, evaluate, fit, stable_seed
+
+# Keys that may differ between a run and its resumption.
+RESUME_IGNORED_KEYS = ("log_with",)
+
+
+def make_accelerator(cfg, project_dir: str | None = None):
+    from accelerate import Accelerator
+
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise CompressError("--mixed-precision fp16 needs a GPU; use bf16 or no on CPU")
+    kwargs = dict(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    if cfg.log_with:
+        kwargs.update(log_with=cfg.log_with, project_dir=project_dir)
+    return Accelerator(**kwargs)
+
+
+@dataclass
+class Splits:
+    bundle: DataBundle
+    train: object
+    eval: object
+    test: object
+    eval_name: str
+
+
+def prepare_splits(cfg, bundle: DataBundle) -> Splits:
+    """Apply ``train_subset`` and ``val_fraction`` (a seeded shuffle of train)."""
+    train = bundle.train
+    if cfg.train_subset or cfg.val_fraction:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(stable_seed(cfg.seed, "split")))
+        n_val = int(round(cfg.val_fraction * len(train)))
+        val_idx, train_idx = order[:n_val], order[n_val:]
+        if cfg.train_subset:
+            train_idx = train_idx[: cfg.train_subset]
+        if len(train_idx) == 0:
+            raise CompressError("no training images left after val_fraction/train_subset; lower them")
+        if n_val:
+            return Splits(bundle, subset(train, train_idx), subset(train, val_idx), bundle.test, "val")
+        train = subset(train, train_idx)
+    return Splits(bundle, train, bundle.test, bundle.test, "test")
+
+
+def _loaders(cfg, splits: Splits, seed: int):
+    train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=seed)
+    eval_loader = make_loader(splits.eval, max(cfg.batch_size, 256), shuffle=False)
+    return train_loader, eval_loader
+
+
+def _check_data_fits(meta, bundle: DataBundle, what: str) -> None:
+    if meta.num_classes != bundle.num_classes:
+        raise CompressError(
+            f"{what} has {meta.num_classes} classes but the data has {bundle.num_classes}; "
+            f"use data with the same classes or a matching {what}"
+        )
+    if tuple(meta.input_size)[0] != bundle.input_size[0]:
+        raise CompressError(f"{what} takes {meta.input_size[0]}-channel images but the data has "
+                            f"{bundle.input_size[0]} channels")
+
+
+def _test_metrics(accelerator, model, splits: Splits, cfg, mean, std) -> dict:
+    loader = accelerator.prepare(make_loader(splits.test, max(cfg.batch_size, 256), shuffle=False))
+    return evaluate(accelerator, model.to(accelerator.device), loader, mean=mean, std=std)
+
+
+def _link_latest(run_dir: Path) -> None:
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest.{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(run_dir.name, tmp)
+    os.replace(tmp, link)
+
+
+# ---------------------------------------------------------------- train
+def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True) -> dict:
+    """Train one model with cross-entropy (``compress train``); returns its metrics."""
+    out = check_output_path(cfg.out)
+    bundle = load_data(cfg.data)
+    num_classes = cfg.num_classes or bundle.num_classes
+    entry = get_entry(cfg.arch)
+    if num_classes != bundle.num_classes:
+        raise CompressError(f"--num-classes {num_classes} but the data has {bundle.num_classes} classes")
+    c = bundle.input_size[0]
+    mean = cfg.mean or ([0.4914, 0.4822, 0.4465] if c == 3 else [0.5] * c)
+    std = cfg.std or ([0.2470, 0.2435, 0.2616] if c == 3 else [0.25] * c)
+    if len(mean) != c or len(std) != c:
+        raise CompressError(f"--mean/--std need {c} values (one per channel)")
+    accelerator = make_accelerator(cfg)
+    torch.manual_seed(stable_seed(cfg.seed, "init", entry.name))
+    model = create_model(entry.name, num_classes=num_classes, in_chans=c, **cfg.model_kwargs)
+    if cfg.init:
+        state, init_meta = read_checkpoint(cfg.init)
+        load_state_strict(model, state, entry.name, cfg.init)
+    splits = prepare_splits(cfg, bundle)
+    work = out.with_name(out.name + ".train-state")
+    work.mkdir(exist_ok=True)
+    train_loader, eval_loader = _loaders(cfg, splits, stable_seed(cfg.seed, "data"))
+    progress = Progress(enabled=accelerator.is_main_process)
+    progress.start_stage(entry.name, cfg.epochs, 0, len(splits.train))
+    try:
+        result = fit(accelerator, model, [], train_loader, eval_loader, cfg=cfg, loss_cfg=LossSettings(),
+                     epochs=cfg.epochs, mean=mean, std=std, stage_seed=stable_seed(cfg.seed, entry.name),
+                     stage_dir=work, stage_label=entry.name, resume=resume, progress=progress)
+    finally:
+        progress.close()
+    test = result.final if splits.eval_name == "test" else _test_metrics(accelerator, result.model, splits, cfg, mean, std)
+    metrics = {"test_top1": round(test["top1"], 3), "test_top5": round(test["top5"], 3),
+               "test_loss": round(test["loss"], 5), "best_eval_top1": round(result.best_top1, 3),
+               "epochs": cfg.epochs, "train_seconds": round(result.seconds, 1), "data": bundle.name}
+    if accelerator.is_main_process:
+        meta = meta_for(entry.name, num_classes=num_classes, in_chans=c, mean=mean, std=std,
+                        class_names=bundle.class_names, model_kwargs=cfg.model_kwargs,
+                        metrics=metrics, source=f"compress train on {bundle.name}")
+        save_checkpoint(out, result.model, meta)
+        shutil.rmtree(work, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+# ---------------------------------------------------------------- distill
+def _resolve_target(cfg: DistillConfig, tmeta) -> str:
+    if cfg.target:
+        return get_entry(cfg.target).name
+    family = get_entry(tmeta.arch).family
+    arch, measured = pick_student_by_latency(family, cfg.target_latency_ms, tmeta.arch, tmeta.num_classes,
+                                             cfg.model_kwargs)
+    listing = ", ".join(f"{n} {ms:.3f} ms" for n, ms in measured)
+    print(f"target latency {cfg.target_latency_ms} ms: picked {arch}, the largest {family} model "
+          f"that fits (onnxruntime batch-1 on this machine: {listing})")
+    return arch
+
+
+def default_run_dir(cfg: DistillConfig, target: str) -> Path:
+    name = cfg.name or f"{Path(cfg.teacher).stem}-to-{target}-{cfg.method}"
+    return Path("runs") / name
+
+
+def _check_resume_config(run_dir: Path, resolved: dict) -> None:
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    old = yaml.safe_load(path.read_text()) or {}
+    diffs = [f"{k}: {old.get(k)!r} -> {resolved.get(k)!r}" for k in sorted(set(old) | set(resolved))
+             if k not in RESUME_IGNORED_KEYS and old.get(k) != resolved.get(k)]
+    if diffs:
+        raise CompressError(f"{run_dir} was started with a different config ({'; '.join(diffs)}); "
+                            f"resume with the same flags, or start a new run with another --out")
+
+
+def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str | None = None,
+                     show_progress: bool = True) -> dict:
+    """Plan the chain and train every assistant, then the student. Returns the summary."""
+    teacher, tmeta = load_model(cfg.teacher)
+    bundle = load_data(cfg.data)
+    _check_data_fits(tmeta, bundle, "teacher")
+    target = _resolve_target(cfg, tmeta)
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, target)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise CompressError(f"run directory {run_dir} already exists; continue it with --resume "
+                            f"or choose a new one with --out/--name")
+    if resume and not (run_dir / "config.yaml").exists():
+        raise CompressError(f"nothing to resume in {run_dir} (no config.yaml); drop --resume to start it")
+    if not run_dir.parent.exists():
+        raise CompressError(f"folder {run_dir.parent} does not exist; create it or choose another --out")
+    resolved = {**config_to_dict(cfg), "target": target}
+    if resume:
+        _check_resume_config(run_dir, resolved)
+
+    accelerator = make_accelerator(cfg, project_dir=str(run_dir))
+    main = accelerator.is_main_process
+    print_ = accelerator.print
+    epochs, assistant_epochs = cfg.epochs, cfg.assistant_epochs or cfg.epochs
+    plan_path = run_dir / "plan.json"
+    if resume and plan_path.exists():
+        import json
+
+        plan = Plan.from_dict(json.loads(plan_path.read_text()))
+    else:
+        plan = plan_chain(tmeta.arch, tmeta.num_classes, target, teacher_kwargs=tmeta.model_kwargs,
+                          assistants=cfg.assistants, by=cfg.by, max_assistants=cfg.max_assistants,
+                          spacing=cfg.spacing, method=cfg.method, model_kwargs=cfg.model_kwargs,
+                          latency_backend=cfg.latency_backend, drop_guides=cfg.drop_guides,
+                          epochs=epochs, assistant_epochs=assistant_epochs)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_yaml(run_dir / "config.yaml", resolved)
+        write_json(plan_path, plan.to_dict())
+    accelerator.wait_for_everyone()
+    print_(f"run directory: {run_dir}")
+    print_(format_plan(plan))
+
+    mean, std = list(tmeta.mean), list(tmeta.std)
+    splits = prepare_splits(cfg, bundle)
+    loss_cfg = LossSettings(temperature=cfg.temperature, kd_weight=cfg.kd_weight, drop_guides=cfg.drop_guides)
+    teacher_eval_path = run_dir / "teacher_eval.json"
+    if teacher_eval_path.exists():
+        import json
+
+        teacher_test = json.loads(teacher_eval_path.read_text())
+    else:
+        teacher_test = _test_metrics(accelerator, teacher, splits, cfg, mean, std)
+        if main:
+            write_json(teacher_eval_path, teacher_test)
+    print_(f"teacher {tmeta.arch}: test top-1 {teacher_test['top1']:.2f}% on {bundle.name}")
+
+    chain_models = [teacher]
+    rows = [{**plan.teacher.__dict__, "test_top1": teacher_test["top1"], "best_top1": None,
+             "train_seconds": None, "stage_dir": None}]
+    progress = Progress(enabled=main and show_progress)
+    total_start = time.perf_counter()
+    trained = plan.members[1:]
+    for k, member in enumerate(trained):
+        label = f"stage {k + 1}/{len(trained)} {member.arch}"
+        stage_dir = run_dir / "stages" / f"{k + 1}-{member.arch}"
+        model_path = stage_dir / "model.safetensors"
+        guide_idx = guides_for_stage(plan.method, k)
+        guide_names = [plan.members[i].arch for i in guide_idx]
+        stage_epochs = epochs if member.role == "student" else assistant_epochs
+        if model_path.exists():
+            model, smeta = load_model(model_path)
+            m = smeta.metrics
+            print_(f"{label}: finished earlier (test top-1 {m.get('test_top1', float('nan')):.2f}%), not retrained")
+            final_top1, best, seconds = m.get("test_top1"), m.get("best_eval_top1"), m.get("train_seconds")
+        else:
+            if main:
+                stage_dir.mkdir(parents=True, exist_ok=True)
+            accelerator.wait_for_everyone()
+            print_(f"{label}: guides {', '.join(guide_names) or 'none (cross-entropy only)'}, {stage_epochs} epochs")
+            torch.manual_seed(stable_seed(cfg.seed, "init", member.arch))
+            model = create_model(member.arch, num_classes=tmeta.num_classes, **member.model_kwargs)
+            # Seeds depend on the model, not its position, so every method sees the same
+            # data order, augmentation and initialisation for the same student.
+            train_loader, eval_loader = _loaders(cfg, splits, stable_seed(cfg.seed, "data", member.arch))
+            start_epoch = 0
+            progress.start_stage(label, stage_epochs, start_epoch, len(splits.train))
+            try:
+                result = fit(accelerator, model, [chain_models[i] for i in guide_idx], train_loader, eval_loader,
+                             cfg=cfg, loss_cfg=loss_cfg, epochs=stage_epochs, mean=mean, std=std,
+                             stage_seed=stable_seed(cfg.seed, "stage", member.arch), stage_dir=stage_dir,
+                             stage_label=label, resume=resume, progress=progress)
+            finally:
+                progress.close()
+            model = result.model
+            test = result.final if splits.eval_name == "test" else _test_metrics(
+                accelerator, model, splits, cfg, mean, std)
+            final_top1, best, seconds = test["top1"], result.best_top1, result.seconds
+            metrics = {"test_top1": round(final_top1, 3), "test_top5": round(test["top5"], 3),
+                       "best_eval_top1": round(best, 3), "epochs": stage_epochs,
+                       "train_seconds": round(seconds, 1), "method": plan.method, "guides": guide_names,
+                       "data": bundle.name}
+            if main:
+                meta = meta_for(member.arch, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
+                                mean=mean, std=std, class_names=bundle.class_names or tmeta.class_names,
+                                model_kwargs=member.model_kwargs, metrics=metrics,
+                                source=f"compress distill ({plan.method}) stage {k + 1} of {run_dir.name}")
+                save_checkpoint(model_path, model, meta)
+                shutil.rmtree(stage_dir / "state", ignore_errors=True)
+                shutil.rmtree(stage_dir / "state.old", ignore_errors=True)
+            accelerator.wait_for_everyone()
+            print_(f"{label}: test top-1 {final_top1:.2f}% (best {splits.eval_name} {best:.2f}%), {seconds:.0f} s")
+        model = model.to(accelerator.device).eval()
+        chain_models.append(model)
+        rows.append({**member.__dict__, "test_top1": final_top1, "best_top1": best, "train_seconds": seconds,
+                     "stage_dir": str(Path("stages") / stage_dir.name)})
+
+    summary = {
+        "name": run_dir.name, "method": plan.method, "data": bundle.name, "eval_split": splits.eval_name,
+        "epochs": epochs, "assistant_epochs": assistant_epochs, "seed": cfg.seed,
+        "temperature": cfg.temperature, "kd_weight": cfg.kd_weight, "drop_guides": cfg.drop_guides,
+        "latency_backend": plan.latency_backend, "relative_cost": plan.relative_cost,
+        "total_seconds": round(sum(r["train_seconds"] or 0 for r in rows), 1),
+        "wall_seconds_this_session": round(time.perf_counter() - total_start, 1),
+        "command": command or "", "chain": rows,
+    }
+    if main:
+        shutil.copyfile(run_dir / "stages" / f"{len(trained)}-{plan.student.arch}" / "model.safetensors",
+                        run_dir / ".student.safetensors.tmp")
+        os.replace(run_dir / ".student.safetensors.tmp", run_dir / "student.safetensors")
+        write_json(run_dir / "summary.json", summary)
+        write_report(run_dir)
+        _link_latest(run_dir)
+    accelerator.wait_for_everyone()
+    print_("")
+    print_(format_summary(summary))
+    print_(f"\nstudent: {run_dir / 'student.safetensors'}   report: {run_dir / 'report.md'}")
+    return summary
+
+
+__all__ = ["run_distillation", "train_model", "make_accelerator", "prepare_splits", "read_jsonl", "build_model"]

@@ -1,0 +1,278 @@
+"""Teacher-assistant planning: which models go between the teacher and the student.
+
+Rule for ``assistants="auto"`` (documented in the README): take the fewest
+assistants such that no two neighbours in the chain differ by more than
+``spacing`` (default 2.5x) in the chosen metric (MACs by default), i.e.
+``n = ceil(log(M_teacher / M_student) / log(spacing)) - 1``, capped by
+``max_assistants`` and by the number of candidates. Candidates are the members
+of the *student's* family strictly between student and teacher. The n
+assistants are placed at the log-evenly spaced ideal sizes
+``M_student · r^(i/(n+1))`` (r = M_teacher / M_student), each taken as the
+closest unused candidate in log space.
+
+With ``--method kd`` or ``ce`` there are no assistants.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from .errors import CompressError
+from .models import count_macs, count_params, create_model, family_ladder, get_entry
+from .registry import normalise_name
+
+
+@dataclass
+class ChainMember:
+    role: str                 # teacher | assistant | student
+    arch: str
+    params: int
+    macs: int
+    latency_ms: float | None = None
+    model_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    members: list[ChainMember]
+    method: str
+    by: str
+    latency_backend: str
+    spacing: float
+    rule: str
+    relative_cost: float = 1.0
+
+    @property
+    def teacher(self) -> ChainMember:
+        return self.members[0]
+
+    @property
+    def assistants(self) -> list[ChainMember]:
+        return [m for m in self.members if m.role == "assistant"]
+
+    @property
+    def student(self) -> ChainMember:
+        return self.members[-1]
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "by": self.by, "latency_backend": self.latency_backend,
+                "spacing": self.spacing, "rule": self.rule, "relative_cost": self.relative_cost,
+                "chain": [asdict(m) for m in self.members]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        return cls(members=[ChainMember(**m) for m in d["chain"]], method=d["method"], by=d["by"],
+                   latency_backend=d["latency_backend"], spacing=d["spacing"], rule=d["rule"],
+                   relative_cost=d.get("relative_cost", 1.0))
+
+
+@functools.lru_cache(maxsize=None)
+def _profile(arch: str, num_classes: int, kwargs_json: str) -> tuple[int, int]:
+    model = create_model(arch, num_classes=num_classes, **json.loads(kwargs_json))
+    return count_params(model), count_macs(model, get_entry(arch).input_size)
+
+
+def profile_arch(arch: str, num_classes: int, model_kwargs: dict | None = None) -> tuple[int, int]:
+    """(parameters, MACs) of ``arch`` built with these options."""
+    return _profile(normalise_name(arch), num_classes, json.dumps(model_kwargs or {}, sort_keys=True))
+
+
+def _student_kwargs(arch: str, model_kwargs: dict) -> dict:
+    """Keep only the options the arch's builder accepts (e.g. ``shortcut`` for CIFAR ResNets)."""
+    import inspect
+
+    accepted = inspect.signature(get_entry(arch).builder).parameters
+    return {k: v for k, v in model_kwargs.items() if k in accepted}
+
+
+def relative_training_cost(members: list[ChainMember], method: str, drop_guides: int,
+                           epochs: int, assistant_epochs: int) -> float:
+    """Compute of the whole chain relative to training the student alone (same epochs).
+
+    Per image, training a model costs ~3x its forward MACs (forward + backward);
+    each guide that runs costs 1x its MACs. Dropped guides do not run.
+    """
+    trained = members[1:]
+    total = 0.0
+    for k, m in enumerate(trained):
+        n_guides = len(guides_for_stage(method, k))
+        run = n_guides - min(drop_guides, max(n_guides - 1, 0))
+        guide_macs = [members[i].macs for i in guides_for_stage(method, k)]
+        mean_guide = sum(guide_macs) / n_guides if n_guides else 0.0
+        ep = epochs if m.role == "student" else assistant_epochs
+        total += ep * (3 * m.macs + run * mean_guide)
+    return total / (epochs * 3 * members[-1].macs)
+
+
+def guides_for_stage(method: str, stage: int) -> list[int]:
+    """Chain indices (0 = teacher) guiding trained stage ``stage`` (0-based, chain index stage+1).
+
+    dgkd: every model before it; takd: only the previous one; kd: the teacher; ce: none.
+    """
+    if method == "dgkd":
+        return list(range(stage + 1))
+    if method == "takd":
+        return [stage]
+    if method == "kd":
+        return [0]
+    if method == "ce":
+        return []
+    raise CompressError(f"unknown method {method!r}; use dgkd, takd, kd or ce")
+
+
+def auto_assistant_count(ratio: float, spacing: float) -> int:
+    if ratio <= spacing:
+        return 0
+    return max(0, math.ceil(math.log(ratio) / math.log(spacing) - 1e-9) - 1)
+
+
+def pick_evenly(candidates: list[tuple[str, float]], low: float, high: float, n: int) -> list[str]:
+    """``n`` candidates closest (log scale) to log-even points between low and high; largest first."""
+    chosen: list[str] = []
+    pool = list(candidates)
+    for i in range(n, 0, -1):
+        ideal = math.log(low) + (math.log(high) - math.log(low)) * i / (n + 1)
+        best = min(pool, key=lambda c: abs(math.log(c[1]) - ideal))
+        chosen.append(best[0])
+        pool.remove(best)
+    order = {name: value for name, value in candidates}
+    return sorted(chosen, key=lambda name: -order[name])
+
+
+def plan_chain(teacher_arch: str, num_classes: int, target: str, *, teacher_kwargs: dict | None = None,
+               assistants: str = "auto", by: str = "macs", max_assistants: int = 4, spacing: float = 2.5,
+               method: str = "dgkd", model_kwargs: dict | None = None, latency_backend: str = "torch",
+               measure_latency: bool = True, drop_guides: int = 1, epochs: int = 1,
+               assistant_epochs: int | None = None) -> Plan:
+    """Plan the chain teacher -> assistants -> student (see the module docstring)."""
+    model_kwargs = dict(model_kwargs or {})
+    teacher_entry, student_entry = get_entry(teacher_arch), get_entry(target)
+    if teacher_entry.input_size != student_entry.input_size:
+        raise CompressError(
+            f"teacher {teacher_entry.name} takes {teacher_entry.input_size} inputs but {student_entry.name} takes "
+            f"{student_entry.input_size}; pick a student of the same input size"
+        )
+    if by == "latency":
+        latency_backend = "onnxruntime"
+
+    def metric(arch: str, kwargs: dict) -> float:
+        params, macs = profile_arch(arch, num_classes, kwargs)
+        if by == "params":
+            return float(params)
+        if by == "latency":
+            from .latency import latency_ms
+
+            return latency_ms(arch, backend="onnxruntime", num_classes=num_classes, model_kwargs=kwargs)
+        return float(macs)
+
+    t_kwargs = dict(teacher_kwargs or {})
+    s_kwargs = _student_kwargs(student_entry.name, model_kwargs)
+    m_teacher, m_student = metric(teacher_entry.name, t_kwargs), metric(student_entry.name, s_kwargs)
+    if m_student >= m_teacher:
+        raise CompressError(
+            f"target {student_entry.name} is not smaller than the teacher {teacher_entry.name} by {by} "
+            f"({m_student:,.0f} vs {m_teacher:,.0f}); choose a smaller --target"
+        )
+    ladder = family_ladder(student_entry.family)
+    candidates = []
+    for name in ladder:
+        if name == student_entry.name:
+            continue
+        value = metric(name, _student_kwargs(name, model_kwargs))
+        if m_student < value < m_teacher:
+            candidates.append((name, value))
+
+    if method in ("kd", "ce"):
+        chosen: list[str] = []
+        rule = f"method {method}: no assistants"
+    elif assistants == "auto":
+        n = min(auto_assistant_count(m_teacher / m_student, spacing), max_assistants, len(candidates))
+        chosen = pick_evenly(candidates, m_student, m_teacher, n) if n else []
+        rule = (f"auto: fewest assistants with at most {spacing:g}x {by} between neighbours "
+                f"(ratio {m_teacher / m_student:.1f}x -> {n}, max {max_assistants})")
+    elif str(assistants).strip().isdigit():
+        n = int(assistants)
+        if n > len(candidates):
+            names = ", ".join(c[0] for c in candidates) or "none"
+            raise CompressError(
+                f"no room for {n} assistants between {teacher_entry.name} and {student_entry.name} in family "
+                f"{student_entry.family} (candidates: {names}); ask for fewer with --assistants"
+            )
+        chosen = pick_evenly(candidates, m_student, m_teacher, n) if n else []
+        rule = f"fixed count: {n} assistants spaced evenly by log {by}"
+    else:
+        names = [normalise_name(a) for a in str(assistants).split(",") if a.strip()]
+        values = {}
+        for name in names:
+            get_entry(name)
+            v = metric(name, _student_kwargs(name, model_kwargs))
+            if not m_student < v < m_teacher:
+                raise CompressError(
+                    f"assistant {name} ({by} {v:,.0f}) is not between the student {student_entry.name} "
+                    f"({m_student:,.0f}) and the teacher {teacher_entry.name} ({m_teacher:,.0f})"
+                )
+            values[name] = v
+        if len(set(names)) != len(names):
+            raise CompressError("an assistant is named twice in --assistants")
+        chosen = sorted(names, key=lambda n_: -values[n_])
+        rule = "named by the user (ordered largest first)"
+
+    def member(role: str, arch: str, kwargs: dict) -> ChainMember:
+        params, macs = profile_arch(arch, num_classes, kwargs)
+        lat = None
+        if measure_latency:
+            from .latency import latency_ms
+
+            lat = round(latency_ms(arch, backend=latency_backend, num_classes=num_classes, model_kwargs=kwargs), 4)
+        return ChainMember(role=role, arch=arch, params=params, macs=macs, latency_ms=lat, model_kwargs=kwargs)
+
+    members = [member("teacher", teacher_entry.name, t_kwargs)]
+    members += [member("assistant", a, _student_kwargs(a, model_kwargs)) for a in chosen]
+    members.append(member("student", student_entry.name, s_kwargs))
+    plan = Plan(members=members, method=method, by=by, latency_backend=latency_backend, spacing=spacing, rule=rule)
+    plan.relative_cost = round(relative_training_cost(members, method, drop_guides, epochs,
+                                                      assistant_epochs or epochs), 3)
+    return plan
+
+
+def pick_student_by_latency(family: str, budget_ms: float, teacher_arch: str, num_classes: int,
+                            model_kwargs: dict | None = None) -> tuple[str, list[tuple[str, float]]]:
+    """Largest member of ``family`` smaller than the teacher whose onnxruntime batch-1 latency fits.
+
+    Returns ``(arch, [(candidate, latency_ms), ...])`` so the caller can say why.
+    """
+    from .latency import latency_ms
+
+    t_macs = profile_arch(teacher_arch, num_classes, {})[1]
+    measured = []
+    fitting = None
+    for name in family_ladder(family):
+        kwargs = _student_kwargs(name, model_kwargs or {})
+        if profile_arch(name, num_classes, kwargs)[1] >= t_macs:
+            break
+        ms = latency_ms(name, backend="onnxruntime", num_classes=num_classes, model_kwargs=kwargs)
+        measured.append((name, ms))
+        if ms <= budget_ms:
+            fitting = name
+    if fitting is None:
+        fastest = min(measured, key=lambda c: c[1]) if measured else None
+        detail = f"; the fastest, {fastest[0]}, takes {fastest[1]:.3f} ms" if fastest else ""
+        raise CompressError(f"no {family} model smaller than the teacher runs within {budget_ms} ms{detail}; "
+                            f"raise --target-latency or pick --target")
+    return fitting, measured
+
+
+def format_plan(plan: Plan) -> str:
+    from .report import format_table
+
+    rows = []
+    for m in plan.members:
+        rows.append([m.role, m.arch, f"{m.params:,}", f"{m.macs / 1e6:.1f}M",
+                     "-" if m.latency_ms is None else f"{m.latency_ms:.3f}"])
+    lat = {"torch": "torch eager", "onnxruntime": "onnxruntime"}[plan.latency_backend]
+    table = format_table(["role", "model", "params", "MACs", f"latency ms ({lat}, batch 1)"], rows)
+    return (f"{table}\nassistants: {plan.rule}\n"
+            f"estimated training cost: {plan.relative_cost:.2f}x training the student alone "
+            f"(method {plan.method})")

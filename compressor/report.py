@@ -1,0 +1,129 @@
+"""Tables, ``report.md`` and plots of a run directory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import CompressError
+from .fileio import atomic_write, read_jsonl, write_text
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+SUMMARY_HEADERS = ["role", "model", "test top-1 %", "best top-1 %", "params", "MACs", "latency ms", "train s"]
+
+
+def summary_rows(summary: dict) -> list[list]:
+    rows = []
+    for m in summary["chain"]:
+        rows.append([m["role"], m["arch"], _fmt(m.get("test_top1"), ".2f"), _fmt(m.get("best_top1"), ".2f"),
+                     f"{m['params']:,}", f"{m['macs'] / 1e6:.1f}M", _fmt(m.get("latency_ms"), ".3f"),
+                     _fmt(m.get("train_seconds"), ".0f")])
+    return rows
+
+
+def format_summary(summary: dict) -> str:
+    return format_table(SUMMARY_HEADERS, summary_rows(summary))
+
+
+def _plot_curves(run_dir: Path, summary: dict) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for m in summary["chain"]:
+        if not m.get("stage_dir"):
+            continue
+        records = [r for r in read_jsonl(run_dir / m["stage_dir"] / "metrics.jsonl") if "eval_top1" in r]
+        if records:
+            ax.plot([r["epoch"] for r in records], [r["eval_top1"] for r in records], marker=".",
+                    label=f"{m['role']} {m['arch']}")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{summary.get('eval_split', 'test')} top-1 (%)")
+    ax.set_title(f"{summary['method'].upper()} stages")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save_fig(fig, run_dir / "accuracy_curves.png")
+
+
+def _plot_tradeoff(run_dir: Path, summary: dict) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [m for m in summary["chain"] if m.get("test_top1") is not None]
+    if not points:
+        return None
+    use_latency = all(m.get("latency_ms") for m in points)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in points:
+        x = m["latency_ms"] if use_latency else m["params"]
+        ax.scatter([x], [m["test_top1"]], s=40)
+        ax.annotate(f"{m['arch']} ({m['role']})", (x, m["test_top1"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("batch-1 latency (ms)" if use_latency else "parameters")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("accuracy vs " + ("latency" if use_latency else "size"))
+    ax.grid(alpha=0.3)
+    return _save_fig(fig, run_dir / "accuracy_vs_latency.png")
+
+
+def _save_fig(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_write(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path.name
+
+
+def write_report(run_dir) -> Path:
+    """Write ``report.md`` and the PNG plots for a finished run directory."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise CompressError(f"{run_dir}: no summary.json; is this a finished 'compress distill' run directory?")
+    try:
+        summary = json.loads(summary_path.read_text())
+    except json.JSONDecodeError:
+        raise CompressError(f"{summary_path}: not valid JSON; re-run 'compress distill --resume'") from None
+    curves = _plot_curves(run_dir, summary)
+    tradeoff = _plot_tradeoff(run_dir, summary)
+    lines = [f"# Distillation report: {summary.get('name', run_dir.name)}", "",
+             f"- method: **{summary['method']}**, data: `{summary['data']}`, "
+             f"epochs: {summary['epochs']}, seed: {summary['seed']}",
+             f"- temperature {summary['temperature']}, λ (kd_weight) {summary['kd_weight']}, "
+             f"guides dropped per batch: {summary['drop_guides']}",
+             f"- total training time: {summary['total_seconds']:.0f} s", "",
+             "```", format_summary(summary), "```", ""]
+    if curves:
+        lines += [f"![per-stage test accuracy]({curves})", ""]
+    if tradeoff:
+        lines += [f"![accuracy vs latency]({tradeoff})", ""]
+    lines += ["Reproduce: `" + summary.get("command", "compress distill ...") + "`", ""]
+    out = run_dir / "report.md"
+    write_text(out, "\n".join(lines))
+    return out

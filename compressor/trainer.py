@@ -1,0 +1,284 @@
+"""The training loop shared by ``compress train`` and every distillation stage.
+
+Plain functions over Hugging Face Accelerate, in the style of torchvision's
+``references/classification`` and accelerate's ``complete_cv_example``:
+:func:`train_one_epoch`, :func:`evaluate`, and :func:`fit` which runs the
+epochs of one model with its guides, saves an Accelerate state after every
+epoch and resumes from it.
+
+Determinism: the data order comes from :class:`~compressor.data.EpochSampler`
+(seed, epoch); augmentation and guide dropping draw from a generator seeded by
+(stage seed, epoch, step). Nothing depends on wall-clock or on how many epochs
+ran in this process, so a resumed run is bit-identical to an uninterrupted one
+on the same CPU machine.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .config import OptimConfig
+from .data import augment_batch, normalize
+from .errors import CompressError
+from .fileio import append_jsonl, read_jsonl, write_text
+from .losses import dgkd_loss, kept_guides
+from .progress import Progress
+
+
+class TrainingDiverged(CompressError):
+    """The loss became NaN/inf; nothing is written for the stage."""
+
+
+def stable_seed(*parts) -> int:
+    """A seed mixed from ints and strings, stable across processes and runs."""
+    acc = 0x9E3779B9
+    for p in parts:
+        value = zlib.crc32(p.encode()) if isinstance(p, str) else int(p)
+        acc = (acc * 1_000_003 + value) % (2**61 - 1)
+    return acc % (2**31 - 1)  # small enough for samplers that mix it further
+
+
+def seeded_generator(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(stable_seed(*parts))
+
+
+def lr_at_epoch(cfg: OptimConfig, epoch: int, epochs: int) -> float:
+    """Learning rate for ``epoch`` (0-based): linear warmup, then the schedule."""
+    if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
+        return cfg.lr * (epoch + 1) / cfg.warmup_epochs
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        span = max(epochs - cfg.warmup_epochs, 1)
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
+    passed = sum(epoch >= int(round(float(m) * epochs)) for m in cfg.milestones)
+    return cfg.lr * cfg.gamma ** passed
+
+
+@dataclass
+class ResumeState:
+    """Registered with ``accelerator.register_for_checkpointing``: the epochs done."""
+
+    epoch: int = 0
+    best_top1: float = -1.0
+    stage: str = ""
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "best_top1": self.best_top1, "stage": self.stage}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.best_top1 = float(state["best_top1"])
+        self.stage = str(state.get("stage", ""))
+
+
+@dataclass
+class LossSettings:
+    temperature: float = 5.0
+    kd_weight: float = 1.0
+    drop_guides: int = 0
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    final: dict
+    best_top1: float
+    seconds: float
+    epochs_run: int
+    history: list = field(default_factory=list)
+
+
+def _prepare_guides(guides: Sequence[nn.Module], device, channels_last: bool) -> list[nn.Module]:
+    out = []
+    for g in guides:
+        g = g.to(device).eval()
+        g.requires_grad_(False)
+        if channels_last:
+            g = g.to(memory_format=torch.channels_last)
+        out.append(g)
+    return out
+
+
+def _to_input(images, mean, std, channels_last: bool):
+    x = normalize(images, mean, std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def train_one_epoch(accelerator, model, guides, loader, optimizer, *, cfg: OptimConfig, loss_cfg: LossSettings,
+                    mean, std, epoch: int, stage_seed: int, progress: Progress | None = None) -> dict:
+    """One pass over ``loader``; returns mean loss terms and training top-1."""
+    model.train()
+    device = accelerator.device
+    sums = {"loss": torch.zeros((), device=device), "ce": torch.zeros((), device=device),
+            "kd": torch.zeros((), device=device)}
+    correct = torch.zeros((), device=device)
+    seen = 0
+    guide_uses = [0] * len(guides)
+    for step, (images, labels) in enumerate(loader):
+        gen = seeded_generator(stage_seed, epoch, step)
+        if cfg.augment:
+            images = augment_batch(images, gen)
+        x = _to_input(images, mean, std, cfg.channels_last)
+        kept = kept_guides(len(guides), loss_cfg.drop_guides, gen)
+        guide_logits = []
+        if kept:
+            with torch.inference_mode(), accelerator.autocast():
+                outs = [guides[i](x) for i in kept]
+            # Clone outside inference mode so autograd may save them for backward.
+            guide_logits = [o.float().clone() for o in outs]
+            for i in kept:
+                guide_uses[i] += 1
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                logits = model(x)
+            terms = dgkd_loss(logits, guide_logits, labels, temperature=loss_cfg.temperature,
+                              kd_weight=loss_cfg.kd_weight)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                    f"lower the learning rate (--lr, now {optimizer.param_groups[0]['lr']:g}) "
+                    f"or use --mixed-precision no"
+                )
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        n = labels.shape[0]
+        seen += n
+        for key in sums:
+            sums[key] += terms[key].detach().float() * n
+        correct += (logits.detach().argmax(1) == labels).sum()
+        if progress is not None:
+            progress.update(n, loss=float(terms["loss"].detach()))
+    totals = accelerator.reduce(torch.stack([*sums.values(), correct, torch.tensor(float(seen), device=device)]),
+                                reduction="sum")
+    n_all = max(float(totals[-1]), 1.0)
+    out = {f"train_{k}": float(v) / n_all for k, v in zip(sums, totals[:3])}
+    out["train_top1"] = 100.0 * float(totals[3]) / n_all
+    out["guide_uses"] = guide_uses
+    return out
+
+
+@torch.inference_mode()
+def evaluate(accelerator, model, loader, *, mean, std, channels_last: bool = False) -> dict:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over ``loader``."""
+    model.eval()
+    correct1 = correct5 = 0
+    loss_sum = 0.0
+    n = 0
+    for images, labels in loader:
+        x = _to_input(images, mean, std, channels_last)
+        with accelerator.autocast():
+            logits = model(x)
+        logits, labels = accelerator.gather_for_metrics((logits.float(), labels))
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        correct1 += int((top[:, 0] == labels).sum())
+        correct5 += int((top == labels[:, None]).any(dim=1).sum())
+        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        n += labels.shape[0]
+    n = max(n, 1)
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": n}
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    # No weight decay on BatchNorm/bias parameters is a common trick; the paper's code decays all.
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+
+
+def _save_state_atomically(accelerator, state_dir: Path) -> None:
+    """``save_state`` into a temp folder, then swap it in (a crash keeps the old state)."""
+    tmp = state_dir.with_name(state_dir.name + ".tmp")
+    old = state_dir.with_name(state_dir.name + ".old")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if state_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            state_dir.rename(old)
+        tmp.rename(state_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def find_state(stage_dir: Path) -> Path | None:
+    """The saved state to resume from: ``state/``, or ``state.old/`` after a crash mid-swap."""
+    for name in ("state", "state.old"):
+        p = stage_dir / name
+        if p.is_dir() and any(p.iterdir()):
+            return p
+    return None
+
+
+def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader, test_loader, *,
+        cfg: OptimConfig, loss_cfg: LossSettings, epochs: int, mean, std, stage_seed: int, stage_dir: Path,
+        stage_label: str, resume: bool, progress: Progress) -> FitResult:
+    """Train ``model`` for ``epochs`` from its ``guides``; state saved in ``stage_dir/state``."""
+    accelerator.free_memory()  # forget the previous stage's prepared objects
+    optimizer = build_optimizer(model, cfg)
+    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    guides = _prepare_guides(guides, accelerator.device, cfg.channels_last)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    resume_state = ResumeState(stage=stage_label)
+    accelerator._custom_objects.clear()  # one registered resume object per stage
+    accelerator.register_for_checkpointing(resume_state)
+    metrics_path = stage_dir / "metrics.jsonl"
+    state_path = find_state(stage_dir) if resume else None
+    if state_path is not None:
+        accelerator.load_state(str(state_path))
+        if accelerator.is_main_process:
+            kept = [r for r in read_jsonl(metrics_path) if r.get("epoch", 0) <= resume_state.epoch]
+            write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        accelerator.print(f"  resumed {stage_label} after epoch {resume_state.epoch}/{epochs}")
+    elif accelerator.is_main_process and metrics_path.exists():
+        metrics_path.unlink()
+    start = time.perf_counter()
+    history: list[dict] = []
+    final: dict = {}
+    for epoch in range(resume_state.epoch, epochs):
+        lr = lr_at_epoch(cfg, epoch, epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        train_loader.set_epoch(epoch)
+        progress.start_epoch(epoch, epochs)
+        t0 = time.perf_counter()
+        train_metrics = train_one_epoch(accelerator, model, guides, train_loader, optimizer, cfg=cfg,
+                                        loss_cfg=loss_cfg, mean=mean, std=std, epoch=epoch,
+                                        stage_seed=stage_seed, progress=progress)
+        record = {"epoch": epoch + 1, "lr": lr, **train_metrics}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
+            test = evaluate(accelerator, model, test_loader, mean=mean, std=std, channels_last=cfg.channels_last)
+            record.update({"eval_top1": test["top1"], "eval_top5": test["top5"], "eval_loss": test["loss"]})
+            resume_state.best_top1 = max(resume_state.best_top1, test["top1"])
+            final = test
+        record["seconds"] = time.perf_counter() - t0
+        progress.end_epoch(record)
+        resume_state.epoch = epoch + 1
+        if accelerator.is_main_process:
+            append_jsonl(metrics_path, record)
+        _save_state_atomically(accelerator, stage_dir / "state")
+        history.append(record)
+    if not final:  # resumed after the last epoch: evaluate what was restored
+        final = evaluate(accelerator, model, test_loader, mean=mean, std=std, channels_last=cfg.channels_last)
+        resume_state.best_top1 = max(resume_state.best_top1, final["top1"])
+    unwrapped = accelerator.unwrap_model(model)
+    if cfg.channels_last:
+        unwrapped = unwrapped.to(memory_format=torch.contiguous_format)
+    return FitResult(model=unwrapped, final=final, best_top1=resume_state.best_top1,
+                     seconds=time.perf_counter() - start, epochs_run=epochs - (history[0]["epoch"] - 1 if history else epochs),
+                     history=history)

@@ -1,0 +1,233 @@
+"""Click commands ``compress export`` and ``compress bench``.
+
+They are thin: parse options, call the library, print. Bad input raises
+:class:`CompressError` (exit 2), a failed check :class:`CheckFailed` (exit 1);
+``compressor.cli.main`` maps them to exit codes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from compressor.errors import CheckFailed, CompressError
+
+from .runtime import GRAPH_OPT_LEVELS
+
+
+def _parse_batch_sizes(values) -> list[int]:
+    out = []
+    for v in values or ():
+        for part in str(v).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                b = int(part)
+            except ValueError:
+                raise CompressError(f"--batch-size {part!r} is not an integer; e.g. --batch-size 1,64") from None
+            if b < 1:
+                raise CompressError(f"--batch-size must be >= 1, got {b}")
+            if b not in out:
+                out.append(b)
+    return out or [1]
+
+
+def _kb(path) -> str:
+    return f"{Path(path).stat().st_size / 1024:.0f} KB"
+
+
+# ------------------------------------------------------------------ export
+@click.command("export")
+@click.argument("model", required=False)
+@click.option("--onnx", "onnx_flag", is_flag=True, help="export to ONNX (the only format; the flag may be left out)")
+@click.option("--out", default=None, help="output .onnx path  [default: the checkpoint path with .onnx]")
+@click.option("--opset", type=int, default=None, help="ONNX opset  [default: the exporter's recommended one]")
+@click.option("--legacy", is_flag=True, help="use the TorchScript exporter instead of torch.export (dynamo)")
+@click.option("--include-preprocessing", is_flag=True,
+              help="fold (x - mean) / std into the graph; the input becomes float images in [0, 1]")
+@click.option("--data", default=None, help="validate on this data's test images (and calibrate --quantize)")
+@click.option("--no-validate", is_flag=True, help="skip the checker and the onnxruntime-vs-PyTorch parity check")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="parity: absolute tolerance on logits")
+@click.option("--rtol", type=float, default=1e-3, show_default=True, help="parity: relative tolerance on logits")
+@click.option("--min-agreement", type=float, default=100.0, show_default=True,
+              help="parity: minimum top-1 agreement, percent")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="also write NAME.int8.onnx (static INT8, QDQ, calibrated on --data) and compare it")
+@click.option("--calibration-size", type=int, default=512, show_default=True,
+              help="--quantize: number of training images used for calibration")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for checks and the INT8 report")
+def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data, no_validate, atol, rtol,
+               min_agreement, quantize, calibration_size, threads):
+    """Export a checkpoint to ONNX, check it against PyTorch, optionally quantise to INT8.
+
+    MODEL is a .safetensors checkpoint or a run folder (its student.safetensors);
+    without MODEL, runs/latest/student.safetensors. Exit 1 when the parity check
+    fails (the file is then renamed NAME.invalid.onnx), 2 on bad input.
+
+    Example:  compress export --onnx runs/latest --out student.onnx --data demo --quantize int8
+    """
+    from compressor.checkpoint import load_model
+    from compressor.fileio import check_output_path
+
+    from .onnx_export import default_onnx_path, export_onnx, resolve_checkpoint
+    from .validate import validate_onnx
+
+    if quantize and not data:
+        raise CompressError("--quantize int8 needs --data for calibration images (e.g. --data demo)")
+    if not 0 <= min_agreement <= 100:
+        raise CompressError(f"--min-agreement is a percentage in [0, 100], got {min_agreement:g}")
+    if atol < 0 or rtol < 0:
+        raise CompressError(f"--atol/--rtol must be >= 0, got {atol:g}/{rtol:g}")
+    if calibration_size < 1:
+        raise CompressError(f"--calibration-size must be >= 1, got {calibration_size}")
+    ckpt = resolve_checkpoint(model)
+    out_path = check_output_path(out if out else default_onnx_path(ckpt))
+    if out_path.suffix != ".onnx":
+        raise CompressError(f"--out {str(out_path)!r} should end in .onnx")
+
+    bundle = None
+    if data:
+        from .runtime import load_bundle
+
+        bundle = load_bundle(data)  # fail on bad --data before the slow export
+    torch_model, meta = load_model(ckpt)
+    written = export_onnx((torch_model, meta), out_path, opset=opset, legacy=legacy,
+                          include_preprocessing=include_preprocessing, source_path=ckpt)
+    from .runtime import OnnxModel
+
+    info = OnnxModel(written, threads=1).metadata
+    click.echo(f"exported {written} ({meta.arch}, opset {info.get('opset')}, {_kb(written)}, "
+               f"preprocessing {info.get('preprocessing')}, {'TorchScript' if legacy else 'dynamo'} exporter)")
+    if no_validate:
+        click.echo("validation skipped (--no-validate)")
+    else:
+        report = validate_onnx(written, torch_model, meta, data=bundle, atol=atol, rtol=rtol,
+                               min_agreement=min_agreement / 100.0, threads=threads, data_label=data)
+        click.echo(report.summary())
+
+    if quantize == "int8":
+        from .quantize import calibration_images, format_int8_report, int8_path, int8_report, quantize_static_int8
+
+        q_out = int8_path(written)
+        calib = calibration_images(bundle, calibration_size)
+        quantize_static_int8(written, q_out, calib)
+        click.echo(f"quantised {q_out} (static INT8, QDQ per-channel, {len(calib)} calibration images, {_kb(q_out)})")
+        rep = int8_report(written, q_out, bundle, threads=threads)
+        click.echo(format_int8_report(rep))
+
+
+# ------------------------------------------------------------------- bench
+def find_torch_checkpoint(onnx_path, checkpoint=None) -> Path:
+    """The .safetensors an ONNX file came from: ``checkpoint``, else its metadata
+    (``source_checkpoint``, relative to the ONNX file), else ``NAME.safetensors`` beside it."""
+    from compressor.checkpoint import check_readable_file
+
+    from .runtime import OnnxModel
+
+    if checkpoint:
+        return check_readable_file(checkpoint, "checkpoint")
+    onnx_path = Path(onnx_path)
+    meta = OnnxModel(onnx_path, threads=1).metadata
+    candidates = []
+    src = meta.get("source_checkpoint")
+    if src:
+        p = Path(src)
+        candidates.append(p if p.is_absolute() else onnx_path.parent / p)
+    candidates.append(onnx_path.with_suffix(".safetensors"))
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise CompressError(
+        f"--torch needs the PyTorch checkpoint of {onnx_path} and none was found "
+        f"(looked at {', '.join(str(c) for c in candidates)}); pass --checkpoint MODEL.safetensors"
+    )
+
+
+def load_torch_for(onnx_path, checkpoint=None, *, echo=click.echo):
+    """Load the PyTorch model for ``--torch``, checking it is the exported architecture."""
+    from compressor.checkpoint import file_sha256, load_model
+
+    from .runtime import OnnxModel
+
+    ckpt = find_torch_checkpoint(onnx_path, checkpoint)
+    model, meta = load_model(ckpt)
+    props = OnnxModel(onnx_path, threads=1).metadata
+    if props.get("arch") and props["arch"] != meta.arch:
+        raise CompressError(f"{ckpt} is a {meta.arch} but {onnx_path} is a {props['arch']}; "
+                            f"pass the matching --checkpoint")
+    if props.get("source_sha256") and props["source_sha256"] != file_sha256(ckpt):
+        echo(f"note: {ckpt} is not the exact file {onnx_path} was exported from (sha256 differs); "
+             f"same architecture, so the latency comparison holds", err=True)
+    return model, ckpt
+
+
+@click.command("bench")
+@click.argument("model")
+@click.option("--compare", default=None, help="another .onnx timed in the same run (e.g. the INT8 or the old model)")
+@click.option("--torch", "with_torch", is_flag=True, help="also time PyTorch eager on the same inputs")
+@click.option("--checkpoint", default=None, help="--torch: the .safetensors  [default: from the ONNX metadata]")
+@click.option("--batch-size", "batch_sizes", multiple=True, help="batch size(s): repeat or comma list  [default: 1]")
+@click.option("--threads", type=int, default=None, help="intra-op threads  [default: usable cores, at most 8]")
+@click.option("--warmup", type=int, default=10, show_default=True, help="untimed runs per engine first")
+@click.option("--iters", type=int, default=None, help="timed runs per engine and batch size")
+@click.option("--seconds", type=float, default=None, help="time per engine and batch size instead of --iters  [default: 1]")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu", show_default=True)
+@click.option("--graph-opt", type=click.Choice(GRAPH_OPT_LEVELS, case_sensitive=False), default="all",
+              show_default=True, help="onnxruntime graph optimisation level")
+@click.option("--budget-ms", type=float, default=None, help="gate: exit 1 if the latency exceeds this (ms)")
+@click.option("--percentile", type=click.Choice(["p50", "p90", "p99"]), default="p50", show_default=True,
+              help="which latency the gates compare")
+@click.option("--baseline", default=None, help="gate: an earlier 'bench --json' report to compare against")
+@click.option("--max-regression", default=None, help="gate: allowed slow-down vs --baseline, e.g. 10%  [default: 10%]")
+@click.option("--json", "json_out", default=None, help="write the full report (JSON) here")
+def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warmup, iters, seconds, provider,
+              graph_opt, budget_ms, percentile, baseline, max_regression, json_out):
+    """Latency of an ONNX model with onnxruntime (p50/p90/p99, throughput), with CI gates.
+
+    Exit 1 when --budget-ms is exceeded or the model is slower than --baseline by
+    more than --max-regression; the --json report is written first either way.
+
+    Example:  compress bench student.onnx --torch --budget-ms 2 --baseline main.json --max-regression 10% --json bench.json
+    """
+    from compressor.fileio import check_output_path
+
+    from .bench import benchmark_onnx, check_baseline, check_budget, format_table, load_baseline, parse_ratio, write_report
+
+    sizes = _parse_batch_sizes(batch_sizes)
+    if iters is not None and seconds is not None:
+        raise CompressError("give --iters or --seconds, not both")
+    if max_regression is not None and baseline is None:
+        raise CompressError("--max-regression needs --baseline OLD.json")
+    if checkpoint and not with_torch:
+        raise CompressError("--checkpoint is only used with --torch")
+    ratio = parse_ratio(max_regression if max_regression is not None else "10%")
+    if budget_ms is not None and not budget_ms > 0:
+        raise CompressError(f"--budget-ms must be > 0, got {budget_ms:g}")
+    base = load_baseline(baseline) if baseline else None  # malformed baseline: fail before timing
+    if json_out:
+        check_output_path(json_out)
+
+    torch_model = ckpt = None
+    if with_torch:
+        torch_model, ckpt = load_torch_for(model, checkpoint)
+    report = benchmark_onnx(model, batch_sizes=sizes, threads=threads, warmup=warmup, iters=iters,
+                            seconds=seconds, providers=provider.lower(), graph_optimization=graph_opt.lower(),
+                            torch_model=torch_model, compare=compare)
+    if ckpt is not None:
+        report["torch_checkpoint"] = str(ckpt)
+
+    gates = []
+    if budget_ms is not None:
+        gates += check_budget(report, budget_ms, percentile, raise_on_fail=False)
+    if base is not None:
+        gates += check_baseline(report, base, ratio, percentile, raise_on_fail=False)
+        for g in gates:
+            if g["kind"] == "baseline":
+                g["baseline"] = str(baseline)
+    click.echo(format_table(report))
+    if json_out:
+        click.echo(f"wrote {write_report(report, json_out)}")
+    failed = [g for g in gates if not g["passed"]]
+    if failed:
+        raise CheckFailed("; ".join(g["message"] for g in failed))

@@ -1,0 +1,243 @@
+"""Export a checkpoint to one self-contained ONNX file that describes itself.
+
+The file has one input ``input`` (float32, ``[batch, C, H, W]``) and one output
+``logits`` (``[batch, num_classes]``); the batch axis is dynamic. Its
+``metadata_props`` carry the checkpoint metadata (see :data:`METADATA_KEYS`),
+so ``compress eval model.onnx`` and ``compress bench`` need nothing else.
+
+With ``include_preprocessing=True`` the normalisation ``(x - mean) / std`` is
+part of the graph and the input is float images in ``[0, 1]``
+(``metadata_props["preprocessing"] == "normalize"``); otherwise the input is
+already normalised (``"none"``).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.checkpoint import CheckpointMeta, check_readable_file, file_sha256, load_model
+from compressor.errors import CompressError
+from compressor.fileio import atomic_write, check_output_path
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+DEFAULT_LEGACY_OPSET = 17
+PREPROCESSING = ("none", "normalize")
+DEFAULT_RUN_CHECKPOINT = Path("runs") / "latest" / "student.safetensors"
+
+#: Keys written to ``metadata_props`` (all values are strings; structured ones JSON).
+METADATA_KEYS = (
+    "arch", "num_classes", "in_chans", "input_size", "mean", "std", "class_names", "model_kwargs",
+    "metrics", "source", "format_version",          # copied from the checkpoint metadata
+    "source_checkpoint", "source_sha256",            # where the weights came from
+    "opset", "exporter", "preprocessing", "input_name", "output_name",
+)
+
+
+class NormalizedModel(nn.Module):
+    """``model((x - mean) / std)``: folds the input normalisation into the graph."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        c = len(mean)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1))
+
+    def forward(self, x):
+        return self.model((x - self.mean) / self.std)
+
+
+def resolve_checkpoint(model_arg: str | os.PathLike | None) -> Path:
+    """``None`` -> ``runs/latest/student.safetensors``; a run folder -> its ``student.safetensors``."""
+    if model_arg is None:
+        p = DEFAULT_RUN_CHECKPOINT
+        if not p.exists():
+            raise CompressError(
+                f"no MODEL given and {str(p)!r} does not exist; pass a .safetensors checkpoint or a run "
+                f"folder (e.g. 'compress export --onnx runs/NAME'), or run 'compress distill' first"
+            )
+        return check_readable_file(p, "checkpoint")
+    p = Path(model_arg)
+    if p.is_dir():
+        student = p / "student.safetensors"
+        if not student.exists():
+            raise CompressError(
+                f"{str(p)!r} is a folder without student.safetensors; pass the checkpoint file itself "
+                f"or a finished run folder"
+            )
+        return check_readable_file(student, "checkpoint")
+    if p.suffix == ".onnx":
+        raise CompressError(f"{str(p)!r} is already an ONNX file; export takes a .safetensors checkpoint")
+    return check_readable_file(p, "checkpoint")
+
+
+def default_onnx_path(checkpoint: str | os.PathLike) -> Path:
+    return Path(checkpoint).with_suffix(".onnx")
+
+
+def invalid_path(path: str | os.PathLike) -> Path:
+    """``student.onnx`` -> ``student.invalid.onnx`` (where a file that failed validation goes)."""
+    p = Path(path)
+    stem = p.name[: -len(".onnx")] if p.name.endswith(".onnx") else p.name
+    return p.with_name(stem + ".invalid.onnx")
+
+
+def _quiet(fn, *args, **kwargs):
+    """Run ``fn`` with the exporter's progress chatter captured; show it only on failure."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(*args, **kwargs)
+    except Exception as exc:
+        log = buf.getvalue().strip().splitlines()[-5:]
+        detail = f" (exporter log: {' | '.join(log)})" if log else ""
+        raise CompressError(
+            f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{detail}. "
+            f"Try --legacy (TorchScript exporter) or another --opset"
+        ) from exc
+
+
+def onnx_metadata(meta: CheckpointMeta, *, opset: int, exporter: str, preprocessing: str,
+                  source_checkpoint: str = "", source_sha256: str = "") -> dict[str, str]:
+    """The ``metadata_props`` of an exported file (str -> str)."""
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"preprocessing must be one of {PREPROCESSING}")
+    props = dict(meta.to_strings())
+    props.update({
+        "source_checkpoint": source_checkpoint,
+        "source_sha256": source_sha256,
+        "opset": str(int(opset)),
+        "exporter": exporter,
+        "preprocessing": preprocessing,
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+    })
+    return props
+
+
+def set_metadata(model_proto, props: dict[str, str]) -> None:
+    """Replace ``metadata_props`` entries named in ``props`` (others are kept)."""
+    keep = [(p.key, p.value) for p in model_proto.metadata_props if p.key not in props]
+    del model_proto.metadata_props[:]
+    for k, v in keep + sorted(props.items()):
+        entry = model_proto.metadata_props.add()
+        entry.key, entry.value = k, str(v)
+
+
+def read_metadata(model_proto) -> dict[str, str]:
+    return {p.key: p.value for p in model_proto.metadata_props}
+
+
+def main_opset(model_proto) -> int:
+    for imp in model_proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def _export_dynamo(module: nn.Module, example: torch.Tensor, opset: int | None):
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(
+        module, (example,), None, dynamo=True, external_data=False, opset_version=opset,
+        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
+    )
+    return program.model_proto
+
+
+def _export_legacy(module: nn.Module, example: torch.Tensor, opset: int | None, tmpdir: Path):
+    import onnx
+
+    tmp = tmpdir / "legacy.onnx"
+    torch.onnx.export(
+        module, (example,), str(tmp), dynamo=False, opset_version=opset or DEFAULT_LEGACY_OPSET,
+        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+    )
+    return onnx.load(str(tmp))
+
+
+def export_onnx(source, out_path: str | os.PathLike, *, opset: int | None = None, example_batch: int = 2,
+                legacy: bool = False, include_preprocessing: bool = False, source_path=None) -> Path:
+    """Export ``source`` (a checkpoint path or ``(model, meta)``) to ``out_path``.
+
+    Uses the ``torch.export``-based exporter (``dynamo=True``) and writes one
+    self-contained file atomically; ``legacy=True`` selects the TorchScript
+    exporter. ``example_batch`` must be >= 2 (torch.export specialises a batch
+    of 1). ``source_path``: with ``(model, meta)``, the checkpoint file they
+    were loaded from, recorded (with its sha256) as provenance. Returns the
+    written path. The file is *not* validated here: call
+    :func:`export.validate.validate_onnx`.
+    """
+    import tempfile
+
+    import onnx
+
+    if isinstance(source, (tuple, list)):
+        model, meta = source
+        ckpt_path, sha = "", ""
+        if source_path is not None:
+            ckpt_path = str(check_readable_file(source_path, "checkpoint"))
+            sha = file_sha256(ckpt_path)
+    else:
+        ckpt = check_readable_file(source, "checkpoint")
+        model, meta = load_model(ckpt)
+        sha = file_sha256(ckpt)
+        ckpt_path = str(ckpt)
+    if not isinstance(meta, CheckpointMeta):
+        raise CompressError("export_onnx needs (model, CheckpointMeta) or a checkpoint path")
+    if int(example_batch) < 2:
+        raise CompressError(f"example_batch must be >= 2 (torch.export fixes a batch of 1), got {example_batch}")
+    if opset is not None and not 7 <= int(opset) <= 30:
+        raise CompressError(f"--opset {opset} is out of range; use a value such as 17 or 18 (or leave it out)")
+    out = check_output_path(out_path)
+    if ckpt_path:
+        # Stored relative to the ONNX file so a folder can move as a whole.
+        ckpt_path = os.path.relpath(os.path.abspath(ckpt_path), os.path.abspath(out.parent))
+
+    model = model.eval()
+    module: nn.Module = NormalizedModel(model, meta.mean, meta.std).eval() if include_preprocessing else model
+    shape = (int(example_batch), *tuple(meta.input_size))
+    # [0, 1] images when the graph normalises, else already-normalised inputs.
+    example = torch.rand(shape) if include_preprocessing else torch.randn(shape)
+
+    with tempfile.TemporaryDirectory(prefix="compress-export-") as tmpdir:
+        if legacy:
+            proto = _quiet(_export_legacy, module, example, opset, Path(tmpdir))
+            exporter = f"torch.onnx TorchScript (torch {torch.__version__})"
+        else:
+            proto = _quiet(_export_dynamo, module, example, opset)
+            exporter = f"torch.onnx dynamo (torch {torch.__version__})"
+    set_metadata(proto, onnx_metadata(
+        meta, opset=main_opset(proto), exporter=exporter,
+        preprocessing="normalize" if include_preprocessing else "none",
+        source_checkpoint=ckpt_path, source_sha256=sha,
+    ))
+    with atomic_write(out, suffix=".onnx") as tmp:
+        onnx.save_model(proto, str(tmp), save_as_external_data=False)
+    return out
+
+
+def meta_from_onnx_props(props: dict[str, str], path: str = "") -> CheckpointMeta:
+    """Rebuild a :class:`CheckpointMeta` from ``metadata_props``."""
+    try:
+        return CheckpointMeta.from_strings(props, path)
+    except CompressError:
+        raise CompressError(
+            f"{path}: ONNX file has no compress metadata (arch, num_classes); export it with 'compress export --onnx'"
+        ) from None
+
+
+def props_json(props: dict[str, str], key: str, default=None):
+    try:
+        return json.loads(props[key]) if key in props else default
+    except ValueError:
+        return default

@@ -1,0 +1,204 @@
+"""Parity validation of an exported ONNX file against the PyTorch model.
+
+Steps: ``onnx.checker.check_model``; then the same inputs go through
+onnxruntime and through the PyTorch model, at batch sizes that differ from the
+export's example batch (so the dynamic batch axis is exercised). Inputs are
+real test images when data is given, else random ones.
+
+Pass criterion (numpy ``allclose`` semantics): every logit satisfies
+``|ort - torch| <= atol + rtol * |torch|`` *and* the top-1 agreement is at
+least ``min_agreement``. A sample whose two candidate classes are tied within
+that same tolerance in the PyTorch logits counts as agreeing: a tie cannot be
+broken reliably by either runtime.
+
+On failure the file is renamed to ``NAME.invalid.onnx`` (so nothing downstream
+picks it up by its usual name) and :class:`CheckFailed` carries the numbers.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor.checkpoint import CheckpointMeta
+from compressor.errors import CheckFailed, CompressError
+
+from .onnx_export import invalid_path
+from .runtime import OnnxModel, _split_arrays, load_bundle, normalize_float
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+DEFAULT_MIN_AGREEMENT = 1.0
+DEFAULT_BATCH_SIZES = (1, 7, 24)
+
+
+@dataclass
+class ValidationReport:
+    path: str
+    passed: bool
+    max_abs_diff: float
+    max_rel_diff: float          # max over logits of |ort - torch| / max(|torch|, 1e-6)
+    tolerance_ratio: float       # max of |ort - torch| / (atol + rtol |torch|); <= 1 passes
+    top1_agreement: float        # fraction of samples, ties within tolerance count as agreeing
+    n: int
+    batch_sizes: list
+    inputs: str                  # "random" or "data:<spec>"
+    preprocessing: str
+    atol: float
+    rtol: float
+    min_agreement: float
+    checker: str = "ok"
+    failures: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        status = "PASS" if self.passed else "FAIL"
+        return (f"parity {status}: max|diff| {self.max_abs_diff:.2e}, max rel {self.max_rel_diff:.2e}, "
+                f"top-1 agreement {100 * self.top1_agreement:.2f}% on {self.n} {self.inputs} inputs "
+                f"(batches {', '.join(map(str, self.batch_sizes))}; atol {self.atol:g}, rtol {self.rtol:g}, "
+                f"min agreement {100 * self.min_agreement:g}%)")
+
+
+def _mark_invalid(path: Path) -> Path:
+    bad = invalid_path(path)
+    os.replace(path, bad)
+    return bad
+
+
+def _inputs(model: OnnxModel, meta: CheckpointMeta, data, total: int, seed: int):
+    """``(onnx_inputs, torch_inputs, label)`` for ``total`` samples.
+
+    The PyTorch model always gets normalised inputs; onnxruntime gets the same
+    ones, or the raw [0, 1] images when the normalisation is inside the graph.
+    """
+    chw = tuple(int(v) for v in meta.input_size)
+    if data is not None:
+        bundle = load_bundle(data)
+        images, _ = _split_arrays(bundle.test)
+        if tuple(images.shape[1:]) != chw:
+            raise CompressError(f"data images (C,H,W)={tuple(images.shape[1:])} do not fit the model's "
+                                f"input {chw}; validate with the data the model was trained on")
+        if len(images) == 0:
+            raise CompressError("the data's test split is empty; cannot validate on it")
+        idx = np.arange(total) % len(images)
+        sel = images[idx]
+        raw = sel.astype(np.float32) / 255.0 if sel.dtype == np.uint8 else sel.astype(np.float32)
+        label = f"data:{data}" if isinstance(data, (str, os.PathLike)) else "data"
+    else:
+        rng = np.random.default_rng(seed)
+        shape = (total, *chw)
+        if model.preprocessing == "normalize":
+            raw = rng.random(shape, dtype=np.float32)
+        else:
+            raw = None
+            normed = rng.standard_normal(shape, dtype=np.float32)
+        label = "random"
+    if raw is not None:
+        normed = normalize_float(raw, meta.mean, meta.std)
+    onnx_in = raw if model.preprocessing == "normalize" else normed
+    return onnx_in, normed, label
+
+
+def compare_logits(ort_out: np.ndarray, ref: np.ndarray, *, atol: float, rtol: float) -> dict:
+    a = ort_out.astype(np.float64)
+    b = ref.astype(np.float64)
+    diff = np.abs(a - b)
+    tol = atol + rtol * np.abs(b)
+    ref_top = b.argmax(axis=1)
+    ort_top = a.argmax(axis=1)
+    rows = np.arange(len(b))
+    gap = np.abs(b[rows, ref_top] - b[rows, ort_top])
+    tied = gap <= atol + rtol * np.abs(b[rows, ref_top])
+    agree = (ref_top == ort_top) | tied
+    return {
+        "max_abs_diff": float(diff.max(initial=0.0)),
+        "max_rel_diff": float((diff / np.maximum(np.abs(b), 1e-6)).max(initial=0.0)),
+        "tolerance_ratio": float((diff / tol).max(initial=0.0)),
+        "agree": agree,
+        "allclose": bool(np.all(diff <= tol)),
+        "finite": bool(np.isfinite(a).all()),
+    }
+
+
+def validate_onnx(onnx_path, model: nn.Module, meta: CheckpointMeta, *, data=None,
+                  atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+                  min_agreement: float = DEFAULT_MIN_AGREEMENT, batch_sizes=DEFAULT_BATCH_SIZES,
+                  seed: int = 0, threads: int | None = None, rename_invalid: bool = True,
+                  data_label: str | None = None) -> ValidationReport:
+    """Check ``onnx_path`` against ``model`` (the PyTorch model it was exported from).
+
+    ``data``: a data spec or a loaded bundle (its first test images are used;
+    ``data_label`` names it in the report), else random inputs. Raises
+    :class:`CheckFailed` (after renaming the file to ``*.invalid.onnx`` when
+    ``rename_invalid``) if the checker or the parity check fails.
+    """
+    import onnx
+
+    path = Path(onnx_path)
+    if atol < 0 or rtol < 0:
+        raise CompressError(f"tolerances must be >= 0 (atol {atol}, rtol {rtol})")
+    if not 0.0 <= min_agreement <= 1.0:
+        raise CompressError(f"min_agreement is a fraction in [0, 1], got {min_agreement}")
+    batch_sizes = [int(b) for b in batch_sizes]
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise CompressError(f"batch sizes must be >= 1, got {batch_sizes}")
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        where = _mark_invalid(path) if rename_invalid else path
+        raise CheckFailed(f"{path}: onnx.checker rejected the file ({str(exc).splitlines()[0]}); "
+                          f"moved to {where}") from None
+
+    sess = OnnxModel(path, threads=threads)
+    onnx_in, torch_in, label = _inputs(sess, meta, data, sum(batch_sizes), seed)
+    if data is not None and data_label:
+        label = f"data:{data_label}"
+
+    model = model.eval()
+    outs, refs = [], []
+    start = 0
+    with torch.inference_mode():
+        for b in batch_sizes:
+            outs.append(sess.predict(onnx_in[start:start + b]))
+            refs.append(model(torch.from_numpy(np.ascontiguousarray(torch_in[start:start + b]))).float().numpy())
+            start += b
+    ort_out, ref = np.concatenate(outs), np.concatenate(refs)
+    preprocessing = sess.preprocessing
+    del sess  # release the file (it may be renamed below)
+
+    failures = []
+    if ort_out.shape != ref.shape:
+        failures.append(f"output shape {ort_out.shape} vs PyTorch {ref.shape}")
+        cmp = {"max_abs_diff": float("inf"), "max_rel_diff": float("inf"), "tolerance_ratio": float("inf"),
+               "agree": np.zeros(len(ref), bool), "allclose": False, "finite": False}
+    else:
+        cmp = compare_logits(ort_out, ref, atol=atol, rtol=rtol)
+    agreement = float(np.mean(cmp["agree"])) if len(cmp["agree"]) else 0.0
+    if not cmp["finite"] and not failures:
+        failures.append("onnxruntime produced non-finite logits")
+    if not cmp["allclose"] and not failures:
+        failures.append(f"logits differ beyond atol {atol:g} + rtol {rtol:g}*|ref| "
+                        f"(worst element {cmp['tolerance_ratio']:.3g}x the tolerance)")
+    if agreement < min_agreement:
+        failures.append(f"top-1 agreement {100 * agreement:.2f}% < {100 * min_agreement:g}%")
+
+    report = ValidationReport(
+        path=str(path), passed=not failures, max_abs_diff=cmp["max_abs_diff"], max_rel_diff=cmp["max_rel_diff"],
+        tolerance_ratio=cmp["tolerance_ratio"], top1_agreement=agreement, n=int(len(ref)),
+        batch_sizes=batch_sizes, inputs=label, preprocessing=preprocessing, atol=atol, rtol=rtol,
+        min_agreement=min_agreement, failures=failures,
+    )
+    if failures:
+        where = _mark_invalid(path) if rename_invalid else path
+        report.path = str(where)
+        raise CheckFailed(f"ONNX parity check failed for {path}: {'; '.join(failures)}. {report.summary()}. "
+                          f"File moved to {where}; re-export (e.g. --legacy or another --opset) or loosen "
+                          f"--atol/--rtol if the difference is acceptable")
+    return report
