@@ -189,7 +189,7 @@ DISTILL_HELP = {
     "spacing": "auto: max compute ratio between neighbours", "temperature": "KD temperature T",
     "kd_weight": "λ in (1-λ)·CE + λ·Σ KD", "drop_guides": "stochastic teaching: guides dropped per batch",
     "assistant_epochs": "epochs for each assistant (default: --epochs)", "name": "run name (runs/NAME)",
-    "latency_backend": "plan table latency: torch | onnxruntime",
+    "latency_backend": "plan table latency: torch | onnxruntime | none",
 }
 
 

@@ -108,7 +108,7 @@ class DistillConfig(OptimConfig):
     assistant_epochs: typing.Optional[int] = None     # default: epochs
     out: typing.Optional[str] = None                  # run directory (default runs/<name>)
     name: typing.Optional[str] = None
-    latency_backend: str = "torch"                    # for the plan table: torch | onnxruntime
+    latency_backend: str = "torch"                    # plan table latency: torch | onnxruntime | none
 
     def validate(self) -> None:
         super().validate()
@@ -122,7 +122,7 @@ class DistillConfig(OptimConfig):
             raise CompressError(f"target latency must be > 0 ms, got {self.target_latency_ms}")
         _choice(self, "method", METHODS)
         _choice(self, "by", PLAN_METRICS)
-        _choice(self, "latency_backend", ("torch", "onnxruntime"))
+        _choice(self, "latency_backend", ("torch", "onnxruntime", "none"))
         if self.temperature <= 0:
             raise CompressError(f"temperature must be > 0, got {self.temperature}; the paper uses 5")
         if not 0.0 <= self.kd_weight <= 1.0:

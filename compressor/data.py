@@ -20,10 +20,11 @@ ImageFolder
     exist), each with one sub-folder per class (sorted names give the labels;
     train and test must have the same class folders). Files ending in .jpg,
     .jpeg, .png, .bmp or .webp (any case, searched recursively inside a class
-    folder) are decoded to RGB. If the images do not all have the same size, or
-    ``image_size`` is given, each is resized (shorter side to ``image_size``,
+    folder) are decoded to RGB. If ``image_size`` is given, or the images do not
+    all have the same size, each is resized (shorter side to ``image_size``,
     antialiased) and center-cropped to ``image_size`` x ``image_size``; the
-    default size is the shorter side of the first training image.
+    default size is the shorter side of the first training image. Images that
+    all share one size are kept as they are (even if not square).
 
 Design
 ------
@@ -383,14 +384,17 @@ def _workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _decode_files(files: list[str], size: int | None) -> list[torch.Tensor]:
+def _decode_files(files: list[str], size: int | None, keep: tuple[int, int] | None = None) -> list[torch.Tensor]:
+    """Decode ``files`` in a thread pool; fit each to ``size`` unless its (H, W) equals ``keep``."""
     from torchvision.io import ImageReadMode
 
     rgb = ImageReadMode.RGB  # enum attribute access is slow; look it up once
 
     def work(chunk):
         out = [_decode_file(p, rgb) for p in chunk]
-        return [_fit(x, size) for x in out] if size is not None else out
+        if size is None:
+            return out
+        return [x if keep is not None and tuple(x.shape[-2:]) == keep else _fit(x, size) for x in out]
 
     workers = _workers()
     step = max(1, min(1024, -(-len(files) // (4 * workers))))
@@ -430,13 +434,21 @@ def _load_imagefolder(root: Path, image_size: int | None) -> DataBundle:
         raise CompressError(f"class folder(s) {empty} in {str(train_dir)!r} have no images; "
                             f"add images or remove the folder(s) from train/ and {test_name}/")
 
-    size = image_size
-    if size is None:
+    if image_size is not None:
+        tr = _decode_files(tr_files, image_size)
+        te = _decode_files(te_files, image_size)
+    else:
+        # Keep images of the first image's size as they are (a uniform non-square set stays
+        # non-square); fit the others to its shorter side, and if there were any, fit all.
         with _quiet_torchvision():
             first = _decode_file(tr_files[0])
-        size = int(min(first.shape[-2:]))
-    tr = _decode_files(tr_files, size)
-    te = _decode_files(te_files, size)
+        keep = (int(first.shape[-2]), int(first.shape[-1]))
+        size = min(keep)
+        tr = _decode_files(tr_files, size, keep)
+        te = _decode_files(te_files, size, keep)
+        if any(tuple(x.shape[-2:]) != keep for x in tr + te) and keep != (size, size):
+            tr = [_fit(x, size) for x in tr]
+            te = [_fit(x, size) for x in te]
     train = ImageSplit(torch.stack(tr), torch.tensor(tr_labels, dtype=torch.int64))
     test = ImageSplit(torch.stack(te), torch.tensor(te_labels, dtype=torch.int64))
     return DataBundle("imagefolder", train, test, classes, str(root))

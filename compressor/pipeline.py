@@ -102,6 +102,18 @@ def _test_metrics(accelerator, model, splits: Splits, cfg, mean, std) -> dict:
     return evaluate(accelerator, model.to(accelerator.device), loader, mean=mean, std=std)
 
 
+def _check_run_dir_writable(run_dir: Path) -> None:
+    """Run directories are created with their parents; the nearest existing one must be writable."""
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CompressError(f"cannot create run directory {run_dir}: {existing} is a file; choose another --out")
+    if not os.access(existing, os.W_OK):
+        raise CompressError(f"cannot create run directory {run_dir}: {existing} is not writable; "
+                            f"choose another --out")
+
+
 def _link_latest(run_dir: Path) -> None:
     link = run_dir.parent / "latest"
     tmp = run_dir.parent / f".latest.{os.getpid()}"
@@ -112,10 +124,14 @@ def _link_latest(run_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------- train
-def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True) -> dict:
-    """Train one model with cross-entropy (``compress train``); returns its metrics."""
+def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True,
+                data: DataBundle | None = None) -> dict:
+    """Train one model with cross-entropy (``compress train``); returns its metrics.
+
+    ``data`` replaces ``cfg.data`` with an in-memory bundle (notebooks, tests).
+    """
     out = check_output_path(cfg.out)
-    bundle = load_data(cfg.data)
+    bundle = data if data is not None else load_data(cfg.data)
     num_classes = cfg.num_classes or bundle.num_classes
     entry = get_entry(cfg.arch)
     if num_classes != bundle.num_classes:
@@ -135,7 +151,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     work = out.with_name(out.name + ".train-state")
     work.mkdir(exist_ok=True)
     train_loader, eval_loader = _loaders(cfg, splits, stable_seed(cfg.seed, "data"))
-    progress = Progress(enabled=accelerator.is_main_process)
+    progress = Progress(enabled=accelerator.is_main_process and show_progress)
     progress.start_stage(entry.name, cfg.epochs, 0, len(splits.train))
     try:
         result = fit(accelerator, model, [], train_loader, eval_loader, cfg=cfg, loss_cfg=LossSettings(),
@@ -188,10 +204,13 @@ def _check_resume_config(run_dir: Path, resolved: dict) -> None:
 
 
 def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str | None = None,
-                     show_progress: bool = True) -> dict:
-    """Plan the chain and train every assistant, then the student. Returns the summary."""
+                     show_progress: bool = True, data: DataBundle | None = None) -> dict:
+    """Plan the chain and train every assistant, then the student. Returns the summary.
+
+    ``data`` replaces ``cfg.data`` with an in-memory bundle (notebooks, tests).
+    """
     teacher, tmeta = load_model(cfg.teacher)
-    bundle = load_data(cfg.data)
+    bundle = data if data is not None else load_data(cfg.data)
     _check_data_fits(tmeta, bundle, "teacher")
     target = _resolve_target(cfg, tmeta)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, target)
@@ -200,8 +219,7 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
                             f"or choose a new one with --out/--name")
     if resume and not (run_dir / "config.yaml").exists():
         raise CompressError(f"nothing to resume in {run_dir} (no config.yaml); drop --resume to start it")
-    if not run_dir.parent.exists():
-        raise CompressError(f"folder {run_dir.parent} does not exist; create it or choose another --out")
+    _check_run_dir_writable(run_dir)
     resolved = {**config_to_dict(cfg), "target": target}
     if resume:
         _check_resume_config(run_dir, resolved)

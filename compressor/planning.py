@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import CompressError
 from .models import count_macs, count_params, create_model, family_ladder, get_entry
-from .registry import normalise_name
 
 
 @dataclass
@@ -76,7 +75,7 @@ def _profile(arch: str, num_classes: int, kwargs_json: str) -> tuple[int, int]:
 
 def profile_arch(arch: str, num_classes: int, model_kwargs: dict | None = None) -> tuple[int, int]:
     """(parameters, MACs) of ``arch`` built with these options."""
-    return _profile(normalise_name(arch), num_classes, json.dumps(model_kwargs or {}, sort_keys=True))
+    return _profile(get_entry(arch).name, num_classes, json.dumps(model_kwargs or {}, sort_keys=True))
 
 
 def _student_kwargs(arch: str, model_kwargs: dict) -> dict:
@@ -156,6 +155,7 @@ def plan_chain(teacher_arch: str, num_classes: int, target: str, *, teacher_kwar
         )
     if by == "latency":
         latency_backend = "onnxruntime"
+    measure_latency = measure_latency and latency_backend != "none"
 
     def metric(arch: str, kwargs: dict) -> float:
         params, macs = profile_arch(arch, num_classes, kwargs)
@@ -203,7 +203,7 @@ def plan_chain(teacher_arch: str, num_classes: int, target: str, *, teacher_kwar
         chosen = pick_evenly(candidates, m_student, m_teacher, n) if n else []
         rule = f"fixed count: {n} assistants spaced evenly by log {by}"
     else:
-        names = [normalise_name(a) for a in str(assistants).split(",") if a.strip()]
+        names = [get_entry(a).name for a in str(assistants).split(",") if a.strip()]
         values = {}
         for name in names:
             get_entry(name)
@@ -271,7 +271,7 @@ def format_plan(plan: Plan) -> str:
     for m in plan.members:
         rows.append([m.role, m.arch, f"{m.params:,}", f"{m.macs / 1e6:.1f}M",
                      "-" if m.latency_ms is None else f"{m.latency_ms:.3f}"])
-    lat = {"torch": "torch eager", "onnxruntime": "onnxruntime"}[plan.latency_backend]
+    lat = {"torch": "torch eager", "onnxruntime": "onnxruntime", "none": "not measured"}[plan.latency_backend]
     table = format_table(["role", "model", "params", "MACs", f"latency ms ({lat}, batch 1)"], rows)
     return (f"{table}\nassistants: {plan.rule}\n"
             f"estimated training cost: {plan.relative_cost:.2f}x training the student alone "

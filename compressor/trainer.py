@@ -166,6 +166,7 @@ def train_one_epoch(accelerator, model, guides, loader, optimizer, *, cfg: Optim
     out = {f"train_{k}": float(v) / n_all for k, v in zip(sums, totals[:3])}
     out["train_top1"] = 100.0 * float(totals[3]) / n_all
     out["guide_uses"] = guide_uses
+    out["steps"] = step + 1 if seen else 0  # optimisation micro-steps of this process
     return out
 
 

@@ -105,6 +105,13 @@ def _inputs(model: OnnxModel, meta: CheckpointMeta, data, total: int, seed: int)
     return onnx_in, normed, label
 
 
+def _tolerance_ratio(diff: np.ndarray, tol: np.ndarray) -> float:
+    """max of diff / tol, with 0/0 = 0 and x/0 = inf (atol = rtol = 0 means bit-exact)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(diff == 0, 0.0, diff / tol)
+    return float(np.max(ratio, initial=0.0))
+
+
 def compare_logits(ort_out: np.ndarray, ref: np.ndarray, *, atol: float, rtol: float) -> dict:
     a = ort_out.astype(np.float64)
     b = ref.astype(np.float64)
@@ -119,7 +126,7 @@ def compare_logits(ort_out: np.ndarray, ref: np.ndarray, *, atol: float, rtol: f
     return {
         "max_abs_diff": float(diff.max(initial=0.0)),
         "max_rel_diff": float((diff / np.maximum(np.abs(b), 1e-6)).max(initial=0.0)),
-        "tolerance_ratio": float((diff / tol).max(initial=0.0)),
+        "tolerance_ratio": _tolerance_ratio(diff, tol),
         "agree": agree,
         "allclose": bool(np.all(diff <= tol)),
         "finite": bool(np.isfinite(a).all()),

@@ -360,3 +360,10 @@ def test_subset_and_synthetic():
     assert torch.equal(part.images[1], data.train.images[0]) and part.labels[2] == data.train.labels[7]
     assert len(subset(data.train, range(5))) == 5 and len(subset(data.train, slice(10, None))) == 20
     assert len(subset(data.train, data.train.labels == 0)) == 10
+
+
+def test_imagefolder_uniform_non_square_kept(tmp_path):
+    root = _make_folder(tmp_path / "ds", sizes=((12, 8), (12, 8)))  # PIL size is (W, H)
+    b = load_data(str(root))
+    assert b.input_size == (3, 8, 12)
+    assert load_data(str(root), image_size=8).input_size == (3, 8, 8)

@@ -30,7 +30,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import tarfile

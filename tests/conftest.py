@@ -1,0 +1,22 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "compressor" / "assets"
+SHARED = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("COMPRESS_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "compress-test-cache"))
+
+
+@pytest.fixture(scope="session")
+def pretrained_teacher() -> Path:
+    """The embedded pretrained CIFAR-10 resnet20 (BSD-2, see compressor/assets)."""
+    return ASSETS / "resnet20_cifar10_pretrained.safetensors"
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,106 @@
+"""Loss functions pinned to values worked out by hand on 2x3 logits.
+
+Rows: student z_s = [1, 2, 3] and [0, 0, 0]; guide z_g = [3, 2, 1] and [0, 0, 0].
+Row 2 has KL = 0 (identical). For row 1, softmax(z_g/T) and softmax(z_s/T) share
+the normaliser (the logits are permutations), so log p_g - log p_s = (z_g - z_s)/T
+= [2, 0, -2]/T and KL = (2/T)·(p0 - p2) with p = softmax(z_g/T).
+
+T = 1: p = [e², e, 1]/(e² + e + 1) = [0.665241, 0.244728, 0.090031]
+       KL_row1 = 2·(0.665241 - 0.090031) = 1.150420; batchmean = 0.575210; ·T² = 0.575210
+T = 2: p = [e, e^½, 1]/(e + e^½ + 1) = [0.506480, 0.307196, 0.186324]
+       KL_row1 = 1·(0.506480 - 0.186324) = 0.320156; batchmean = 0.160078; ·T² = 0.640312
+CE with labels [2, 0]: row1 = log(e+e²+e³) - 3 = 0.407606; row2 = log 3 = 1.098612;
+       mean = 0.753109
+"""
+import torch
+
+from compressor.losses import dgkd_loss, kd_loss, kept_guides
+
+S = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+G = torch.tensor([[3.0, 2.0, 1.0], [0.0, 0.0, 0.0]])
+Y = torch.tensor([2, 0])
+CE = 0.753109
+KD_T1 = 0.575210
+KD_T2 = 0.640312
+
+
+def test_kd_loss_hand_values():
+    assert abs(kd_loss(S, G, temperature=1.0).item() - KD_T1) < 1e-5
+    assert abs(kd_loss(S, G, temperature=2.0).item() - KD_T2) < 1e-5
+
+
+def test_kd_loss_is_zero_when_student_equals_guide():
+    z = torch.randn(4, 10)
+    assert kd_loss(z, z.clone(), temperature=4.0).abs().item() < 1e-6
+
+
+def test_kd_loss_t_squared_scaling():
+    # KL at T=2 is 0.160078; the returned term is 4x that.
+    kl = kd_loss(S, G, temperature=2.0).item() / 4.0
+    assert abs(kl - 0.160078) < 1e-5
+
+
+def test_kd_loss_gradient_flows_to_student_only():
+    s = S.clone().requires_grad_(True)
+    kd_loss(s, G, temperature=2.0).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert s.grad[1].abs().sum() < 1e-7  # identical row: zero gradient
+
+
+def test_dgkd_loss_sums_guides_and_counts_ce_once():
+    terms = dgkd_loss(S, [G, S.clone()], Y, temperature=1.0, kd_weight=0.5)
+    assert abs(terms["ce"].item() - CE) < 1e-5
+    assert abs(terms["kd_0"].item() - KD_T1) < 1e-5
+    assert abs(terms["kd_1"].item()) < 1e-6
+    assert abs(terms["kd"].item() - KD_T1) < 1e-5
+    assert abs(terms["loss"].item() - (0.5 * CE + 0.5 * KD_T1)) < 1e-5  # 0.664160
+
+
+def test_dgkd_loss_two_equal_guides_double_the_kd_term():
+    terms = dgkd_loss(S, [G, G], Y, temperature=2.0, kd_weight=1.0)
+    assert abs(terms["loss"].item() - 2 * KD_T2) < 1e-5
+
+
+def test_dgkd_loss_lambda_edges():
+    assert abs(dgkd_loss(S, [G], Y, temperature=1.0, kd_weight=0.0)["loss"].item() - CE) < 1e-5
+    assert abs(dgkd_loss(S, [G], Y, temperature=1.0, kd_weight=1.0)["loss"].item() - KD_T1) < 1e-5
+
+
+def test_dgkd_loss_without_guides_is_cross_entropy():
+    terms = dgkd_loss(S, [], Y, temperature=4.0, kd_weight=1.0)
+    assert abs(terms["loss"].item() - CE) < 1e-5
+    assert terms["kd"].item() == 0.0
+
+
+def test_kept_guides_single_guide_never_dropped():
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    for _ in range(50):
+        assert kept_guides(1, 1, gen) == [0]
+    assert torch.equal(gen.get_state(), state)  # no random numbers consumed
+
+
+def test_kept_guides_drop_one_of_n_uniformly():
+    gen = torch.Generator().manual_seed(123)
+    n, draws = 4, 4000
+    dropped = [0] * n
+    for _ in range(draws):
+        kept = kept_guides(n, 1, gen)
+        assert len(kept) == n - 1 and kept == sorted(kept) and len(set(kept)) == n - 1
+        (missing,) = set(range(n)) - set(kept)
+        dropped[missing] += 1
+    for count in dropped:  # expected 1000 each; 4 sigma is about 110
+        assert abs(count - draws / n) < 130, dropped
+
+
+def test_kept_guides_never_drops_all_and_zero_drop_keeps_all():
+    gen = torch.Generator().manual_seed(1)
+    assert len(kept_guides(3, 5, gen)) == 1
+    assert kept_guides(3, 0, gen) == [0, 1, 2]
+    assert kept_guides(0, 1, gen) == []
+
+
+def test_kept_guides_seeded_is_reproducible():
+    a = [kept_guides(5, 2, torch.Generator().manual_seed(s)) for s in range(20)]
+    b = [kept_guides(5, 2, torch.Generator().manual_seed(s)) for s in range(20)]
+    assert a == b
