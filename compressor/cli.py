@@ -287,7 +287,8 @@ def distill_cmd(teacher, target, target_latency_ms, recipe, options, out, resume
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--min-accuracy", type=float, default=None, help="exit 1 when top-1 (%) is below this")
 @click.option("--arch", default=None, help="for safetensors files without compress metadata")
-def eval_cmd(model, data, batch_size, min_accuracy, arch):
+@click.option("--json", "json_out", default=None, help="also write the metrics as JSON here")
+def eval_cmd(model, data, batch_size, min_accuracy, arch, json_out):
     """Top-1/top-5 accuracy and loss of a .safetensors or .onnx model.
 
     Example:  compress eval runs/latest/student.safetensors --data demo --min-accuracy 40
@@ -296,6 +297,10 @@ def eval_cmd(model, data, batch_size, min_accuracy, arch):
 
     if batch_size <= 0:
         raise CompressError(f"--batch-size must be > 0, got {batch_size}")
+    if json_out:
+        from .fileio import check_output_path
+
+        check_output_path(json_out)
     if model.endswith(".onnx"):
         from export.runtime import evaluate_onnx
 
@@ -306,6 +311,11 @@ def eval_cmd(model, data, batch_size, min_accuracy, arch):
         backend = "torch"
     click.echo(f"{model} on {data} ({result['n']} images, {backend}): top-1 {result['top1']:.2f}%  "
                f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
+    if json_out:
+        from .fileio import write_json
+
+        write_json(json_out, {"model": model, "data": data, "backend": backend,
+                              **{k: result[k] for k in ("top1", "top5", "loss", "n")}})
     if min_accuracy is not None and result["top1"] < min_accuracy:
         raise CheckFailed(f"top-1 {result['top1']:.2f}% is below the floor --min-accuracy {min_accuracy}")
 

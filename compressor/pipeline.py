@@ -225,6 +225,7 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
         _check_resume_config(run_dir, resolved)
 
     accelerator = make_accelerator(cfg, project_dir=str(run_dir))
+    accelerator.wait_for_everyone()  # every process has checked the run directory before anything is written
     main = accelerator.is_main_process
     print_ = accelerator.print
     epochs, assistant_epochs = cfg.epochs, cfg.assistant_epochs or cfg.epochs

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -64,7 +63,6 @@ def versions() -> dict:
         except Exception:  # pragma: no cover - optional
             out[mod] = None
     try:
-        import compressor  # noqa: F401
         from importlib.metadata import version
 
         out["compress"] = version("compress")
@@ -286,8 +284,10 @@ def format_table(report: dict) -> str:
         )
     for c in report.get("comparisons", []):
         what = "torch eager" if c["baseline"] == "torch" else names.get("compare", "compare")
-        lines.append(f"batch {c['batch_size']}: {names.get('model', 'model')} is {c['p50_speedup']:.2f}x "
-                     f"the speed of {what} (p50; mean {c['mean_speedup']:.2f}x)")
+        sp = c["p50_speedup"]
+        verdict = f"{sp:.2f}x faster than" if sp >= 1 else f"{1 / sp:.2f}x slower than"
+        lines.append(f"batch {c['batch_size']}: {names.get('model', 'model')} is {verdict} {what} "
+                     f"(p50; speedup p50 {sp:.2f}, mean {c['mean_speedup']:.2f})")
     for g in report.get("gates", []):
         lines.append(g["message"])
     return "\n".join(lines)

@@ -65,6 +65,7 @@ def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data
     without MODEL, runs/latest/student.safetensors. Exit 1 when the parity check
     fails (the file is then renamed NAME.invalid.onnx), 2 on bad input.
 
+    \b
     Example:  compress export --onnx runs/latest --out student.onnx --data demo --quantize int8
     """
     from compressor.checkpoint import load_model
@@ -188,6 +189,7 @@ def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warm
     Exit 1 when --budget-ms is exceeded or the model is slower than --baseline by
     more than --max-regression; the --json report is written first either way.
 
+    \b
     Example:  compress bench student.onnx --torch --budget-ms 2 --baseline main.json --max-regression 10% --json bench.json
     """
     from compressor.fileio import check_output_path

@@ -114,8 +114,12 @@ def quantize_static_int8(onnx_path, out_path, calibration, *, per_channel: bool 
         except Exception as exc:
             raise CompressError(f"INT8 quantisation failed: {type(exc).__name__}: {exc}") from exc
         model = onnx.load(str(q))
+        src_ckpt = props.get("source_checkpoint", "")
+        if src_ckpt and not os.path.isabs(src_ckpt):  # keep it relative to the *new* file's folder
+            absolute = os.path.abspath(os.path.join(fp32.path.parent, src_ckpt))
+            props["source_checkpoint"] = os.path.relpath(absolute, os.path.abspath(Path(out).parent))
         props.update({"quantization": QUANTIZATION_TAG, "calibration_images": str(len(x)),
-                      "fp32_source": Path(fp32.path).name})
+                      "fp32_source": os.path.relpath(os.path.abspath(fp32.path), os.path.abspath(Path(out).parent))})
         set_metadata(model, props)
         with atomic_write(out, suffix=".onnx") as tmp:
             onnx.save_model(model, str(tmp))

@@ -14,7 +14,7 @@ import numpy as np
 from compressor.checkpoint import CheckpointMeta, check_readable_file
 from compressor.errors import CompressError
 
-from .onnx_export import INPUT_NAME, meta_from_onnx_props
+from .onnx_export import meta_from_onnx_props
 
 GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}

@@ -206,7 +206,7 @@ def test_validate_on_real_images(tmp):
 
 
 # --------------------------------------------------------------------------- INT8
-def _sanity_train(model, data, meta, steps=60):
+def _sanity_train(model, data, meta, steps=20):
     x = normalize(data.train.images, meta.mean, meta.std)
     y = data.train.labels
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
