@@ -124,10 +124,9 @@ def read_checkpoint(path, *, arch: str | None = None, num_classes: int | None = 
             state = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CompressError(
-            f"{p}: not a readable safetensors checkpoint ({reason}); "
-            f"convert PyTorch .pth/.th files with 'compress import'"
-        ) from None
+        fix = ("the file is truncated or damaged; re-create or re-download it" if p.suffix == ".safetensors"
+               else "convert PyTorch .pth/.th files with 'compress import'")
+        raise CompressError(f"{p}: not a readable safetensors checkpoint ({reason}); {fix}") from None
     if arch is not None:
         raw_meta = {**raw_meta, "arch": arch}
         if "num_classes" not in raw_meta:

@@ -190,6 +190,7 @@ DISTILL_HELP = {
     "kd_weight": "λ in (1-λ)·CE + λ·Σ KD", "drop_guides": "stochastic teaching: guides dropped per batch",
     "assistant_epochs": "epochs for each assistant (default: --epochs)", "name": "run name (runs/NAME)",
     "latency_backend": "plan table latency: torch | onnxruntime | none",
+    "cache_guides": "store guide logits per (epoch, step) on disk and reuse them across stages and runs",
 }
 
 
@@ -262,7 +263,7 @@ def plan_cmd(teacher, target, target_latency_ms, recipe, options, json_out, **fl
 @click.option("--resume", is_flag=True, help="continue an interrupted run (same config)")
 @config_options(DistillConfig,
                 ["method", "assistants", "by", "max_assistants", "spacing", "temperature", "kd_weight",
-                 "drop_guides", "assistant_epochs", "name", "latency_backend"] + OPTIM_FIELDS,
+                 "drop_guides", "assistant_epochs", "name", "latency_backend", "cache_guides"] + OPTIM_FIELDS,
                 {**DISTILL_HELP, **OPTIM_HELP})
 def distill_cmd(teacher, target, target_latency_ms, recipe, options, out, resume, **flags):
     """Train teacher -> assistants -> student with DGKD (or takd / kd / ce).

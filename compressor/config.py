@@ -109,6 +109,7 @@ class DistillConfig(OptimConfig):
     out: typing.Optional[str] = None                  # run directory (default runs/<name>)
     name: typing.Optional[str] = None
     latency_backend: str = "torch"                    # plan table latency: torch | onnxruntime | none
+    cache_guides: bool = False                        # store guide logits per (epoch, step) and reuse them
 
     def validate(self) -> None:
         super().validate()

@@ -19,6 +19,7 @@ A stage whose ``model.safetensors`` exists is finished and is never retrained;
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -131,9 +132,9 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     ``data`` replaces ``cfg.data`` with an in-memory bundle (notebooks, tests).
     """
     out = check_output_path(cfg.out)
+    entry = get_entry(cfg.arch)  # a misspelt name fails before the data is loaded
     bundle = data if data is not None else load_data(cfg.data)
     num_classes = cfg.num_classes or bundle.num_classes
-    entry = get_entry(cfg.arch)
     if num_classes != bundle.num_classes:
         raise CompressError(f"--num-classes {num_classes} but the data has {bundle.num_classes} classes")
     c = bundle.input_size[0]
@@ -186,16 +187,58 @@ def _resolve_target(cfg: DistillConfig, tmeta) -> str:
     return arch
 
 
+def _guide_caches(cfg: DistillConfig, accelerator, splits: Splits, guides, epochs: int, steps: int,
+                  num_classes: int, mean, std):
+    """One logit cache per guide when ``cache_guides`` is on (single process only)."""
+    if not cfg.cache_guides or not guides:
+        return None
+    if accelerator.num_processes > 1:
+        accelerator.print("note: --cache-guides is off with several processes (each sees other batches)")
+        return None
+    from .guides import GuideLogitCache, cache_key, weights_fingerprint
+    from .latency import cache_dir
+
+    settings = {"data": splits.bundle.name, "source": splits.bundle.source, "n_train": len(splits.train),
+                "labels_sum": int(splits.train.labels.sum()), "seed": cfg.seed, "batch_size": cfg.batch_size,
+                "augment": cfg.augment, "epochs": epochs, "mean": list(mean), "std": list(std),
+                "channels_last": cfg.channels_last, "mixed_precision": cfg.mixed_precision,
+                "train_subset": cfg.train_subset, "val_fraction": cfg.val_fraction}
+    root = cache_dir() / "guides"
+    return [GuideLogitCache(root / f"{cache_key(weights_fingerprint(g), settings)}.safetensors",
+                            epochs, steps, cfg.batch_size, num_classes) for g in guides]
+
+
 def default_run_dir(cfg: DistillConfig, target: str) -> Path:
     name = cfg.name or f"{Path(cfg.teacher).stem}-to-{target}-{cfg.method}"
     return Path("runs") / name
+
+
+def _read_run_file(path: Path):
+    """A JSON/YAML file an earlier session of the run wrote; damage is reported, not a traceback."""
+    try:
+        return yaml.safe_load(path.read_text()) if path.suffix == ".yaml" else json.loads(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CompressError(f"{path} is damaged ({reason}); delete it and resume again, "
+                            f"or start a new run with another --out") from None
+
+
+def _test_pause(point: str) -> None:
+    """Test hook: with ``COMPRESS_TEST_PAUSE_AT=<point>`` the run sleeps here, so a test can kill
+    it at a known point (tests/test_resume.py). Points: ``report`` -- the student and
+    summary.json are written, report.md, the plots and the runs/latest link are not yet."""
+    if os.environ.get("COMPRESS_TEST_PAUSE_AT") == point:
+        print(f"test hook: paused at {point}", flush=True)
+        time.sleep(600)
 
 
 def _check_resume_config(run_dir: Path, resolved: dict) -> None:
     path = run_dir / "config.yaml"
     if not path.exists():
         return
-    old = yaml.safe_load(path.read_text()) or {}
+    old = _read_run_file(path) or {}
+    if not isinstance(old, dict):
+        raise CompressError(f"{path} is damaged (not a mapping); start a new run with another --out")
     diffs = [f"{k}: {old.get(k)!r} -> {resolved.get(k)!r}" for k in sorted(set(old) | set(resolved))
              if k not in RESUME_IGNORED_KEYS and old.get(k) != resolved.get(k)]
     if diffs:
@@ -231,9 +274,11 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
     epochs, assistant_epochs = cfg.epochs, cfg.assistant_epochs or cfg.epochs
     plan_path = run_dir / "plan.json"
     if resume and plan_path.exists():
-        import json
-
-        plan = Plan.from_dict(json.loads(plan_path.read_text()))
+        try:
+            plan = Plan.from_dict(_read_run_file(plan_path))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CompressError(f"{plan_path} is damaged ({type(exc).__name__}: {exc}); delete it and "
+                                f"resume again to plan anew") from None
     else:
         plan = plan_chain(tmeta.arch, tmeta.num_classes, target, teacher_kwargs=tmeta.model_kwargs,
                           assistants=cfg.assistants, by=cfg.by, max_assistants=cfg.max_assistants,
@@ -253,9 +298,7 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
     loss_cfg = LossSettings(temperature=cfg.temperature, kd_weight=cfg.kd_weight, drop_guides=cfg.drop_guides)
     teacher_eval_path = run_dir / "teacher_eval.json"
     if teacher_eval_path.exists():
-        import json
-
-        teacher_test = json.loads(teacher_eval_path.read_text())
+        teacher_test = _read_run_file(teacher_eval_path)
     else:
         teacher_test = _test_metrics(accelerator, teacher, splits, cfg, mean, std)
         if main:
@@ -276,7 +319,14 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
         guide_names = [plan.members[i].arch for i in guide_idx]
         stage_epochs = epochs if member.role == "student" else assistant_epochs
         if model_path.exists():
-            model, smeta = load_model(model_path)
+            try:
+                model, smeta = load_model(model_path)
+            except CompressError as exc:
+                raise CompressError(f"{label}: its finished model does not load ({exc}); delete it to retrain "
+                                    f"the stage and resume again: rm {model_path}") from None
+            if main:  # a crash between saving the model and removing the state leaves it behind
+                for leftover in ("state", "state.old", "state.tmp"):
+                    shutil.rmtree(stage_dir / leftover, ignore_errors=True)
             m = smeta.metrics
             print_(f"{label}: finished earlier (test top-1 {m.get('test_top1', float('nan')):.2f}%), not retrained")
             final_top1, best, seconds = m.get("test_top1"), m.get("best_eval_top1"), m.get("train_seconds")
@@ -287,16 +337,19 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
             print_(f"{label}: guides {', '.join(guide_names) or 'none (cross-entropy only)'}, {stage_epochs} epochs")
             torch.manual_seed(stable_seed(cfg.seed, "init", member.arch))
             model = create_model(member.arch, num_classes=tmeta.num_classes, **member.model_kwargs)
-            # Seeds depend on the model, not its position, so every method sees the same
-            # data order, augmentation and initialisation for the same student.
-            train_loader, eval_loader = _loaders(cfg, splits, stable_seed(cfg.seed, "data", member.arch))
+            # Data order and augmentation depend on the seed alone: every stage and every
+            # method sees the same batches; the init depends on the model, not its position.
+            train_loader, eval_loader = _loaders(cfg, splits, stable_seed(cfg.seed, "data"))
             start_epoch = 0
             progress.start_stage(label, stage_epochs, start_epoch, len(splits.train))
+            caches = _guide_caches(cfg, accelerator, splits, [chain_models[i] for i in guide_idx],
+                                   stage_epochs, len(train_loader), tmeta.num_classes, mean, std)
             try:
                 result = fit(accelerator, model, [chain_models[i] for i in guide_idx], train_loader, eval_loader,
                              cfg=cfg, loss_cfg=loss_cfg, epochs=stage_epochs, mean=mean, std=std,
                              stage_seed=stable_seed(cfg.seed, "stage", member.arch), stage_dir=stage_dir,
-                             stage_label=label, resume=resume, progress=progress)
+                             stage_label=label, resume=resume, progress=progress,
+                             aug_seed=stable_seed(cfg.seed, "aug"), guide_caches=caches)
             finally:
                 progress.close()
             model = result.model
@@ -313,8 +366,8 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
                                 model_kwargs=member.model_kwargs, metrics=metrics,
                                 source=f"compress distill ({plan.method}) stage {k + 1} of {run_dir.name}")
                 save_checkpoint(model_path, model, meta)
-                shutil.rmtree(stage_dir / "state", ignore_errors=True)
-                shutil.rmtree(stage_dir / "state.old", ignore_errors=True)
+                for leftover in ("state", "state.old", "state.tmp"):
+                    shutil.rmtree(stage_dir / leftover, ignore_errors=True)
             accelerator.wait_for_everyone()
             print_(f"{label}: test top-1 {final_top1:.2f}% (best {splits.eval_name} {best:.2f}%), {seconds:.0f} s")
         model = model.to(accelerator.device).eval()
@@ -336,6 +389,7 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
                         run_dir / ".student.safetensors.tmp")
         os.replace(run_dir / ".student.safetensors.tmp", run_dir / "student.safetensors")
         write_json(run_dir / "summary.json", summary)
+        _test_pause("report")
         write_report(run_dir)
         _link_latest(run_dir)
     accelerator.wait_for_everyone()

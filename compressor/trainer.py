@@ -30,6 +30,7 @@ from .config import OptimConfig
 from .data import augment_batch, normalize
 from .errors import CompressError
 from .fileio import append_jsonl, read_jsonl, write_text
+from .guides import GuideLogitCache, GuideSet
 from .losses import dgkd_loss, kept_guides
 from .progress import Progress
 
@@ -98,15 +99,15 @@ class FitResult:
     history: list = field(default_factory=list)
 
 
-def _prepare_guides(guides: Sequence[nn.Module], device, channels_last: bool) -> list[nn.Module]:
-    out = []
+def _prepare_guides(guides: Sequence[nn.Module], device, channels_last: bool,
+                    caches: Sequence[GuideLogitCache | None] | None) -> GuideSet:
+    moved = []
     for g in guides:
-        g = g.to(device).eval()
-        g.requires_grad_(False)
+        g = g.to(device)
         if channels_last:
             g = g.to(memory_format=torch.channels_last)
-        out.append(g)
-    return out
+        moved.append(g)
+    return GuideSet(moved, caches)
 
 
 def _to_input(images, mean, std, channels_last: bool):
@@ -114,9 +115,16 @@ def _to_input(images, mean, std, channels_last: bool):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def train_one_epoch(accelerator, model, guides, loader, optimizer, *, cfg: OptimConfig, loss_cfg: LossSettings,
-                    mean, std, epoch: int, stage_seed: int, progress: Progress | None = None) -> dict:
-    """One pass over ``loader``; returns mean loss terms and training top-1."""
+def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, cfg: OptimConfig, loss_cfg: LossSettings,
+                    mean, std, epoch: int, stage_seed: int, aug_seed: int | None = None,
+                    progress: Progress | None = None) -> dict:
+    """One pass over ``loader``; returns mean loss terms and training top-1.
+
+    Augmentation draws from a generator seeded by (``aug_seed``, epoch, step) and
+    guide dropping from one seeded by (``stage_seed``, epoch, step): with a shared
+    ``aug_seed`` every stage of a chain sees exactly the same augmented batches.
+    """
+    aug_seed = stage_seed if aug_seed is None else aug_seed
     model.train()
     device = accelerator.device
     sums = {"loss": torch.zeros((), device=device), "ce": torch.zeros((), device=device),
@@ -125,19 +133,13 @@ def train_one_epoch(accelerator, model, guides, loader, optimizer, *, cfg: Optim
     seen = 0
     guide_uses = [0] * len(guides)
     for step, (images, labels) in enumerate(loader):
-        gen = seeded_generator(stage_seed, epoch, step)
         if cfg.augment:
-            images = augment_batch(images, gen)
+            images = augment_batch(images, seeded_generator(aug_seed, epoch, step))
         x = _to_input(images, mean, std, cfg.channels_last)
-        kept = kept_guides(len(guides), loss_cfg.drop_guides, gen)
-        guide_logits = []
-        if kept:
-            with torch.inference_mode(), accelerator.autocast():
-                outs = [guides[i](x) for i in kept]
-            # Clone outside inference mode so autograd may save them for backward.
-            guide_logits = [o.float().clone() for o in outs]
-            for i in kept:
-                guide_uses[i] += 1
+        kept = kept_guides(len(guides), loss_cfg.drop_guides, seeded_generator(stage_seed, epoch, step))
+        guide_logits = guides.logits(kept, x, epoch, step, accelerator.autocast)
+        for i in kept:
+            guide_uses[i] += 1
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 logits = model(x)
@@ -227,12 +229,13 @@ def find_state(stage_dir: Path) -> Path | None:
 
 def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader, test_loader, *,
         cfg: OptimConfig, loss_cfg: LossSettings, epochs: int, mean, std, stage_seed: int, stage_dir: Path,
-        stage_label: str, resume: bool, progress: Progress) -> FitResult:
+        stage_label: str, resume: bool, progress: Progress, aug_seed: int | None = None,
+        guide_caches: Sequence[GuideLogitCache | None] | None = None) -> FitResult:
     """Train ``model`` for ``epochs`` from its ``guides``; state saved in ``stage_dir/state``."""
     accelerator.free_memory()  # forget the previous stage's prepared objects
     optimizer = build_optimizer(model, cfg)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    guides = _prepare_guides(guides, accelerator.device, cfg.channels_last)
+    guides = _prepare_guides(guides, accelerator.device, cfg.channels_last, guide_caches)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     resume_state = ResumeState(stage=stage_label)
@@ -241,7 +244,13 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
     metrics_path = stage_dir / "metrics.jsonl"
     state_path = find_state(stage_dir) if resume else None
     if state_path is not None:
-        accelerator.load_state(str(state_path))
+        try:
+            accelerator.load_state(str(state_path))
+        except Exception as exc:  # a damaged state folder (saved states are swapped in atomically)
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise CompressError(f"{stage_label}: the saved training state {state_path} does not load "
+                                f"({type(exc).__name__}: {reason}); delete it to restart the stage from its "
+                                f"first epoch and resume again: rm -r {state_path}") from None
         if accelerator.is_main_process:
             kept = [r for r in read_jsonl(metrics_path) if r.get("epoch", 0) <= resume_state.epoch]
             write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -260,8 +269,11 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
         t0 = time.perf_counter()
         train_metrics = train_one_epoch(accelerator, model, guides, train_loader, optimizer, cfg=cfg,
                                         loss_cfg=loss_cfg, mean=mean, std=std, epoch=epoch,
-                                        stage_seed=stage_seed, progress=progress)
+                                        stage_seed=stage_seed, aug_seed=aug_seed, progress=progress)
+        guides.flush()
         record = {"epoch": epoch + 1, "lr": lr, **train_metrics}
+        if guide_caches and any(c is not None for c in guide_caches):
+            record["guide_cache_hits_misses"] = guides.cache_stats()
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
             test = evaluate(accelerator, model, test_loader, mean=mean, std=std, channels_last=cfg.channels_last)
             record.update({"eval_top1": test["top1"], "eval_top5": test["top5"], "eval_loss": test["loss"]})

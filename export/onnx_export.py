@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -93,10 +94,16 @@ def invalid_path(path: str | os.PathLike) -> Path:
 def _quiet(fn, *args, **kwargs):
     """Run ``fn`` with the exporter's progress chatter captured; show it only on failure."""
     buf = io.StringIO()
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
     try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
         with contextlib.redirect_stdout(buf), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return fn(*args, **kwargs)
+    except CompressError:
+        raise
     except Exception as exc:
         log = buf.getvalue().strip().splitlines()[-5:]
         detail = f" (exporter log: {' | '.join(log)})" if log else ""
@@ -104,6 +111,9 @@ def _quiet(fn, *args, **kwargs):
             f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{detail}. "
             f"Try --legacy (TorchScript exporter) or another --opset"
         ) from exc
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def onnx_metadata(meta: CheckpointMeta, *, opset: int, exporter: str, preprocessing: str,
@@ -150,7 +160,14 @@ def _export_dynamo(module: nn.Module, example: torch.Tensor, opset: int | None):
         module, (example,), None, dynamo=True, external_data=False, opset_version=opset,
         input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
     )
-    return program.model_proto
+    proto = program.model_proto
+    if opset is not None and main_opset(proto) != int(opset):
+        # torch.export's translator starts at opset 18; down-conversion can fail silently
+        raise CompressError(
+            f"the dynamo exporter could not produce opset {opset} (the graph is opset {main_opset(proto)}); "
+            f"use --opset {max(18, main_opset(proto))} or higher, or --legacy for older opsets"
+        )
+    return proto
 
 
 def _export_legacy(module: nn.Module, example: torch.Tensor, opset: int | None, tmpdir: Path):

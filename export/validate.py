@@ -86,7 +86,8 @@ def _inputs(model: OnnxModel, meta: CheckpointMeta, data, total: int, seed: int)
                                 f"input {chw}; validate with the data the model was trained on")
         if len(images) == 0:
             raise CompressError("the data's test split is empty; cannot validate on it")
-        idx = np.arange(total) % len(images)
+        # spread over the split: test sets are often sorted by class
+        idx = np.linspace(0, len(images) - 1, total).round().astype(np.int64)
         sel = images[idx]
         raw = sel.astype(np.float32) / 255.0 if sel.dtype == np.uint8 else sel.astype(np.float32)
         label = f"data:{data}" if isinstance(data, (str, os.PathLike)) else "data"
@@ -140,7 +141,7 @@ def validate_onnx(onnx_path, model: nn.Module, meta: CheckpointMeta, *, data=Non
                   data_label: str | None = None) -> ValidationReport:
     """Check ``onnx_path`` against ``model`` (the PyTorch model it was exported from).
 
-    ``data``: a data spec or a loaded bundle (its first test images are used;
+    ``data``: a data spec or a loaded bundle (32 test images spread over the split are used;
     ``data_label`` names it in the report), else random inputs. Raises
     :class:`CheckFailed` (after renaming the file to ``*.invalid.onnx`` when
     ``rename_invalid``) if the checker or the parity check fails.

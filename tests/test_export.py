@@ -6,6 +6,7 @@ under a minute on two cores.
 from __future__ import annotations
 
 import json
+import shutil
 
 import click
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from compressor.checkpoint import IMAGENET_MEAN, IMAGENET_STD, file_sha256, meta_for, save_checkpoint
+from compressor.checkpoint import IMAGENET_MEAN, IMAGENET_STD, file_sha256, load_model, meta_for, save_checkpoint
 from compressor.data import normalize, synthetic_data
 from compressor.errors import CheckFailed, CompressError
 from compressor.models import create_model
@@ -50,17 +51,22 @@ def cnn2_ckpt(tmp):
     return save_checkpoint(tmp / "cnn2.safetensors", model, meta)
 
 
+@pytest.fixture(scope="module")
+def cnn2(tmp, cnn2_ckpt):
+    """cnn2 exported once from its checkpoint, plain and with folded preprocessing (shared by tests)."""
+    model, meta = load_model(cnn2_ckpt)
+    plain = export_onnx(cnn2_ckpt, tmp / "cnn2.onnx")
+    folded = export_onnx((model, meta), tmp / "cnn2_folded.onnx", include_preprocessing=True)
+    return model, meta, plain, folded
+
+
+def _copy(src, dst):
+    shutil.copyfile(src, dst)
+    return dst
+
+
 # ---------------------------------------------------------------- parity per family
-@pytest.mark.parametrize("arch,kw", [
-    ("resnet8", {}),
-    ("wrn16_1", {}),
-    ("vgg8", {}),
-    ("cnn2", {}),
-    ("resnet18", {"input_size": (3, 64, 64), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
-])
-def test_export_round_trips_with_parity(tmp, arch, kw):
-    model, meta = _model(arch, **kw)
-    out = export_onnx((model, meta), tmp / f"{arch}.onnx")
+def _check_round_trip(model, meta, out):
     report = validate_onnx(out, model, meta)
     assert report.passed and report.top1_agreement == 1.0
     assert report.tolerance_ratio <= 1.0  # every logit within atol + rtol * |ref|
@@ -73,6 +79,22 @@ def test_export_round_trips_with_parity(tmp, arch, kw):
     np.testing.assert_allclose(sess.predict(x), ref, atol=1e-4, rtol=1e-3)
     assert sess.input_name == "input" and sess.output_name == "logits"
     assert sess.input_shape == tuple(meta.input_size)
+
+
+@pytest.mark.parametrize("arch,kw", [
+    ("resnet8", {}),
+    ("wrn16_1", {}),
+    ("vgg8", {}),
+    ("resnet18", {"input_size": (3, 64, 64), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
+])
+def test_export_round_trips_with_parity(tmp, arch, kw):
+    model, meta = _model(arch, **kw)
+    _check_round_trip(model, meta, export_onnx((model, meta), tmp / f"{arch}.onnx"))
+
+
+def test_export_round_trips_with_parity_cnn2(cnn2):
+    model, meta, plain, _ = cnn2
+    _check_round_trip(model, meta, plain)
 
 
 def test_legacy_exporter(tmp):
@@ -97,9 +119,8 @@ def test_include_preprocessing_parity(tmp):
     np.testing.assert_allclose(sess.predict_images(images.numpy()), ref, atol=1e-4, rtol=1e-3)
 
 
-def test_metadata_props(tmp, cnn2_ckpt):
-    (tmp / "meta").mkdir()
-    out = export_onnx(cnn2_ckpt, tmp / "meta" / "cnn2.onnx")
+def test_metadata_props(tmp, cnn2_ckpt, cnn2):
+    out = cnn2[2]
     proto = onnx.load(str(out))
     props = {p.key: p.value for p in proto.metadata_props}
     assert set(METADATA_KEYS) <= set(props)
@@ -114,23 +135,26 @@ def test_metadata_props(tmp, cnn2_ckpt):
     assert "dynamo" in props["exporter"] and props["preprocessing"] == "none"
     assert [i.name for i in proto.graph.input] == ["input"] and proto.graph.output[0].name == "logits"
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
-    assert not list(tmp.glob("meta/*.data"))  # one self-contained file
+    assert not list(tmp.glob("*.data"))  # one self-contained file
     meta = OnnxModel(out, threads=1).meta
     assert meta.arch == "cnn2" and tuple(meta.mean) == pytest.approx(json.loads(props["mean"]))
 
 
 def test_explicit_opset(tmp):
     model, meta = _model("cnn2")
-    out = export_onnx((model, meta), tmp / "opset18.onnx", opset=18)
-    assert OnnxModel(out, threads=1).metadata["opset"] == "18"
     with pytest.raises(CompressError):
         export_onnx((model, meta), tmp / "bad.onnx", example_batch=1)
+    with pytest.raises(CompressError, match="--legacy"):
+        export_onnx((model, meta), tmp / "opset13.onnx", opset=13)  # below what dynamo can reach
+    assert not (tmp / "opset13.onnx").exists()
+    old = export_onnx((model, meta), tmp / "opset13.onnx", opset=13, legacy=True)
+    assert OnnxModel(old, threads=1).metadata["opset"] == "13" and validate_onnx(old, model, meta).passed
 
 
 # ------------------------------------------------------------------ failing validation
-def test_corrupted_weight_fails_validation(tmp):
-    model, meta = _model("cnn2")
-    out = export_onnx((model, meta), tmp / "corrupt.onnx")
+def test_corrupted_weight_fails_validation(tmp, cnn2):
+    model, meta, plain, _ = cnn2
+    out = _copy(plain, tmp / "corrupt.onnx")
     proto = onnx.load(str(out))
     init = next(t for t in proto.graph.initializer if numpy_helper.to_array(t).ndim == 4)
     w = numpy_helper.to_array(init).copy()
@@ -144,9 +168,9 @@ def test_corrupted_weight_fails_validation(tmp):
     assert invalid_path(out).name == "corrupt.invalid.onnx"
 
 
-def test_checker_rejects_broken_graph(tmp):
-    model, meta = _model("cnn2")
-    out = export_onnx((model, meta), tmp / "broken.onnx")
+def test_checker_rejects_broken_graph(tmp, cnn2):
+    model, meta, plain, _ = cnn2
+    out = _copy(plain, tmp / "broken.onnx")
     proto = onnx.load(str(out))
     proto.graph.node[0].input[0] = "no_such_tensor"
     onnx.save(proto, str(out))
@@ -178,10 +202,8 @@ def test_bad_paths_give_compress_error(tmp):
 
 
 # ---------------------------------------------------------------------- evaluation
-def test_evaluate_onnx_and_preprocessing_flag(tmp):
-    model, meta = _model("cnn2")
-    plain = export_onnx((model, meta), tmp / "eval_plain.onnx")
-    folded = export_onnx((model, meta), tmp / "eval_folded.onnx", include_preprocessing=True)
+def test_evaluate_onnx_and_preprocessing_flag(cnn2):
+    model, meta, plain, folded = cnn2
     data = synthetic_data(n_test=40)
     a = evaluate_onnx(plain, data, batch_size=16)
     b = evaluate_onnx(folded, data, batch_size=7)
@@ -198,11 +220,11 @@ def test_evaluate_onnx_and_preprocessing_flag(tmp):
         evaluate_onnx(plain, synthetic_data(num_classes=5))
 
 
-def test_validate_on_real_images(tmp):
-    model, meta = _model("cnn2")
-    out = export_onnx((model, meta), tmp / "val_data.onnx", include_preprocessing=True)
-    report = validate_onnx(out, model, meta, data=synthetic_data(), data_label="synthetic")
-    assert report.passed and report.inputs == "data:synthetic"
+def test_validate_on_real_images(cnn2):
+    model, meta, plain, folded = cnn2
+    for path in (plain, folded):
+        report = validate_onnx(path, model, meta, data=synthetic_data(), data_label="synthetic")
+        assert report.passed and report.inputs == "data:synthetic" and report.n == 32
 
 
 # --------------------------------------------------------------------------- INT8
@@ -248,6 +270,8 @@ def test_cli_export_and_errors(tmp, cnn2_ckpt):
                "--no-validate", "--opset", "18")
     assert res.exit_code == 0, res.output
     assert "validation skipped" in res.output
+    pre = OnnxModel(tmp / "cli_pre.onnx", threads=1)
+    assert pre.metadata["opset"] == "18" and pre.preprocessing == "normalize"
 
     for args in (("export", "--onnx", tmp / "missing.safetensors"),
                  ("export", "--onnx", cnn2_ckpt, "--quantize", "int8"),          # needs --data

@@ -1,0 +1,250 @@
+"""Interruption and resume: nothing is lost, finished stages are kept, results are identical.
+
+A tiny ``compress distill`` (the embedded resnet20 teacher, target resnet8: the
+plan is resnet20 -> resnet14 -> resnet8) runs in a real subprocess and is
+killed at several points, then continued with ``--resume``. Every resumed run
+must finish, must not retrain a finished stage (its ``model.safetensors`` keeps
+its bytes and mtime), and must produce a student bit-identical to an
+uninterrupted run with the same seed (one reference run shared by the module).
+
+Kill points (SIGKILL: no chance to clean up), in one chain of resumes:
+
+1. during stage 1, after its first epoch's state was saved (``stages/1-resnet14/state``);
+2. between the stages, as soon as ``stages/1-resnet14/model.safetensors`` appears;
+3. during the student stage, once ``stages/2-resnet8/metrics.jsonl`` has a line;
+4. during the final report: ``COMPRESS_TEST_PAUSE_AT=report`` makes the pipeline
+   sleep after ``student.safetensors`` and ``summary.json`` are written and before
+   ``report.md`` and the ``runs/latest`` link (a test hook in ``pipeline.py``).
+
+Ctrl-C (SIGINT) exits with code 130 and prints the resume command; resuming
+gives the same student. A diverging run (NaN loss) stops with exit code 2,
+names the step and the learning rate, and writes no model for the stage.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER = str(REPO / "compressor" / "assets" / "resnet20_cifar10_pretrained.safetensors")
+ARGS = ["distill", "--teacher", TEACHER, "--target", "resnet8", "--epochs", "2", "--train-subset", "128",
+        "--batch-size", "32", "--latency-backend", "none", "--seed", "7", "--data", "demo", "--out", "runs/run"]
+STAGE1, STAGE2 = "stages/1-resnet14", "stages/2-resnet8"
+POLL_S = 0.05
+TIMEOUT_S = 300
+
+
+class Run:
+    """One ``python -m compressor.cli`` process; output goes to files (no pipe can fill up)."""
+
+    def __init__(self, cwd: Path, *extra: str, env: dict | None = None):
+        self.cwd = cwd
+        n = len(list(cwd.glob("log-*.out")))
+        self.out_path, self.err_path = cwd / f"log-{n}.out", cwd / f"log-{n}.err"
+        full_env = {k: v for k, v in os.environ.items() if k != "COMPRESS_TEST_PAUSE_AT"}
+        full_env.update(env or {})
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "compressor.cli", *ARGS, *extra], cwd=cwd, env=full_env, stdout=out,
+                stderr=err, stdin=subprocess.DEVNULL,
+                # a shell without job control starts background jobs with SIGINT ignored; undo that
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    @property
+    def out(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text()
+
+    def wait(self, timeout: float = TIMEOUT_S) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"run did not finish in {timeout} s\n{self.out}\n{self.err}")
+
+    def wait_for(self, condition, what: str, timeout: float = TIMEOUT_S) -> None:
+        """Poll every 0.05 s until ``condition()``; fail if the process ends first."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the run ended (code {self.proc.returncode}) before {what}\n{self.out}\n{self.err}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for {what}\n{self.out}\n{self.err}")
+            time.sleep(POLL_S)
+
+    def kill(self, sig=signal.SIGKILL) -> int:
+        self.proc.send_signal(sig)
+        return self.wait()
+
+    def finish(self) -> str:
+        code = self.wait()
+        assert code == 0, f"exit code {code}\n{self.out}\n{self.err}"
+        assert "Traceback" not in self.err, self.err
+        return self.out
+
+
+@pytest.fixture
+def procs():
+    """Kill whatever a failing test left running."""
+    started: list[Run] = []
+    yield started
+    for r in started:
+        if r.proc.poll() is None:
+            r.proc.kill()
+            r.proc.wait()
+
+
+def start(procs, cwd: Path, *extra, env=None) -> Run:
+    r = Run(cwd, *extra, env=env)
+    procs.append(r)
+    return r
+
+
+def jsonl_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def stamp(path: Path) -> tuple:
+    """What must not change for a finished stage: bytes and mtime."""
+    return path.read_bytes(), path.stat().st_mtime_ns
+
+
+def assert_same_student(run_dir: Path, ref_dir: Path) -> None:
+    got = load_file(str(run_dir / "student.safetensors"))
+    want = load_file(str(ref_dir / "student.safetensors"))
+    assert got.keys() == want.keys()
+    different = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not different, f"student differs from the uninterrupted run in {len(different)} tensors, e.g. {different[:3]}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one must reproduce exactly."""
+    cwd = tmp_path_factory.mktemp("reference")
+    r = Run(cwd)
+    try:
+        r.finish()
+    finally:
+        if r.proc.poll() is None:
+            r.proc.kill()
+    return cwd / "runs" / "run"
+
+
+def test_sigkill_at_every_point_then_resume(tmp_path, reference, procs):
+    run = tmp_path / "runs" / "run"
+
+    # 1. during stage 1, after its first epoch was saved
+    r = start(procs, tmp_path)
+    r.wait_for(lambda: (run / STAGE1 / "state").is_dir(), "stage 1 saved its first epoch")
+    assert r.kill() == -signal.SIGKILL
+    assert not (run / STAGE1 / "model.safetensors").exists()
+
+    # 2. between the stages
+    r = start(procs, tmp_path, "--resume")
+    r.wait_for(lambda: (run / STAGE1 / "model.safetensors").exists(), "stage 1 finished")
+    r.kill()
+    assert "resumed stage 1/2 resnet14 after epoch 1/2" in r.out
+    stage1 = stamp(run / STAGE1 / "model.safetensors")
+
+    # 3. during the student stage
+    r = start(procs, tmp_path, "--resume")
+    r.wait_for(lambda: jsonl_lines(run / STAGE2 / "metrics.jsonl") >= 1, "the student's first epoch")
+    r.kill()
+    assert "stage 1/2 resnet14: finished earlier" in r.out and "not retrained" in r.out
+    assert stamp(run / STAGE1 / "model.safetensors") == stage1
+    assert not (run / STAGE2 / "model.safetensors").exists()
+
+    # 4. during the final report (the test hook holds the process there)
+    r = start(procs, tmp_path, "--resume", env={"COMPRESS_TEST_PAUSE_AT": "report"})
+    r.wait_for(lambda: (run / "summary.json").exists(), "the report phase")
+    r.kill()
+    assert not (run / "report.md").exists() and not (tmp_path / "runs" / "latest").exists()
+    assert stamp(run / STAGE1 / "model.safetensors") == stage1
+    stage2 = stamp(run / STAGE2 / "model.safetensors")
+
+    # and finally to the end
+    out = start(procs, tmp_path, "--resume").finish()
+    assert out.count("not retrained") == 2
+    assert stamp(run / STAGE1 / "model.safetensors") == stage1
+    assert stamp(run / STAGE2 / "model.safetensors") == stage2
+    for name in ("report.md", "summary.json", "config.yaml", "plan.json"):
+        assert (run / name).is_file(), name
+    assert (tmp_path / "runs" / "latest").resolve() == run.resolve()
+    assert not list(run.rglob("state*")) and not list(run.rglob("*.tmp")), "leftover temporary state"
+    # the per-epoch logs hold each epoch once, as in the uninterrupted run
+    for stage in (STAGE1, STAGE2):
+        assert [json.loads(x)["epoch"] for x in (run / stage / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert_same_student(run, reference)
+
+
+def _copy_until_stage1(reference: Path, dest: Path) -> None:
+    """A run directory as the reference run left it between the stages."""
+    dest.mkdir(parents=True)
+    for name in ("config.yaml", "plan.json", "teacher_eval.json"):
+        shutil.copy2(reference / name, dest / name)
+    shutil.copytree(reference / STAGE1, dest / STAGE1)
+
+
+def test_ctrl_c_exits_130_and_resumes_identically(tmp_path, reference, procs):
+    run = tmp_path / "runs" / "run"
+    _copy_until_stage1(reference, run)
+    r = start(procs, tmp_path, "--resume")
+    r.wait_for(lambda: (run / STAGE2 / "state").is_dir(), "the student's first epoch")
+    time.sleep(0.5)  # into the second epoch
+    code = r.kill(signal.SIGINT)
+    assert code == 130, f"exit code {code}\n{r.out}\n{r.err}"
+    assert "Traceback" not in r.err, r.err
+    assert "interrupted" in r.err and "--resume" in r.err
+    resume_cmd = next(line.strip() for line in r.err.splitlines() if line.strip().startswith("compress "))
+    assert resume_cmd.endswith("--resume") and "--seed 7" in resume_cmd
+    assert not (run / STAGE2 / "model.safetensors").exists()
+    assert (run / STAGE2 / "state").is_dir()  # the finished epoch is kept
+
+    out = start(procs, tmp_path, "--resume").finish()
+    assert "resumed stage 2/2 resnet8 after epoch" in out
+    assert_same_student(run, reference)
+
+
+def test_damaged_stage_model_is_reported_on_resume(tmp_path, reference, procs):
+    run = tmp_path / "runs" / "run"
+    _copy_until_stage1(reference, run)
+    model = run / STAGE1 / "model.safetensors"
+    data = model.read_bytes()
+    model.write_bytes(data[: len(data) // 3])
+    r = start(procs, tmp_path, "--resume")
+    code = r.wait()
+    lines = [x for x in r.err.splitlines() if x.strip()]
+    assert code == 2 and "Traceback" not in r.err, r.err
+    assert len(lines) == 1 and "stage 1" in lines[0] and "delete it" in lines[0], r.err
+    assert not (run / STAGE2).exists()
+
+
+def test_divergence_stops_with_the_step_and_learning_rate(tmp_path, capsys, monkeypatch):
+    from compressor.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in ARGS] + ["--lr", "1e30", "--method", "kd", "--epochs", "1"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and "training diverged" in lines[0], err
+    assert "step" in lines[0] and "--lr, now 1e+30" in lines[0]
+    stage = tmp_path / "runs" / "run" / "stages" / "1-resnet8"
+    assert stage.is_dir() and not (stage / "model.safetensors").exists()
+    assert not (tmp_path / "runs" / "run" / "student.safetensors").exists()
