@@ -68,8 +68,9 @@ def main(argv=None) -> dict:
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     device = accelerator.device
     chain = [c.strip() for c in args.chain.split(",")]
-    n_images = args.batch_size * args.batches
     bundle = load_data("demo")
+    args.batches = min(args.batches, len(bundle.train) // args.batch_size)
+    n_images = args.batch_size * args.batches
     split = subset(bundle.train, torch.arange(n_images))
     cfg = OptimConfig(batch_size=args.batch_size, channels_last=args.channels_last,
                       mixed_precision=args.mixed_precision, lr=0.01)

@@ -89,6 +89,18 @@ class CompressGroup(click.Group):
         formatter.write_text("Example:  compress models && compress plan --teacher T.safetensors --target resnet8")
 
 
+def _command_line() -> str:
+    """The command as typed (``main(argv)`` passes its argv in ``obj``), for resume hints."""
+    argv = (click.get_current_context().find_root().obj or {}).get("argv", sys.argv[1:])
+    return "compress " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _interrupted(command: str, what: str) -> typing.NoReturn:
+    resume_cmd = command if "--resume" in command.split() else command + " --resume"
+    click.echo(f"\ninterrupted: {what}. Resume with:\n  {resume_cmd}", err=True)
+    sys.exit(130)
+
+
 @click.group(cls=CompressGroup)
 @click.version_option(package_name="compress")
 def cli():
@@ -139,7 +151,10 @@ def train_cmd(arch, out, recipe, init, num_classes, mean, std, options, resume, 
                       mean=_csv_floats(mean), std=_csv_floats(std),
                       model_kwargs=_parse_options(options) or None)
     cfg = resolve_config(TrainConfig, recipe, cli_values)
-    metrics = train_model(cfg, resume=resume)
+    try:
+        metrics = train_model(cfg, resume=resume)
+    except KeyboardInterrupt:
+        _interrupted(_command_line(), "the training progress is saved")
     click.echo(f"saved {cfg.out}: test top-1 {metrics['test_top1']:.2f}%  top-5 {metrics['test_top5']:.2f}%  "
                f"({metrics['train_seconds']:.0f} s)")
 
@@ -273,13 +288,11 @@ def distill_cmd(teacher, target, target_latency_ms, recipe, options, out, resume
     from .pipeline import run_distillation
 
     cfg = _distill_config(teacher, target, target_latency_ms, recipe, options, dict(flags, out=out))
-    command = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _command_line()
     try:
         run_distillation(cfg, resume=resume, command=command)
     except KeyboardInterrupt:
-        resume_cmd = command if "--resume" in command else command + " --resume"
-        click.echo(f"\ninterrupted: finished epochs and stages are saved. Resume with:\n  {resume_cmd}", err=True)
-        sys.exit(130)
+        _interrupted(command, "finished stages and the running stage's progress are saved")
 
 
 @cli.command("eval")
@@ -348,7 +361,9 @@ _add_export_commands()
 def main(argv=None) -> None:
     """Console entry point: map our exceptions to exit codes without tracebacks."""
     try:
-        cli.main(args=argv, prog_name="compress", standalone_mode=False)
+        # obj: the arguments as given (``main(argv)`` from Python, too), for the resume hint
+        cli.main(args=argv, prog_name="compress", standalone_mode=False,
+                 obj={"argv": list(sys.argv[1:] if argv is None else argv)})
     except CompressError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

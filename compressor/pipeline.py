@@ -8,14 +8,17 @@ A distillation run directory::
       teacher_eval.json           the teacher's test metrics
       stages/<k>-<arch>/          one per trained model, k = 1..
         metrics.jsonl             one line per epoch
-        state/                    Accelerate state after the last epoch (removed when done)
+        state/                    Accelerate state after the last epoch, or the last step when
+                                  Ctrl-C stopped it (removed when the stage is done)
         model.safetensors         the finished model (written last, atomically)
       student.safetensors         copy of the last stage's model
       summary.json, report.md, *.png
     runs/latest -> <name>
 
 A stage whose ``model.safetensors`` exists is finished and is never retrained;
-``--resume`` continues a running stage from its last saved epoch.
+``--resume`` continues a running stage from its last saved epoch (or step).
+A finished model or saved state that does not load is reported (exit 2) with
+the file to delete, never silently retrained over.
 """
 from __future__ import annotations
 

@@ -14,13 +14,13 @@ With ``--method kd`` or ``ce`` there are no assistants.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import CompressError
-from .models import count_macs, count_params, create_model, family_ladder, get_entry
+from .models import family_ladder, get_entry
+from .models.registry import profile_arch as _profile_arch
 
 
 @dataclass
@@ -67,15 +67,9 @@ class Plan:
                    relative_cost=d.get("relative_cost", 1.0))
 
 
-@functools.lru_cache(maxsize=None)
-def _profile(arch: str, num_classes: int, kwargs_json: str) -> tuple[int, int]:
-    model = create_model(arch, num_classes=num_classes, **json.loads(kwargs_json))
-    return count_params(model), count_macs(model, get_entry(arch).input_size)
-
-
 def profile_arch(arch: str, num_classes: int, model_kwargs: dict | None = None) -> tuple[int, int]:
     """(parameters, MACs) of ``arch`` built with these options."""
-    return _profile(get_entry(arch).name, num_classes, json.dumps(model_kwargs or {}, sort_keys=True))
+    return _profile_arch(get_entry(arch).name, num_classes, json.dumps(model_kwargs or {}, sort_keys=True))
 
 
 def _student_kwargs(arch: str, model_kwargs: dict) -> dict:

@@ -11,12 +11,23 @@ Determinism: the data order comes from :class:`~compressor.data.EpochSampler`
 (stage seed, epoch, step). Nothing depends on wall-clock or on how many epochs
 ran in this process, so a resumed run is bit-identical to an uninterrupted one
 on the same CPU machine.
+
+Ctrl-C (single process): the first one is deferred to the end of the running
+step; :func:`fit` then saves the state *inside* the epoch (the step reached and
+the epoch's running sums) and raises ``KeyboardInterrupt``. A resume skips the
+steps already done (the batches are index gathers over in-memory tensors, so
+skipping them costs nothing and keeps the step numbers that seed augmentation),
+so nothing but the running step is lost. A second Ctrl-C stops at once; with
+several processes the state is saved after every epoch only.
 """
 from __future__ import annotations
 
 import json
 import math
 import shutil
+import signal
+import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -52,10 +63,11 @@ def seeded_generator(*parts) -> torch.Generator:
     return torch.Generator().manual_seed(stable_seed(*parts))
 
 
-def lr_at_epoch(cfg: OptimConfig, epoch: int, epochs: int) -> float:
-    """Learning rate for ``epoch`` (0-based): linear warmup, then the schedule."""
+def lr_at_epoch(cfg: OptimConfig, epoch: float, epochs: int) -> float:
+    """Learning rate at (fractional) ``epoch``: linear warmup per step, then the schedule."""
     if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
-        return cfg.lr * (epoch + 1) / cfg.warmup_epochs
+        return cfg.lr * min(1.0, (epoch + 1e-3) / cfg.warmup_epochs)
+    epoch = int(epoch)
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "cosine":
@@ -72,14 +84,60 @@ class ResumeState:
     epoch: int = 0
     best_top1: float = -1.0
     stage: str = ""
+    step: int = 0        # steps done in epoch ``epoch`` when Ctrl-C saved the state mid-epoch
+    partial: dict = field(default_factory=dict)  # that epoch's running sums (see train_one_epoch)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "best_top1": self.best_top1, "stage": self.stage}
+        return {"epoch": self.epoch, "best_top1": self.best_top1, "stage": self.stage, "step": self.step,
+                "partial": json.dumps(self.partial)}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
         self.best_top1 = float(state["best_top1"])
         self.stage = str(state.get("stage", ""))
+        self.step = int(state.get("step", 0))
+        self.partial = json.loads(state.get("partial") or "{}")
+
+
+class EpochInterrupted(Exception):
+    """Ctrl-C inside an epoch, raised at a step boundary with what is needed to continue there."""
+
+    def __init__(self, steps_done: int, partial: dict):
+        super().__init__(f"interrupted after step {steps_done}")
+        self.steps_done, self.partial = steps_done, partial
+
+
+class DeferredCtrlC:
+    """While active, the first SIGINT only sets :attr:`hit` (checked at step boundaries); a second
+    one raises ``KeyboardInterrupt`` at once. Active only in the main thread of a single process
+    whose SIGINT handler is Python's default; leaving the block with :attr:`hit` set raises
+    ``KeyboardInterrupt`` so a Ctrl-C is never swallowed."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.hit = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+        print("\nCtrl-C: saving the training state after the running step (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if (self.enabled and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        if self.hit and exc_type is None:
+            raise KeyboardInterrupt
+        return False
 
 
 @dataclass
@@ -117,8 +175,14 @@ def _to_input(images, mean, std, channels_last: bool):
 
 def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, cfg: OptimConfig, loss_cfg: LossSettings,
                     mean, std, epoch: int, stage_seed: int, aug_seed: int | None = None,
-                    progress: Progress | None = None) -> dict:
+                    progress: Progress | None = None, start_step: int = 0, partial: dict | None = None,
+                    stop_requested=None) -> dict:
     """One pass over ``loader``; returns mean loss terms and training top-1.
+
+    ``start_step``/``partial`` continue an epoch saved mid-way (steps before
+    ``start_step`` are skipped, the running sums start from ``partial``); when
+    ``stop_requested()`` turns true after a step, :class:`EpochInterrupted` is raised
+    carrying both.
 
     Augmentation draws from a generator seeded by (``aug_seed``, epoch, step) and
     guide dropping from one seeded by (``stage_seed``, epoch, step): with a shared
@@ -127,12 +191,18 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
     aug_seed = stage_seed if aug_seed is None else aug_seed
     model.train()
     device = accelerator.device
-    sums = {"loss": torch.zeros((), device=device), "ce": torch.zeros((), device=device),
-            "kd": torch.zeros((), device=device)}
-    correct = torch.zeros((), device=device)
-    seen = 0
-    guide_uses = [0] * len(guides)
+    partial = partial or {}
+    sums = {k: torch.tensor(float(partial.get("sums", {}).get(k, 0.0)), device=device) for k in ("loss", "ce", "kd")}
+    correct = torch.tensor(float(partial.get("correct", 0.0)), device=device)
+    seen = int(partial.get("seen", 0))
+    guide_uses = list(partial.get("guide_uses", [0] * len(guides)))
+    warmup_steps = len(loader) if epoch < cfg.warmup_epochs else 0
     for step, (images, labels) in enumerate(loader):
+        if step < start_step:
+            continue  # done before an interruption (see the module docstring)
+        if warmup_steps:  # warmup raises the lr every step, not every epoch
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at_epoch(cfg, epoch + step / warmup_steps, epoch + 1)
         if cfg.augment:
             images = augment_batch(images, seeded_generator(aug_seed, epoch, step))
         x = _to_input(images, mean, std, cfg.channels_last)
@@ -162,6 +232,9 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
         correct += (logits.detach().argmax(1) == labels).sum()
         if progress is not None:
             progress.update(n, loss=float(terms["loss"].detach()))
+        if stop_requested is not None and accelerator.sync_gradients and stop_requested():
+            raise EpochInterrupted(step + 1, {"sums": {k: float(v) for k, v in sums.items()},
+                                              "correct": float(correct), "seen": seen, "guide_uses": guide_uses})
     totals = accelerator.reduce(torch.stack([*sums.values(), correct, torch.tensor(float(seen), device=device)]),
                                 reduction="sum")
     n_all = max(float(totals[-1]), 1.0)
@@ -254,38 +327,53 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
         if accelerator.is_main_process:
             kept = [r for r in read_jsonl(metrics_path) if r.get("epoch", 0) <= resume_state.epoch]
             write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-        accelerator.print(f"  resumed {stage_label} after epoch {resume_state.epoch}/{epochs}")
+        where = (f"in epoch {resume_state.epoch + 1}/{epochs} after step {resume_state.step}" if resume_state.step
+                 else f"after epoch {resume_state.epoch}/{epochs}")
+        accelerator.print(f"  resumed {stage_label} {where}")
     elif accelerator.is_main_process and metrics_path.exists():
         metrics_path.unlink()
     start = time.perf_counter()
     history: list[dict] = []
     final: dict = {}
-    for epoch in range(resume_state.epoch, epochs):
-        lr = lr_at_epoch(cfg, epoch, epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        train_loader.set_epoch(epoch)
-        progress.start_epoch(epoch, epochs)
-        t0 = time.perf_counter()
-        train_metrics = train_one_epoch(accelerator, model, guides, train_loader, optimizer, cfg=cfg,
-                                        loss_cfg=loss_cfg, mean=mean, std=std, epoch=epoch,
-                                        stage_seed=stage_seed, aug_seed=aug_seed, progress=progress)
-        guides.flush()
-        record = {"epoch": epoch + 1, "lr": lr, **train_metrics}
-        if guide_caches and any(c is not None for c in guide_caches):
-            record["guide_cache_hits_misses"] = guides.cache_stats()
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
-            test = evaluate(accelerator, model, test_loader, mean=mean, std=std, channels_last=cfg.channels_last)
-            record.update({"eval_top1": test["top1"], "eval_top5": test["top5"], "eval_loss": test["loss"]})
-            resume_state.best_top1 = max(resume_state.best_top1, test["top1"])
-            final = test
-        record["seconds"] = time.perf_counter() - t0
-        progress.end_epoch(record)
-        resume_state.epoch = epoch + 1
-        if accelerator.is_main_process:
-            append_jsonl(metrics_path, record)
-        _save_state_atomically(accelerator, stage_dir / "state")
-        history.append(record)
+    ctrl_c = DeferredCtrlC(enabled=accelerator.num_processes == 1)
+    with ctrl_c:
+        for epoch in range(resume_state.epoch, epochs):
+            lr = lr_at_epoch(cfg, epoch, epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            train_loader.set_epoch(epoch)
+            progress.start_epoch(epoch, epochs)
+            t0 = time.perf_counter()
+            try:
+                train_metrics = train_one_epoch(accelerator, model, guides, train_loader, optimizer, cfg=cfg,
+                                                loss_cfg=loss_cfg, mean=mean, std=std, epoch=epoch,
+                                                stage_seed=stage_seed, aug_seed=aug_seed, progress=progress,
+                                                start_step=resume_state.step, partial=resume_state.partial,
+                                                stop_requested=lambda: ctrl_c.hit)
+            except EpochInterrupted as stop:  # Ctrl-C: keep the steps done so far
+                guides.flush()
+                resume_state.step, resume_state.partial = stop.steps_done, stop.partial
+                _save_state_atomically(accelerator, stage_dir / "state")
+                raise KeyboardInterrupt from None
+            resume_state.step, resume_state.partial = 0, {}
+            guides.flush()
+            record = {"epoch": epoch + 1, "lr": lr, **train_metrics}
+            if guide_caches and any(c is not None for c in guide_caches):
+                record["guide_cache_hits_misses"] = guides.cache_stats()
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
+                test = evaluate(accelerator, model, test_loader, mean=mean, std=std, channels_last=cfg.channels_last)
+                record.update({"eval_top1": test["top1"], "eval_top5": test["top5"], "eval_loss": test["loss"]})
+                resume_state.best_top1 = max(resume_state.best_top1, test["top1"])
+                final = test
+            record["seconds"] = time.perf_counter() - t0
+            progress.end_epoch(record)
+            resume_state.epoch = epoch + 1
+            if accelerator.is_main_process:
+                append_jsonl(metrics_path, record)
+            _save_state_atomically(accelerator, stage_dir / "state")
+            history.append(record)
+            if ctrl_c.hit:  # Ctrl-C during evaluation or saving: the finished epoch is saved
+                raise KeyboardInterrupt
     if not final:  # resumed after the last epoch: evaluate what was restored
         final = evaluate(accelerator, model, test_loader, mean=mean, std=std, channels_last=cfg.channels_last)
         resume_state.best_top1 = max(resume_state.best_top1, final["top1"])

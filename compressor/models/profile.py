@@ -38,7 +38,7 @@ def count_macs(model: nn.Module, input_size) -> int:
     model.eval()
     try:
         param = next(model.parameters(), None)
-        device = param.device if param is not None else "cpu"
+        device = param.device if param is not None else "cpu"  # "meta": shapes only
         model(torch.zeros(1, *input_size, device=device))
     finally:
         for h in handles:

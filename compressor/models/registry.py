@@ -75,12 +75,25 @@ def list_families() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _default_profile(name: str) -> tuple[int, int]:
+def profile_arch(name: str, num_classes: int = 10, kwargs_json: str = "{}") -> tuple[int, int]:
+    """(parameters, MACs) of a zoo model at its default input size.
+
+    The model is built on the meta device: shapes only, no weights or compute,
+    so profiling a whole family (resnet50 at 224x224 included) takes well under
+    a second and gives the same numbers as a real forward pass.
+    """
+    import json
+
     from .profile import count_macs, count_params
 
     entry = get_entry(name)
-    model = create_model(name)
+    with torch.device("meta"):
+        model = create_model(entry.name, num_classes=num_classes, **json.loads(kwargs_json))
     return count_params(model), count_macs(model, entry.input_size)
+
+
+def _default_profile(name: str) -> tuple[int, int]:
+    return profile_arch(get_entry(name).name)
 
 
 def model_stats(name: str) -> dict:
