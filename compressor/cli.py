@@ -330,8 +330,10 @@ def eval_cmd(model, data, batch_size, min_accuracy, arch, json_out):
 
         write_json(json_out, {"model": model, "data": data, "backend": backend,
                               **{k: result[k] for k in ("top1", "top5", "loss", "n")}})
-    if min_accuracy is not None and result["top1"] < min_accuracy:
-        raise CheckFailed(f"top-1 {result['top1']:.2f}% is below the floor --min-accuracy {min_accuracy}")
+    if min_accuracy is not None:
+        from export import check_accuracy_floor
+
+        check_accuracy_floor(result["top1"], min_accuracy)
 
 
 @cli.command("report")
@@ -376,9 +378,13 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "compress"
+        click.echo(f"error: {exc.format_message()} (see '{command} --help')", err=True)
+        sys.exit(2)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
     except OSError as exc:
         click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
         sys.exit(2)

@@ -294,6 +294,9 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
         write_json(plan_path, plan.to_dict())
     accelerator.wait_for_everyone()
     print_(f"run directory: {run_dir}")
+    if accelerator.num_processes > 1:
+        print_(f"data parallel: a world of {accelerator.num_processes} processes "
+               f"({accelerator.distributed_type.value}); each step takes {cfg.batch_size} images per process")
     print_(format_plan(plan))
 
     mean, std = list(tmeta.mean), list(tmeta.std)

@@ -73,7 +73,8 @@ def lr_at_epoch(cfg: OptimConfig, epoch: float, epochs: int) -> float:
     if cfg.schedule == "cosine":
         span = max(epochs - cfg.warmup_epochs, 1)
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
-    passed = sum(epoch >= int(round(float(m) * epochs)) for m in cfg.milestones)
+    # milestone m decays from epoch ceil(m * epochs) on (never epoch 0): 160 epochs -> 80, 120
+    passed = sum(epoch >= max(1, math.ceil(float(m) * epochs - 1e-9)) for m in cfg.milestones)
     return cfg.lr * cfg.gamma ** passed
 
 
