@@ -6,7 +6,9 @@ For a chain (default resnet20 -> resnet14 -> resnet8, the demo's) it measures:
   (b) images/s of guide inference for each guide (inference mode, eval),
   (c) images/s of the real DGKD stage (``compressor.trainer.train_one_epoch``)
       with its guides and stochastic teaching,
-  (d) images/s of the data loader (index + augment + normalise) alone.
+  (d) images/s of the data loader (index + augment + normalise) alone,
+  (e) images/s of the stage with ``--cache-guides`` once the cache is filled
+      (no guide runs: this can beat the floor).
 
 The floor of a stage is ``t(a) + keep · Σ t(b)``: training the model plus running
 the guides that are kept (``keep = (k - drop) / k`` of k guides). The script prints
@@ -24,12 +26,14 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from compressor.config import OptimConfig
-from compressor.guides import GuideSet
+from compressor.guides import GuideLogitCache, GuideSet
 from compressor.data import augment_batch, load_data, make_loader, normalize, subset
 from compressor.models import create_model
 from compressor.planning import guides_for_stage
@@ -130,18 +134,30 @@ def main(argv=None) -> dict:
         guides = GuideSet([models[g] for g in guide_names])
         loss_cfg = LossSettings(temperature=4.0, kd_weight=0.9, drop_guides=args.drop_guides)
 
-        def stage_pass():
+        def stage_pass(guide_set):
             prepared_loader.set_epoch(0)
-            train_one_epoch(accelerator, prepared_model, guides, prepared_loader, prepared_opt, cfg=cfg,
+            train_one_epoch(accelerator, prepared_model, guide_set, prepared_loader, prepared_opt, cfg=cfg,
                             loss_cfg=loss_cfg, mean=MEAN, std=STD, epoch=0, stage_seed=1)
-        stage_pass()
-        t_stage = _timed(stage_pass, args.repeats)
+        stage_pass(guides)
+        t_stage = _timed(lambda: stage_pass(guides), args.repeats)
+        # (e) the same stage with --cache-guides after a first pass filled the cache: no guide runs
+        with tempfile.TemporaryDirectory() as tmp:
+            caches = [GuideLogitCache(Path(tmp) / f"{g}.safetensors", 1, args.batches, args.batch_size, 10)
+                      for g in guide_names]
+            cached = GuideSet([models[g] for g in guide_names], caches)
+            loss_cfg_nodrop = LossSettings(temperature=4.0, kd_weight=0.9, drop_guides=0)
+            prepared_loader.set_epoch(0)
+            train_one_epoch(accelerator, prepared_model, cached, prepared_loader, prepared_opt, cfg=cfg,
+                            loss_cfg=loss_cfg_nodrop, mean=MEAN, std=STD, epoch=0, stage_seed=1)
+            t_cached = _timed(lambda: stage_pass(cached), args.repeats)
         kept = len(guides) - min(args.drop_guides, max(len(guides) - 1, 0))
         keep = kept / len(guides) if guides else 0.0
         floor = n_images / train_ips[name] + keep * sum(n_images / infer_ips[g] for g in guide_names)
         stages.append({"model": name, "guides": guide_names, "kept_per_batch": kept,
                        "stage_img_s": round(n_images / t_stage, 1), "floor_img_s": round(n_images / floor, 1),
                        "stage_over_floor": round(t_stage / floor, 3),
+                       "cached_stage_img_s": round(n_images / t_cached, 1),
+                       "cached_stage_over_floor": round(t_cached / floor, 3),
                        "seconds_per_epoch_of_50k": round(50_000 * t_stage / n_images, 1)})
         accelerator.free_memory()
 
@@ -159,10 +175,12 @@ def main(argv=None) -> dict:
         "chain_over_student_alone": round(chain_time / student_alone, 3),
         "loader_over_student_train": round(loader_ips / train_ips[chain[-1]], 1),
     }
-    print(f"{'stage':10} {'guides':28} {'stage img/s':>11} {'floor img/s':>11} {'stage/floor':>11}", file=sys.stderr)
+    print(f"{'stage':10} {'guides':28} {'stage img/s':>11} {'floor img/s':>11} {'stage/floor':>11} "
+          f"{'cached img/s':>12} {'cached/floor':>12}", file=sys.stderr)
     for s in stages:
         print(f"{s['model']:10} {','.join(s['guides']):28} {s['stage_img_s']:>11} {s['floor_img_s']:>11} "
-              f"{s['stage_over_floor']:>11}", file=sys.stderr)
+              f"{s['stage_over_floor']:>11} {s['cached_stage_img_s']:>12} {s['cached_stage_over_floor']:>12}",
+              file=sys.stderr)
     print(f"chain / student alone: {report['chain_over_student_alone']}x; loader {report['loader_img_s']} img/s "
           f"= {report['loader_over_student_train']}x student training", file=sys.stderr)
     text = json.dumps(report, indent=2)
