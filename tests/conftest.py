@@ -20,3 +20,16 @@ def pretrained_teacher() -> Path:
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def run_export_cli(*args):
+    """Invoke the export/bench commands in-process (exceptions stay on the result)."""
+    import click
+    from click.testing import CliRunner
+
+    from export.commands import bench_cmd, export_cmd
+
+    group = click.Group()
+    group.add_command(export_cmd)
+    group.add_command(bench_cmd)
+    return CliRunner().invoke(group, [str(a) for a in args])

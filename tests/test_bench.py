@@ -4,27 +4,20 @@ from __future__ import annotations
 import copy
 import json
 
-import click
 import onnxruntime as ort
 import pytest
 import torch
-from click.testing import CliRunner
 
 from compressor.checkpoint import meta_for, save_checkpoint
 from compressor.errors import CheckFailed, CompressError
 from compressor.models import create_model
 from export import (OnnxModel, benchmark_onnx, check_accuracy_floor, check_baseline, check_budget, export_onnx,
                     format_table, parse_ratio, write_report)
-from export.commands import bench_cmd, export_cmd
+from conftest import run_export_cli as _cli
 
 FAST = dict(warmup=2, iters=12)
 
 
-def _cli(*args):
-    group = click.Group()
-    group.add_command(export_cmd)
-    group.add_command(bench_cmd)
-    return CliRunner().invoke(group, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 import shutil
 
-import click
 import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 from onnx import numpy_helper
 
 from compressor.checkpoint import IMAGENET_MEAN, IMAGENET_STD, file_sha256, load_model, meta_for, save_checkpoint
@@ -22,7 +20,7 @@ from compressor.errors import CheckFailed, CompressError
 from compressor.models import create_model
 from export import (METADATA_KEYS, OnnxModel, evaluate_onnx, export_onnx, int8_report, invalid_path,
                     quantize_static_int8, resolve_checkpoint, validate_onnx)
-from export.commands import bench_cmd, export_cmd
+from conftest import run_export_cli as _cli
 from export.quantize import calibration_images
 
 
@@ -33,11 +31,6 @@ def _model(arch, seed=0, **meta_kw):
     return model, meta
 
 
-def _cli(*args):
-    group = click.Group()
-    group.add_command(export_cmd)
-    group.add_command(bench_cmd)
-    return CliRunner().invoke(group, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
