@@ -298,6 +298,9 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
         print_(f"data parallel: a world of {accelerator.num_processes} processes "
                f"({accelerator.distributed_type.value}); each step takes {cfg.batch_size} images per process")
     print_(format_plan(plan))
+    if cfg.log_with:
+        accelerator.init_trackers(run_dir.name, config={k: v for k, v in resolved.items()
+                                                        if isinstance(v, (int, float, str, bool))})
 
     mean, std = list(tmeta.mean), list(tmeta.std)
     splits = prepare_splits(cfg, bundle)
@@ -398,6 +401,8 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
         _test_pause("report")
         write_report(run_dir)
         _link_latest(run_dir)
+    if cfg.log_with:
+        accelerator.end_training()
     accelerator.wait_for_everyone()
     print_("")
     print_(format_summary(summary))

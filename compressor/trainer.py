@@ -371,6 +371,9 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
             resume_state.epoch = epoch + 1
             if accelerator.is_main_process:
                 append_jsonl(metrics_path, record)
+            if accelerator.trackers:  # --log-with tensorboard|wandb|...: one series per stage
+                accelerator.log({f"{stage_label}/{k}": v for k, v in record.items()
+                                 if isinstance(v, (int, float)) and k != "epoch"}, step=epoch + 1)
             _save_state_atomically(accelerator, stage_dir / "state")
             history.append(record)
             if ctrl_c.hit:  # Ctrl-C during evaluation or saving: the finished epoch is saved
