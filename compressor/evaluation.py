@@ -1,27 +1,15 @@
 """Evaluate a checkpoint on a dataset's test split (torch)."""
 from __future__ import annotations
 
-import torch
-
 from .checkpoint import load_model
-from .data import load_data, make_loader, normalize
+from .data import load_data, make_loader
 from .errors import CompressError
+from .trainer import evaluate
 
 
-@torch.inference_mode()
 def evaluate_model(model, split, *, mean, std, batch_size: int = 256, device="cpu") -> dict:
-    model = model.to(device).eval()
-    correct1 = correct5 = 0
-    loss_sum = 0.0
-    for images, labels in make_loader(split, batch_size, shuffle=False):
-        logits = model(normalize(images.to(device), mean, std)).float()
-        labels = labels.to(device)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += int((top[:, 0] == labels).sum())
-        correct5 += int((top == labels[:, None]).any(dim=1).sum())
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-    n = max(len(split), 1)
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": len(split)}
+    """Top-1/top-5 (%) and loss of ``model`` on ``split`` (the training loop's :func:`evaluate`)."""
+    return evaluate(None, model.to(device), make_loader(split, batch_size, shuffle=False), mean=mean, std=std)
 
 
 def evaluate_checkpoint(path, data: str, *, batch_size: int = 256, arch: str | None = None) -> dict:

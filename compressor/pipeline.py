@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from .checkpoint import build_model, load_model, meta_for, read_checkpoint, save_checkpoint, load_state_strict
+from .checkpoint import load_model, load_state_strict, meta_for, read_checkpoint, save_checkpoint
 from .config import DistillConfig, TrainConfig, config_to_dict
 from .data import DataBundle, load_data, make_loader, subset
 from .errors import CompressError
-from .fileio import check_output_path, read_jsonl, write_json, write_yaml
+from .fileio import check_output_path, write_json, write_yaml
 from .models import create_model, get_entry
 from .planning import Plan, format_plan, guides_for_stage, pick_student_by_latency, plan_chain
 from .progress import Progress
@@ -349,8 +349,7 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
             # Data order and augmentation depend on the seed alone: every stage and every
             # method sees the same batches; the init depends on the model, not its position.
             train_loader, eval_loader = _loaders(cfg, splits, stable_seed(cfg.seed, "data"))
-            start_epoch = 0
-            progress.start_stage(label, stage_epochs, start_epoch, len(splits.train))
+            progress.start_stage(label, stage_epochs, 0, len(splits.train))
             caches = _guide_caches(cfg, accelerator, splits, [chain_models[i] for i in guide_idx],
                                    stage_epochs, len(train_loader), tmeta.num_classes, mean, std)
             try:
@@ -410,4 +409,4 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
     return summary
 
 
-__all__ = ["run_distillation", "train_model", "make_accelerator", "prepare_splits", "read_jsonl", "build_model"]
+__all__ = ["run_distillation", "train_model", "make_accelerator", "prepare_splits"]

@@ -22,6 +22,7 @@ several processes the state is saved after every epoch only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -248,24 +249,32 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
 
 @torch.inference_mode()
 def evaluate(accelerator, model, loader, *, mean, std, channels_last: bool = False) -> dict:
-    """Top-1/top-5 accuracy (%) and mean cross-entropy over ``loader``."""
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over ``loader``.
+
+    With ``accelerator=None`` (plain ``compress eval``) batches are moved to the
+    model's device and nothing is gathered; otherwise the loader is a prepared
+    one and results are gathered from every process.
+    """
     model.eval()
+    device = next(model.parameters()).device
     correct1 = correct5 = 0
     loss_sum = 0.0
     n = 0
     for images, labels in loader:
+        if accelerator is None:
+            images, labels = images.to(device), labels.to(device)
         x = _to_input(images, mean, std, channels_last)
-        with accelerator.autocast():
-            logits = model(x)
-        logits, labels = accelerator.gather_for_metrics((logits.float(), labels))
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
+        with (accelerator.autocast() if accelerator is not None else contextlib.nullcontext()):
+            logits = model(x).float()
+        if accelerator is not None:
+            logits, labels = accelerator.gather_for_metrics((logits, labels))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += int((top[:, 0] == labels).sum())
         correct5 += int((top == labels[:, None]).any(dim=1).sum())
         loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         n += labels.shape[0]
-    n = max(n, 1)
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": n}
+    return {"top1": 100.0 * correct1 / max(n, 1), "top5": 100.0 * correct5 / max(n, 1),
+            "loss": loss_sum / max(n, 1), "n": n}
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
