@@ -83,21 +83,17 @@ def onnx_latency_ms(arch: str, num_classes: int = 10, model_kwargs: dict | None 
             cache = {}
         if key in cache:
             return float(cache[key])
-    import onnxruntime as ort
+    from export import OnnxModel, export_onnx
+
+    from .checkpoint import meta_for
 
     entry = get_entry(arch)
     model = create_model(arch, num_classes=num_classes, **(model_kwargs or {})).eval()
-    x = torch.randn(1, *entry.input_size)
+    meta = meta_for(entry.name, num_classes=num_classes, model_kwargs=model_kwargs or {})
+    x = torch.randn(1, *entry.input_size).numpy()
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, f"{arch}.onnx")
-        torch.onnx.export(model, (x,), path, dynamo=True, external_data=False,
-                          input_names=["input"], output_names=["logits"], verbose=False)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: x.numpy()}
-        ms = _time_fn(lambda: session.run(None, feed), warmup, iters)
+        onnx_model = OnnxModel(export_onnx((model, meta), os.path.join(tmp, f"{arch}.onnx")), threads=threads)
+        ms = _time_fn(lambda: onnx_model.predict(x), warmup, iters)
     if use_cache:
         cache[key] = ms
         try:

@@ -1,0 +1,39 @@
+"""Latency-aware planning: onnxruntime batch-1 latency, cached per machine."""
+import json
+
+import pytest
+
+import export
+from compressor.errors import CompressError
+from compressor.latency import onnx_latency_ms
+from compressor.planning import pick_student_by_latency, plan_chain
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path))
+    return tmp_path / "latency.json"
+
+
+def test_onnx_latency_is_measured_once_then_cached(cache, monkeypatch):
+    ms = onnx_latency_ms("resnet8", warmup=2, iters=5)
+    assert ms > 0
+    assert len(json.loads(cache.read_text())) == 1
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("a cached latency must not export again")
+
+    monkeypatch.setattr(export, "export_onnx", no_export)
+    assert onnx_latency_ms("resnet8", warmup=2, iters=5) == ms
+
+
+def test_plan_by_latency_and_target_latency(cache):
+    plan = plan_chain("resnet20", 10, "resnet8", by="latency")
+    assert plan.latency_backend == "onnxruntime"
+    assert [m.arch for m in plan.members][0] == "resnet20" and plan.student.arch == "resnet8"
+    assert all(m.latency_ms > 0 for m in plan.members)
+    # every member below the teacher fits a huge budget: the largest one is picked
+    arch, measured = pick_student_by_latency("cifar_resnet", 1e9, "resnet20", 10)
+    assert arch == "resnet14" and [n for n, _ in measured] == ["resnet8", "resnet14"]
+    with pytest.raises(CompressError, match="no cifar_resnet model smaller than the teacher runs within"):
+        pick_student_by_latency("cifar_resnet", 1e-6, "resnet20", 10)
