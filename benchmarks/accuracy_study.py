@@ -186,12 +186,12 @@ def run_one(cfg, bundle, method: str, seed: int, command: str, progress: bool) -
     return {
         "method": method, "seed": seed, "library_method": summary["method"],
         "drop_guides": summary["drop_guides"],
-        "test_top1": student["test_top1"],
-        "best_val_top1": student["best_top1"] if summary.get("eval_split") == "val" else None,
-        "eval_split": summary.get("eval_split"),
+        "test_top1": student["final_test_top1"],
+        "best_val_top1": student["best_val_top1"],
+        "eval_split": summary.get("per_epoch_split"),
         "chain": [m["arch"] for m in chain],
-        "assistant_test_top1": [m["test_top1"] for m in chain[1:-1]],
-        "teacher_test_top1": chain[0]["test_top1"],
+        "assistant_test_top1": [m["final_test_top1"] for m in chain[1:-1]],
+        "teacher_test_top1": chain[0]["final_test_top1"],
         "seconds": summary["total_seconds"],  # training time of every stage of the run
         "wall_seconds": wall,
         "relative_cost": summary.get("relative_cost"),

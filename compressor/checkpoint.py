@@ -42,6 +42,11 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Bounds for metadata read from files: a crafted header must not make us allocate
+# a 100,000 x 100,000 example input or a billion-class head.
+MAX_CLASSES = 1_000_000
+MAX_CHANNELS = 16
+MAX_SIDE = 8192
 
 
 @dataclass
@@ -71,7 +76,7 @@ class CheckpointMeta:
                 f"pass --arch NAME (and --num-classes) to load it, or convert it with 'compress import'"
             )
         try:
-            return cls(
+            parsed = cls(
                 arch=meta["arch"],
                 num_classes=int(meta["num_classes"]),
                 in_chans=int(meta.get("in_chans", 3)),
@@ -86,6 +91,30 @@ class CheckpointMeta:
             )
         except (ValueError, TypeError) as exc:
             raise CompressError(f"{path}: checkpoint metadata is malformed ({exc}); re-export the checkpoint") from None
+        problem = parsed.problem()
+        if problem:
+            raise CompressError(f"{path}: checkpoint metadata is malformed ({problem}); re-export the checkpoint")
+        return parsed
+
+    def problem(self) -> str:
+        """What is implausible in this metadata ('' if nothing): sizes a crafted file could lie about."""
+        size = tuple(self.input_size)
+        if not 1 <= self.num_classes <= MAX_CLASSES:
+            return f"num_classes {self.num_classes} is not in 1..{MAX_CLASSES}"
+        if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
+            return f"input_size {list(size)} is not [C, H, W] of positive integers"
+        if not 1 <= size[0] <= MAX_CHANNELS or size[0] != self.in_chans:
+            return f"input_size {list(size)} does not match in_chans {self.in_chans} (1..{MAX_CHANNELS})"
+        if max(size[1:]) > MAX_SIDE:
+            return f"input_size {list(size)} is larger than {MAX_SIDE} px"
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            return f"mean/std have {len(self.mean)}/{len(self.std)} values for {self.in_chans} channels"
+        if not all(isinstance(v, (int, float)) for v in (*self.mean, *self.std)) or min(self.std) <= 0:
+            return "mean/std must be numbers and std > 0"
+        if self.class_names and (len(self.class_names) != self.num_classes
+                                 or not all(isinstance(c, str) for c in self.class_names)):
+            return f"class_names has {len(self.class_names)} entries for {self.num_classes} classes"
+        return ""
 
 
 def file_sha256(path, chunk: int = 1 << 20) -> str:
@@ -192,31 +221,29 @@ def meta_for(arch: str, *, num_classes: int, in_chans: int | None = None, mean=C
 
 
 # ---------------------------------------------------------------- importers
-def load_foreign_state_dict(path) -> dict[str, torch.Tensor]:
+def load_foreign_state_dict(path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read a plain PyTorch checkpoint (.pth/.th/.pt or .safetensors).
 
     Accepts a bare state dict, or a dict wrapping it under ``state_dict`` /
     ``model`` / ``model_state_dict``; strips a ``module.`` (DataParallel) prefix.
-    ``weights_only=True`` is tried first; only trusted legacy files that need
-    more are loaded with full unpickling.
+
+    Security: a ``.pth`` file is a pickle, and unpickling can run any code its
+    author put there. Files are read with ``torch.load(weights_only=True)``,
+    which only rebuilds tensors and plain containers. A file that needs more
+    (pickled classes, numpy objects, whole modules) is refused with the globals
+    it asks for, unless ``allow_pickle`` (``--allow-pickle``: "I trust whoever
+    wrote this file") is given.
     """
     p = check_readable_file(path, "checkpoint")
     if p.suffix == ".safetensors":
         try:
             with safe_open(str(p), framework="pt") as fh:
                 state = {k: fh.get_tensor(k) for k in fh.keys()}
-        except (SafetensorError, OSError) as exc:
-            raise CompressError(f"{p}: not a readable safetensors file ({exc})") from None
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CompressError(f"{p}: not a readable safetensors file ({_first_line(exc)})") from None
     else:
-        try:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception:
-            try:
-                obj = torch.load(str(p), map_location="cpu", weights_only=False)
-            except Exception as exc:
-                raise CompressError(f"{p}: not a PyTorch checkpoint torch.load can read ({type(exc).__name__}); "
-                                    f"expected a .pth/.th state dict") from None
-        if isinstance(obj, nn.Module):
+        obj = _torch_load(p, allow_pickle)
+        if isinstance(obj, nn.Module):  # only reachable with allow_pickle
             obj = obj.state_dict()
         if isinstance(obj, dict):
             for key in ("state_dict", "model_state_dict", "model", "net"):
@@ -229,3 +256,48 @@ def load_foreign_state_dict(path) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _torch_load(p: Path, allow_pickle: bool):
+    """``torch.load`` that never unpickles arbitrary objects unless ``allow_pickle``."""
+    import pickle
+    import warnings
+
+    if allow_pickle:
+        try:
+            return torch.load(str(p), map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise CompressError(f"{p}: not a PyTorch checkpoint torch.load can read ({_first_line(exc)}); "
+                                f"expected a .pth/.th state dict") from None
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols it then refuses anyway
+            warnings.simplefilter("ignore")
+            return torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise CompressError(f"{p}: not a PyTorch checkpoint ({_first_line(exc)}); "
+                                f"expected a .pth/.th state dict") from None
+        needs = _unsafe_globals(p, exc)
+        raise CompressError(
+            f"{p}: refusing to unpickle {needs or 'Python objects beyond tensors'}: loading it could run code "
+            f"from the file; if you trust whoever wrote it, rerun with --allow-pickle "
+            f"(or re-save it as a plain state dict of tensors)") from None
+    except Exception as exc:
+        raise CompressError(f"{p}: not a PyTorch checkpoint torch.load can read ({_first_line(exc)}); "
+                            f"expected a .pth/.th state dict") from None
+
+
+def _unsafe_globals(p: Path, exc: BaseException) -> str:
+    """The pickled globals a refused file asks for, e.g. ``posix.system`` (never executed)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(p))
+    except Exception:  # legacy (non-zip) files: take the name from torch's message
+        import re
+
+        names = re.findall(r"GLOBAL ([\w.]+)", str(exc))[:1]
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")

@@ -76,7 +76,7 @@ OPTIM_HELP = {
     "gamma": "step schedule factor", "warmup_epochs": "linear warmup epochs",
     "augment": "random crop + flip", "seed": "random seed", "mixed_precision": "no | bf16 | fp16",
     "grad_accum": "gradient accumulation steps", "channels_last": "channels_last memory format",
-    "val_fraction": "hold out this share of train for per-epoch evaluation",
+    "val_fraction": "hold out this share of train for the per-epoch evaluation (0: per-epoch on test)",
     "train_subset": "train on the first N shuffled images only", "eval_every": "evaluate every N epochs",
     "log_with": "Accelerate tracker (tensorboard, wandb, ...)",
 }
@@ -155,7 +155,8 @@ def train_cmd(arch, out, recipe, init, num_classes, mean, std, options, resume, 
         metrics = train_model(cfg, resume=resume)
     except KeyboardInterrupt:
         _interrupted(_command_line(), "the training progress is saved")
-    click.echo(f"saved {cfg.out}: test top-1 {metrics['test_top1']:.2f}%  top-5 {metrics['test_top5']:.2f}%  "
+    click.echo(f"saved {cfg.out}: final test top-1 {metrics['final_test_top1']:.2f}%  "
+               f"top-5 {metrics['final_test_top5']:.2f}%  "
                f"({metrics['train_seconds']:.0f} s)")
 
 
@@ -168,11 +169,15 @@ def train_cmd(arch, out, recipe, init, num_classes, mean, std, options, resume, 
 @click.option("--std", default=None, help="normalisation std (default CIFAR)")
 @click.option("--class-names", default=None, help="comma-separated class names")
 @click.option("--option", "options", multiple=True, help="model option KEY=VALUE, e.g. shortcut=A")
-def import_cmd(file, arch, out, num_classes, mean, std, class_names, options):
+@click.option("--allow-pickle", is_flag=True,
+              help="I trust whoever wrote this file: allow full unpickling (can run code from the file)")
+def import_cmd(file, arch, out, num_classes, mean, std, class_names, options, allow_pickle):
     """Convert a PyTorch state dict (.pth/.th) into a compress checkpoint.
 
     Accepts a bare state dict or one under 'state_dict'/'model', with or without
-    a 'module.' prefix. Every key must match the arch.
+    a 'module.' prefix. Every key must match the arch. Files are read with
+    torch.load(weights_only=True): a file that pickles anything but tensors and
+    plain containers is refused unless --allow-pickle is given.
 
     Example:  compress import resnet56-4bfd9763.th --arch resnet56 --mean 0.485,0.456,0.406
     --std 0.229,0.224,0.225 --out teacher.safetensors
@@ -184,7 +189,7 @@ def import_cmd(file, arch, out, num_classes, mean, std, class_names, options):
 
     entry = get_entry(arch)
     check_output_path(out)
-    state = load_foreign_state_dict(file)
+    state = load_foreign_state_dict(file, allow_pickle=allow_pickle)
     n = num_classes or _infer_num_classes(state)
     kwargs = _parse_options(options)
     model = create_model(entry.name, num_classes=n, **kwargs)
@@ -206,6 +211,7 @@ DISTILL_HELP = {
     "assistant_epochs": "epochs for each assistant (default: --epochs)", "name": "run name (runs/NAME)",
     "latency_backend": "plan table latency: torch | onnxruntime | none",
     "cache_guides": "store guide logits per (epoch, step) on disk and reuse them across stages and runs",
+    "ignore_class_names": "run the teacher on data whose class names differ from the teacher's",
 }
 
 
@@ -278,7 +284,8 @@ def plan_cmd(teacher, target, target_latency_ms, recipe, options, json_out, **fl
 @click.option("--resume", is_flag=True, help="continue an interrupted run (same config)")
 @config_options(DistillConfig,
                 ["method", "assistants", "by", "max_assistants", "spacing", "temperature", "kd_weight",
-                 "drop_guides", "assistant_epochs", "name", "latency_backend", "cache_guides"] + OPTIM_FIELDS,
+                 "drop_guides", "assistant_epochs", "name", "latency_backend", "cache_guides",
+                 "ignore_class_names"] + OPTIM_FIELDS,
                 {**DISTILL_HELP, **OPTIM_HELP})
 def distill_cmd(teacher, target, target_latency_ms, recipe, options, out, resume, **flags):
     """Train teacher -> assistants -> student with DGKD (or takd / kd / ce).
@@ -302,7 +309,8 @@ def distill_cmd(teacher, target, target_latency_ms, recipe, options, out, resume
 @click.option("--min-accuracy", type=float, default=None, help="exit 1 when top-1 (%) is below this")
 @click.option("--arch", default=None, help="for safetensors files without compress metadata")
 @click.option("--json", "json_out", default=None, help="also write the metrics as JSON here")
-def eval_cmd(model, data, batch_size, min_accuracy, arch, json_out):
+@click.option("--ignore-class-names", is_flag=True, help="evaluate even if the model's class names differ from the data's")
+def eval_cmd(model, data, batch_size, min_accuracy, arch, json_out, ignore_class_names):
     """Top-1/top-5 accuracy and loss of a .safetensors or .onnx model.
 
     Example:  compress eval runs/latest/student.safetensors --data demo --min-accuracy 40
@@ -318,18 +326,20 @@ def eval_cmd(model, data, batch_size, min_accuracy, arch, json_out):
     if model.endswith(".onnx"):
         from export.runtime import evaluate_onnx
 
-        result = evaluate_onnx(model, data, batch_size=batch_size)
+        result = evaluate_onnx(model, data, batch_size=batch_size, ignore_class_names=ignore_class_names)
         backend = "onnxruntime"
     else:
-        result = evaluate_checkpoint(model, data, batch_size=batch_size, arch=arch)
+        result = evaluate_checkpoint(model, data, batch_size=batch_size, arch=arch,
+                                     ignore_class_names=ignore_class_names)
         backend = "torch"
+    click.echo(f"{model}: sha256 {result['sha256']}, source: {result['source'] or 'not recorded'}")
     click.echo(f"{model} on {data} ({result['n']} images, {backend}): top-1 {result['top1']:.2f}%  "
                f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
     if json_out:
         from .fileio import write_json
 
-        write_json(json_out, {"model": model, "data": data, "backend": backend,
-                              **{k: result[k] for k in ("top1", "top5", "loss", "n")}})
+        write_json(json_out, {"model": model, "data": data, "backend": backend, "split": "test",
+                              **{k: result[k] for k in ("top1", "top5", "loss", "n", "sha256", "source")}})
     if min_accuracy is not None:
         from export import check_accuracy_floor
 

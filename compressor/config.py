@@ -42,7 +42,7 @@ class OptimConfig:
     mixed_precision: str = "no"      # no | bf16 | fp16 (Accelerate)
     grad_accum: int = 1
     channels_last: bool = False
-    val_fraction: float = 0.0        # hold out this part of train for model choices
+    val_fraction: float = 0.1        # held out of train for the per-epoch evaluation; 0 = paper protocol (test)
     train_subset: typing.Optional[int] = None  # use only the first N (shuffled) training images
     eval_every: int = 1
     log_with: typing.Optional[str] = None      # an Accelerate tracker: tensorboard, wandb, ...
@@ -110,6 +110,7 @@ class DistillConfig(OptimConfig):
     name: typing.Optional[str] = None
     latency_backend: str = "torch"                    # plan table latency: torch | onnxruntime | none
     cache_guides: bool = False                        # store guide logits per (epoch, step) and reuse them
+    ignore_class_names: bool = False                  # run a teacher on data whose class names differ
 
     def validate(self) -> None:
         super().validate()
@@ -206,9 +207,12 @@ def read_recipe(path) -> dict:
         raise CompressError(f"recipe {str(p)!r} does not exist; check the path (recipes live in recipes/)")
     try:
         data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
+    except yaml.YAMLError as exc:  # safe_load: tags such as !!python/object never construct anything
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
+        if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in str(exc.problem or ""):
+            raise CompressError(f"recipe {str(p)!r}{where} uses a YAML tag ({str(exc.problem).split('tag ')[-1]}) "
+                                f"that compress never executes; recipes are plain key: value mappings") from None
         raise CompressError(f"recipe {str(p)!r} is not valid YAML{where}; fix the syntax") from None
     if data is None:
         return {}

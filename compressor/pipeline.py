@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .checkpoint import load_model, load_state_strict, meta_for, read_checkpoint, save_checkpoint
+from .checkpoint import file_sha256, load_model, load_state_strict, meta_for, read_checkpoint, save_checkpoint
 from .config import DistillConfig, TrainConfig, config_to_dict
 from .data import DataBundle, load_data, make_loader, subset
 from .errors import CompressError
@@ -90,7 +90,44 @@ def _loaders(cfg, splits: Splits, seed: int):
     return train_loader, eval_loader
 
 
-def _check_data_fits(meta, bundle: DataBundle, what: str) -> None:
+def accuracy_fields(test: dict, best: float | None, per_epoch_split: str) -> dict:
+    """The accuracies of one trained model under names that carry their split.
+
+    ``final_test_*``: the test split, scored once at the end. ``best_val_top1``: the
+    best per-epoch score on the held-out validation split; under the paper's protocol
+    (``val_fraction 0``) the per-epoch split is test and the figure is ``best_test_top1``
+    instead (chosen on test: not an unbiased estimate). The other one is ``None``.
+    """
+    best = None if best is None or best < 0 else round(best, 3)
+    return {"final_test_top1": round(test["top1"], 3), "final_test_top5": round(test["top5"], 3),
+            "final_test_loss": round(test["loss"], 5), "per_epoch_split": per_epoch_split,
+            "best_val_top1": best if per_epoch_split == "val" else None,
+            "best_test_top1": best if per_epoch_split == "test" else None}
+
+
+def check_class_names(meta, bundle, what: str, *, ignore: bool = False) -> None:
+    """``meta`` (a checkpoint's) and ``bundle`` must name the same classes in the same order.
+
+    Skipped when either side stores no names (imported weights without
+    ``--class-names``), for the placeholder names of ``synthetic_data``, or with
+    ``ignore`` (``--ignore-class-names``).
+    """
+    ours, theirs = list(getattr(meta, "class_names", []) or []), list(getattr(bundle, "class_names", []) or [])
+    if ignore or not ours or not theirs or ours == theirs or getattr(bundle, "name", "") == "synthetic":
+        return
+    if sorted(ours) == sorted(theirs):
+        diff = [f"#{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(ours, theirs)) if a != b][:3]
+        what_differs = "the same class names in another order (" + ", ".join(diff) + ")"
+    else:
+        only_model = [c for c in ours if c not in theirs][:3]
+        only_data = [c for c in theirs if c not in ours][:3]
+        what_differs = (f"other class names ({what} only: {', '.join(map(repr, only_model)) or '-'}; "
+                        f"data only: {', '.join(map(repr, only_data)) or '-'})")
+    raise CompressError(f"{what} and data have {what_differs}; use the data the {what} was trained on, "
+                        f"or pass --ignore-class-names if the names were never stored meaningfully")
+
+
+def _check_data_fits(meta, bundle: DataBundle, what: str, *, ignore_class_names: bool = False) -> None:
     if meta.num_classes != bundle.num_classes:
         raise CompressError(
             f"{what} has {meta.num_classes} classes but the data has {bundle.num_classes}; "
@@ -99,6 +136,7 @@ def _check_data_fits(meta, bundle: DataBundle, what: str) -> None:
     if tuple(meta.input_size)[0] != bundle.input_size[0]:
         raise CompressError(f"{what} takes {meta.input_size[0]}-channel images but the data has "
                             f"{bundle.input_size[0]} channels")
+    check_class_names(meta, bundle, what, ignore=ignore_class_names)
 
 
 def _test_metrics(accelerator, model, splits: Splits, cfg, mean, std) -> dict:
@@ -160,12 +198,12 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     try:
         result = fit(accelerator, model, [], train_loader, eval_loader, cfg=cfg, loss_cfg=LossSettings(),
                      epochs=cfg.epochs, mean=mean, std=std, stage_seed=stable_seed(cfg.seed, entry.name),
-                     stage_dir=work, stage_label=entry.name, resume=resume, progress=progress)
+                     stage_dir=work, stage_label=entry.name, resume=resume, progress=progress,
+                     eval_split=splits.eval_name)
     finally:
         progress.close()
     test = result.final if splits.eval_name == "test" else _test_metrics(accelerator, result.model, splits, cfg, mean, std)
-    metrics = {"test_top1": round(test["top1"], 3), "test_top5": round(test["top5"], 3),
-               "test_loss": round(test["loss"], 5), "best_eval_top1": round(result.best_top1, 3),
+    metrics = {**accuracy_fields(test, result.best_top1, splits.eval_name),
                "epochs": cfg.epochs, "train_seconds": round(result.seconds, 1), "data": bundle.name}
     if accelerator.is_main_process:
         meta = meta_for(entry.name, num_classes=num_classes, in_chans=c, mean=mean, std=std,
@@ -256,8 +294,9 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
     ``data`` replaces ``cfg.data`` with an in-memory bundle (notebooks, tests).
     """
     teacher, tmeta = load_model(cfg.teacher)
+    teacher_sha256 = file_sha256(cfg.teacher)
     bundle = data if data is not None else load_data(cfg.data)
-    _check_data_fits(tmeta, bundle, "teacher")
+    _check_data_fits(tmeta, bundle, "teacher", ignore_class_names=cfg.ignore_class_names)
     target = _resolve_target(cfg, tmeta)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, target)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
@@ -266,11 +305,11 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
     if resume and not (run_dir / "config.yaml").exists():
         raise CompressError(f"nothing to resume in {run_dir} (no config.yaml); drop --resume to start it")
     _check_run_dir_writable(run_dir)
-    resolved = {**config_to_dict(cfg), "target": target}
+    accelerator = make_accelerator(cfg, project_dir=str(run_dir))
+    # The process count is part of the config: it changes the batches (refused on resume).
+    resolved = {**config_to_dict(cfg), "target": target, "num_processes": accelerator.num_processes}
     if resume:
         _check_resume_config(run_dir, resolved)
-
-    accelerator = make_accelerator(cfg, project_dir=str(run_dir))
     accelerator.wait_for_everyone()  # every process has checked the run directory before anything is written
     main = accelerator.is_main_process
     print_ = accelerator.print
@@ -312,10 +351,11 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
         teacher_test = _test_metrics(accelerator, teacher, splits, cfg, mean, std)
         if main:
             write_json(teacher_eval_path, teacher_test)
-    print_(f"teacher {tmeta.arch}: test top-1 {teacher_test['top1']:.2f}% on {bundle.name}")
+    print_(f"teacher {tmeta.arch}: test top-1 {teacher_test['top1']:.2f}% on {bundle.name} "
+           f"(sha256 {teacher_sha256[:16]}, {tmeta.source or 'source not recorded'})")
 
     chain_models = [teacher]
-    rows = [{**plan.teacher.__dict__, "test_top1": teacher_test["top1"], "best_top1": None,
+    rows = [{**plan.teacher.__dict__, **accuracy_fields(teacher_test, None, splits.eval_name),
              "train_seconds": None, "stage_dir": None}]
     progress = Progress(enabled=main and show_progress)
     total_start = time.perf_counter()
@@ -337,8 +377,11 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
                 for leftover in ("state", "state.old", "state.tmp"):
                     shutil.rmtree(stage_dir / leftover, ignore_errors=True)
             m = smeta.metrics
-            print_(f"{label}: finished earlier (test top-1 {m.get('test_top1', float('nan')):.2f}%), not retrained")
-            final_top1, best, seconds = m.get("test_top1"), m.get("best_eval_top1"), m.get("train_seconds")
+            print_(f"{label}: finished earlier (final test top-1 {m.get('final_test_top1', float('nan')):.2f}%), "
+                   f"not retrained")
+            fields = {k: m.get(k) for k in ("final_test_top1", "final_test_top5", "final_test_loss",
+                                            "per_epoch_split", "best_val_top1", "best_test_top1")}
+            seconds = m.get("train_seconds")
         else:
             if main:
                 stage_dir.mkdir(parents=True, exist_ok=True)
@@ -357,15 +400,15 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
                              cfg=cfg, loss_cfg=loss_cfg, epochs=stage_epochs, mean=mean, std=std,
                              stage_seed=stable_seed(cfg.seed, "stage", member.arch), stage_dir=stage_dir,
                              stage_label=label, resume=resume, progress=progress,
-                             aug_seed=stable_seed(cfg.seed, "aug"), guide_caches=caches)
+                             aug_seed=stable_seed(cfg.seed, "aug"), guide_caches=caches,
+                             eval_split=splits.eval_name)
             finally:
                 progress.close()
             model = result.model
             test = result.final if splits.eval_name == "test" else _test_metrics(
                 accelerator, model, splits, cfg, mean, std)
-            final_top1, best, seconds = test["top1"], result.best_top1, result.seconds
-            metrics = {"test_top1": round(final_top1, 3), "test_top5": round(test["top5"], 3),
-                       "best_eval_top1": round(best, 3), "epochs": stage_epochs,
+            fields, seconds = accuracy_fields(test, result.best_top1, splits.eval_name), result.seconds
+            metrics = {**fields, "epochs": stage_epochs,
                        "train_seconds": round(seconds, 1), "method": plan.method, "guides": guide_names,
                        "data": bundle.name}
             if main:
@@ -377,14 +420,17 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
                 for leftover in ("state", "state.old", "state.tmp"):
                     shutil.rmtree(stage_dir / leftover, ignore_errors=True)
             accelerator.wait_for_everyone()
-            print_(f"{label}: test top-1 {final_top1:.2f}% (best {splits.eval_name} {best:.2f}%), {seconds:.0f} s")
+            best_name = f"best_{splits.eval_name}_top1"
+            print_(f"{label}: final test top-1 {fields['final_test_top1']:.2f}% "
+                   f"(best {splits.eval_name} {fields[best_name]:.2f}%), {seconds:.0f} s")
         model = model.to(accelerator.device).eval()
         chain_models.append(model)
-        rows.append({**member.__dict__, "test_top1": final_top1, "best_top1": best, "train_seconds": seconds,
+        rows.append({**member.__dict__, **fields, "train_seconds": seconds,
                      "stage_dir": str(Path("stages") / stage_dir.name)})
 
     summary = {
-        "name": run_dir.name, "method": plan.method, "data": bundle.name, "eval_split": splits.eval_name,
+        "name": run_dir.name, "method": plan.method, "data": bundle.name, "per_epoch_split": splits.eval_name,
+        "teacher": str(cfg.teacher), "teacher_sha256": teacher_sha256, "teacher_source": tmeta.source,
         "epochs": epochs, "assistant_epochs": assistant_epochs, "seed": cfg.seed,
         "temperature": cfg.temperature, "kd_weight": cfg.kd_weight, "drop_guides": cfg.drop_guides,
         "latency_backend": plan.latency_backend, "relative_cost": plan.relative_cost,

@@ -50,8 +50,9 @@ class Progress:
         self._done += 1
         parts = [f"{self.label} epoch {record['epoch']}/{self._epochs}", f"loss {record['train_loss']:.4f}",
                  f"train {record['train_top1']:.2f}%"]
-        if "eval_top1" in record:
-            parts.append(f"eval {record['eval_top1']:.2f}%")
+        for split in ("val", "test"):
+            if f"{split}_top1" in record:
+                parts.append(f"{split} {record[f'{split}_top1']:.2f}%")
         parts.append(f"{record['seconds']:.1f}s")
         remaining = self._epochs - record["epoch"]
         if remaining > 0:

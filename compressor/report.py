@@ -23,20 +23,31 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-SUMMARY_HEADERS = ["role", "model", "test top-1 %", "best top-1 %", "params", "MACs", "latency ms", "train s"]
+def summary_headers(summary: dict) -> list[str]:
+    """Every accuracy column names its split: the final test score, and the best per-epoch
+    score on val (or on test under the paper's protocol, ``val_fraction 0``)."""
+    split = summary.get("per_epoch_split", "val")
+    return ["role", "model", "final test top-1 %", f"best {split} top-1 %", "params", "MACs", "latency ms",
+            "train s"]
 
 
 def summary_rows(summary: dict) -> list[list]:
+    split = summary.get("per_epoch_split", "val")
     rows = []
     for m in summary["chain"]:
-        rows.append([m["role"], m["arch"], _fmt(m.get("test_top1"), ".2f"), _fmt(m.get("best_top1"), ".2f"),
+        rows.append([m["role"], m["arch"], _fmt(m.get("final_test_top1"), ".2f"),
+                     _fmt(m.get(f"best_{split}_top1"), ".2f"),
                      f"{m['params']:,}", f"{m['macs'] / 1e6:.1f}M", _fmt(m.get("latency_ms"), ".3f"),
                      _fmt(m.get("train_seconds"), ".0f")])
     return rows
 
 
 def format_summary(summary: dict) -> str:
-    return format_table(SUMMARY_HEADERS, summary_rows(summary))
+    table = format_table(summary_headers(summary), summary_rows(summary))
+    if summary.get("per_epoch_split") == "test":
+        table += ("\nnote: no validation split (val_fraction 0, the paper's protocol): the per-epoch 'best' "
+                  "column was chosen on the test split")
+    return table
 
 
 def _plot_curves(run_dir: Path, summary: dict) -> str | None:
@@ -50,16 +61,17 @@ def _plot_curves(run_dir: Path, summary: dict) -> str | None:
     for m in summary["chain"]:
         if not m.get("stage_dir"):
             continue
-        records = [r for r in read_jsonl(run_dir / m["stage_dir"] / "metrics.jsonl") if "eval_top1" in r]
+        key = f"{summary.get('per_epoch_split', 'val')}_top1"
+        records = [r for r in read_jsonl(run_dir / m["stage_dir"] / "metrics.jsonl") if key in r]
         if records:
-            ax.plot([r["epoch"] for r in records], [r["eval_top1"] for r in records], marker=".",
+            ax.plot([r["epoch"] for r in records], [r[key] for r in records], marker=".",
                     label=f"{m['role']} {m['arch']}")
             drawn = True
     if not drawn:
         plt.close(fig)
         return None
     ax.set_xlabel("epoch")
-    ax.set_ylabel(f"{summary.get('eval_split', 'test')} top-1 (%)")
+    ax.set_ylabel(f"{summary.get('per_epoch_split', 'val')} top-1 (%), per epoch")
     ax.set_title(f"{summary['method'].upper()} stages")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -72,19 +84,19 @@ def _plot_tradeoff(run_dir: Path, summary: dict) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [m for m in summary["chain"] if m.get("test_top1") is not None]
+    points = [m for m in summary["chain"] if m.get("final_test_top1") is not None]
     if not points:
         return None
     use_latency = all(m.get("latency_ms") for m in points)
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in points:
         x = m["latency_ms"] if use_latency else m["params"]
-        ax.scatter([x], [m["test_top1"]], s=40)
-        ax.annotate(f"{m['arch']} ({m['role']})", (x, m["test_top1"]), textcoords="offset points",
+        ax.scatter([x], [m["final_test_top1"]], s=40)
+        ax.annotate(f"{m['arch']} ({m['role']})", (x, m["final_test_top1"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("batch-1 latency (ms)" if use_latency else "parameters")
-    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylabel("final test top-1 (%)")
     ax.set_title("accuracy vs " + ("latency" if use_latency else "size"))
     ax.grid(alpha=0.3)
     return _save_fig(fig, run_dir / "accuracy_vs_latency.png")
@@ -117,10 +129,15 @@ def write_report(run_dir) -> Path:
              f"epochs: {summary['epochs']}, seed: {summary['seed']}",
              f"- temperature {summary['temperature']}, λ (kd_weight) {summary['kd_weight']}, "
              f"guides dropped per batch: {summary['drop_guides']}",
-             f"- total training time: {summary['total_seconds']:.0f} s", "",
+             f"- total training time: {summary['total_seconds']:.0f} s",
+             f"- teacher: `{summary.get('teacher', '?')}` (sha256 `{summary.get('teacher_sha256', '?')}`)",
+             f"- accuracies: *final test* = the test split, scored once per model at the end; *best "
+             f"{summary.get('per_epoch_split', 'val')}* = the best per-epoch score on the "
+             + ("held-out validation split" if summary.get("per_epoch_split", "val") == "val"
+                else "test split (val_fraction 0, the paper's protocol: chosen on test)"), "",
              "```", format_summary(summary), "```", ""]
     if curves:
-        lines += [f"![per-stage test accuracy]({curves})", ""]
+        lines += [f"![per-stage {summary.get('per_epoch_split', 'val')} accuracy]({curves})", ""]
     if tradeoff:
         lines += [f"![accuracy vs latency]({tradeoff})", ""]
     lines += ["Reproduce: `" + summary.get("command", "compress distill ...") + "`", ""]

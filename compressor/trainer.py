@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -49,6 +50,56 @@ from .progress import Progress
 
 class TrainingDiverged(CompressError):
     """The loss became NaN/inf; nothing is written for the stage."""
+
+
+def divergence_check_interval(device) -> int:
+    """Steps between reads of the on-device NaN/inf flag.
+
+    Reading it makes the host wait for the device; on a GPU that stall costs
+    more than the step, so it is read every 32 steps (and at the end of the
+    epoch). On the CPU the read is free and it is checked every step, so a
+    diverged loss is never stepped.
+    """
+    return 1 if torch.device(device).type == "cpu" else 32
+
+
+def _test_nan_hook(accelerator, epoch: int, step: int) -> bool:
+    """Test hook: ``COMPRESS_TEST_NAN_AT=RANK:STEP`` makes that process's loss NaN at that
+    step of the first epoch (tests/test_multiprocess.py: one rank diverging stops all)."""
+    spec = os.environ.get("COMPRESS_TEST_NAN_AT")
+    if not spec:
+        return False
+    rank, at = (int(v) for v in spec.split(":"))
+    return epoch == 0 and step == at and accelerator.process_index == rank
+
+
+def raise_if_diverged(accelerator, bad: torch.Tensor, *, epoch: int, lr: float) -> None:
+    """Stop every process together when any process saw a non-finite loss.
+
+    ``bad`` is this process's ``[first bad step or -1, that loss]`` kept on the
+    device; it is gathered from all processes (one small collective at the same
+    step everywhere), so a NaN on one rank raises :class:`TrainingDiverged` on
+    every rank instead of leaving the others waiting in the next all-reduce.
+    """
+    world = accelerator.gather(bad.view(1, 2)).view(-1, 2).cpu() if accelerator.num_processes > 1 else bad.view(1, 2).cpu()
+    hits = [(rank, int(row[0]), float(row[1])) for rank, row in enumerate(world) if row[0] >= 0]
+    if not hits:
+        return
+    rank, step, value = min(hits, key=lambda h: h[1])
+    where = f" in process {rank} of {accelerator.num_processes}" if accelerator.num_processes > 1 else ""
+    raise TrainingDiverged(
+        f"training diverged: loss is {value} at epoch {epoch + 1}, step {step + 1}{where}; "
+        f"lower the learning rate (--lr, now {lr:g}) or use --mixed-precision no"
+    )
+
+
+def augmentation_generator(aug_seed: int, epoch: int, step: int, accelerator) -> torch.Generator:
+    """The crop/flip draws for one batch: seeded by (seed, epoch, step) and, with several
+    processes, the process index, so ranks draw differently yet reproducibly. A single
+    process keeps the seeds of earlier versions (same augmented batches)."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        return seeded_generator(aug_seed, epoch, step, "rank", accelerator.process_index)
+    return seeded_generator(aug_seed, epoch, step)
 
 
 def stable_seed(*parts) -> int:
@@ -79,19 +130,37 @@ def lr_at_epoch(cfg: OptimConfig, epoch: float, epochs: int) -> float:
     return cfg.lr * cfg.gamma ** passed
 
 
+RESUME_FILE = "resume.json"
+
+
 @dataclass
 class ResumeState:
-    """Registered with ``accelerator.register_for_checkpointing``: the epochs done."""
+    """The epochs done, saved as ``state/resume.json`` beside Accelerate's state.
+
+    Plain JSON on purpose: Accelerate's ``register_for_checkpointing`` pickles
+    custom objects and unpickles them with ``weights_only=False``, so a crafted
+    run directory could run code on ``--resume``. JSON cannot.
+    """
 
     epoch: int = 0
     best_top1: float = -1.0
     stage: str = ""
     step: int = 0        # steps done in epoch ``epoch`` when Ctrl-C saved the state mid-epoch
     partial: dict = field(default_factory=dict)  # that epoch's running sums (see train_one_epoch)
+    num_processes: int = 1  # the world that saved it: another one changes the batches (refused)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "best_top1": self.best_top1, "stage": self.stage, "step": self.step,
-                "partial": json.dumps(self.partial)}
+                "partial": json.dumps(self.partial), "num_processes": self.num_processes}
+
+    def save(self, state_dir: Path) -> None:
+        write_text(Path(state_dir) / RESUME_FILE, json.dumps(self.state_dict()) + "\n")
+
+    def load(self, state_dir: Path) -> None:
+        path = Path(state_dir) / RESUME_FILE
+        if not path.is_file():
+            raise ValueError(f"{RESUME_FILE} is missing (a state saved by an older version?)")
+        self.load_state_dict(json.loads(path.read_text()))
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
@@ -99,6 +168,7 @@ class ResumeState:
         self.stage = str(state.get("stage", ""))
         self.step = int(state.get("step", 0))
         self.partial = json.loads(state.get("partial") or "{}")
+        self.num_processes = int(state.get("num_processes", 1))
 
 
 class EpochInterrupted(Exception):
@@ -199,6 +269,9 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
     seen = int(partial.get("seen", 0))
     guide_uses = list(partial.get("guide_uses", [0] * len(guides)))
     warmup_steps = len(loader) if epoch < cfg.warmup_epochs else 0
+    check_every = divergence_check_interval(device)
+    bad = torch.tensor([-1.0, 0.0], device=device)  # [first step with a non-finite loss, its value]
+    step = start_step - 1
     for step, (images, labels) in enumerate(loader):
         if step < start_step:
             continue  # done before an interruption (see the module docstring)
@@ -206,7 +279,7 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
             for group in optimizer.param_groups:
                 group["lr"] = lr_at_epoch(cfg, epoch + step / warmup_steps, epoch + 1)
         if cfg.augment:
-            images = augment_batch(images, seeded_generator(aug_seed, epoch, step))
+            images = augment_batch(images, augmentation_generator(aug_seed, epoch, step, accelerator))
         x = _to_input(images, mean, std, cfg.channels_last)
         kept = kept_guides(len(guides), loss_cfg.drop_guides, seeded_generator(stage_seed, epoch, step))
         guide_logits = guides.logits(kept, x, epoch, step, accelerator.autocast)
@@ -218,12 +291,15 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
             terms = dgkd_loss(logits, guide_logits, labels, temperature=loss_cfg.temperature,
                               kd_weight=loss_cfg.kd_weight)
             loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                    f"lower the learning rate (--lr, now {optimizer.param_groups[0]['lr']:g}) "
-                    f"or use --mixed-precision no"
-                )
+            if _test_nan_hook(accelerator, epoch, step):
+                loss = loss * float("nan")
+            # Stays on the device: no host sync here (see divergence_check_interval).
+            first = (bad[0] < 0) & ~torch.isfinite(loss.detach())
+            bad = torch.where(first, torch.stack([torch.tensor(float(step), device=device),
+                                                  loss.detach().float()]), bad)
+            checked = (step + 1) % check_every == 0
+            if checked:
+                raise_if_diverged(accelerator, bad, epoch=epoch, lr=optimizer.param_groups[0]["lr"])
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -232,11 +308,13 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
         for key in sums:
             sums[key] += terms[key].detach().float() * n
         correct += (logits.detach().argmax(1) == labels).sum()
-        if progress is not None:
-            progress.update(n, loss=float(terms["loss"].detach()))
+        if progress is not None:  # the shown loss is read only when the flag is read anyway
+            progress.update(n, loss=float(terms["loss"].detach()) if checked else None)
         if stop_requested is not None and accelerator.sync_gradients and stop_requested():
+            raise_if_diverged(accelerator, bad, epoch=epoch, lr=optimizer.param_groups[0]["lr"])
             raise EpochInterrupted(step + 1, {"sums": {k: float(v) for k, v in sums.items()},
                                               "correct": float(correct), "seen": seen, "guide_uses": guide_uses})
+    raise_if_diverged(accelerator, bad, epoch=epoch, lr=optimizer.param_groups[0]["lr"])
     totals = accelerator.reduce(torch.stack([*sums.values(), correct, torch.tensor(float(seen), device=device)]),
                                 reduction="sum")
     n_all = max(float(totals[-1]), 1.0)
@@ -283,8 +361,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
                            weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
 
 
-def _save_state_atomically(accelerator, state_dir: Path) -> None:
-    """``save_state`` into a temp folder, then swap it in (a crash keeps the old state)."""
+def _save_state_atomically(accelerator, state_dir: Path, resume_state: ResumeState) -> None:
+    """``save_state`` (+ ``resume.json``) into a temp folder, then swap it in (a crash keeps the old state)."""
     tmp = state_dir.with_name(state_dir.name + ".tmp")
     old = state_dir.with_name(state_dir.name + ".old")
     if accelerator.is_main_process:
@@ -293,6 +371,7 @@ def _save_state_atomically(accelerator, state_dir: Path) -> None:
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        resume_state.save(tmp)
         if state_dir.exists():
             shutil.rmtree(old, ignore_errors=True)
             state_dir.rename(old)
@@ -313,20 +392,34 @@ def find_state(stage_dir: Path) -> Path | None:
 def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader, test_loader, *,
         cfg: OptimConfig, loss_cfg: LossSettings, epochs: int, mean, std, stage_seed: int, stage_dir: Path,
         stage_label: str, resume: bool, progress: Progress, aug_seed: int | None = None,
-        guide_caches: Sequence[GuideLogitCache | None] | None = None) -> FitResult:
-    """Train ``model`` for ``epochs`` from its ``guides``; state saved in ``stage_dir/state``."""
+        guide_caches: Sequence[GuideLogitCache | None] | None = None, eval_split: str = "val") -> FitResult:
+    """Train ``model`` for ``epochs`` from its ``guides``; state saved in ``stage_dir/state``.
+
+    ``test_loader`` is the per-epoch evaluation split named ``eval_split`` (``val``, or
+    ``test`` under the paper's protocol); its metrics are logged as ``<eval_split>_top1`` etc.
+    """
     accelerator.free_memory()  # forget the previous stage's prepared objects
     optimizer = build_optimizer(model, cfg)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     guides = _prepare_guides(guides, accelerator.device, cfg.channels_last, guide_caches)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    resume_state = ResumeState(stage=stage_label)
-    accelerator._custom_objects.clear()  # one registered resume object per stage
-    accelerator.register_for_checkpointing(resume_state)
+    resume_state = ResumeState(stage=stage_label, num_processes=accelerator.num_processes)
+    accelerator._custom_objects.clear()  # nothing pickled: the resume state is JSON (see ResumeState)
     metrics_path = stage_dir / "metrics.jsonl"
     state_path = find_state(stage_dir) if resume else None
     if state_path is not None:
+        try:
+            resume_state.load(state_path)
+        except Exception as exc:
+            raise CompressError(f"{stage_label}: the saved training state {state_path} does not load "
+                                f"({type(exc).__name__}: {exc}); delete it to restart the stage from its first "
+                                f"epoch and resume again: rm -r {state_path}") from None
+        if resume_state.num_processes != accelerator.num_processes:
+            raise CompressError(
+                f"{stage_label}: the saved state was written by {resume_state.num_processes} process(es), this run "
+                f"has {accelerator.num_processes} (the batches per step and the steps per epoch would change); "
+                f"resume with {resume_state.num_processes} process(es), or delete {state_path} to restart the stage")
         try:
             accelerator.load_state(str(state_path))
         except Exception as exc:  # a damaged state folder (saved states are swapped in atomically)
@@ -363,7 +456,7 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
             except EpochInterrupted as stop:  # Ctrl-C: keep the steps done so far
                 guides.flush()
                 resume_state.step, resume_state.partial = stop.steps_done, stop.partial
-                _save_state_atomically(accelerator, stage_dir / "state")
+                _save_state_atomically(accelerator, stage_dir / "state", resume_state)
                 raise KeyboardInterrupt from None
             resume_state.step, resume_state.partial = 0, {}
             guides.flush()
@@ -372,7 +465,8 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
                 record["guide_cache_hits_misses"] = guides.cache_stats()
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
                 test = evaluate(accelerator, model, test_loader, mean=mean, std=std, channels_last=cfg.channels_last)
-                record.update({"eval_top1": test["top1"], "eval_top5": test["top5"], "eval_loss": test["loss"]})
+                record.update({f"{eval_split}_top1": test["top1"], f"{eval_split}_top5": test["top5"],
+                               f"{eval_split}_loss": test["loss"]})
                 resume_state.best_top1 = max(resume_state.best_top1, test["top1"])
                 final = test
             record["seconds"] = time.perf_counter() - t0
@@ -383,7 +477,7 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
             if accelerator.trackers:  # --log-with tensorboard|wandb|...: one series per stage
                 accelerator.log({f"{stage_label}/{k}": v for k, v in record.items()
                                  if isinstance(v, (int, float)) and k != "epoch"}, step=epoch + 1)
-            _save_state_atomically(accelerator, stage_dir / "state")
+            _save_state_atomically(accelerator, stage_dir / "state", resume_state)
             history.append(record)
             if ctrl_c.hit:  # Ctrl-C during evaluation or saving: the finished epoch is saved
                 raise KeyboardInterrupt

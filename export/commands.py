@@ -93,6 +93,9 @@ def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data
 
         bundle = load_bundle(data)  # fail on bad --data before the slow export
     torch_model, meta = load_model(ckpt)
+    from compressor.checkpoint import file_sha256
+
+    click.echo(f"{ckpt}: sha256 {file_sha256(ckpt)}, source: {meta.source or 'not recorded'}")
     written = export_onnx((torch_model, meta), out_path, opset=opset, legacy=legacy,
                           include_preprocessing=include_preprocessing, source_path=ckpt)
     from .runtime import OnnxModel

@@ -78,7 +78,41 @@ def graph_opt_level(name: str):
 
 
 def check_onnx_file(path) -> Path:
-    return check_readable_file(path, "ONNX model")
+    """A readable ONNX file whose external data (if any) stays inside its own folder."""
+    p = check_readable_file(path, "ONNX model")
+    check_external_data(p)
+    return p
+
+
+def check_external_data(path) -> None:
+    """Refuse ONNX files whose tensors point at data outside the model's folder.
+
+    An ONNX tensor may keep its bytes in a side file named by a ``location``
+    string. A crafted file can name ``../../etc/passwd`` or an absolute path,
+    so that loading the model reads (and a benchmark or an error message may
+    echo) any file the user can read. Only plain relative paths that resolve
+    (symlinks included) inside the model's own folder are accepted. onnx and
+    onnxruntime check this too in current versions; this check does not depend
+    on them and names the tensor.
+    """
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    p = Path(path)
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception:
+        return  # not parseable: onnxruntime reports it as "not a loadable ONNX model"
+    root = p.resolve().parent
+    for tensor in _get_all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (root / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(root):
+            raise CompressError(
+                f"{p}: tensor {tensor.name!r} reads its data from {location!r}, outside the model's folder; "
+                f"refusing to load it (re-export the model, or keep its .data file next to the .onnx file)")
 
 
 class OnnxModel:
@@ -219,8 +253,8 @@ def _split_arrays(split):
     return images, labels
 
 
-def check_fits_data(model: OnnxModel, bundle, images) -> None:
-    """The model's (C, H, W) and class count must match the data."""
+def check_fits_data(model: OnnxModel, bundle, images, *, ignore_class_names: bool = False) -> None:
+    """The model's (C, H, W), class count and class names must match the data."""
     data_chw = tuple(int(v) for v in images.shape[1:])
     model_chw = tuple(model.chw)
     graph_chw = tuple(model.input_shape)
@@ -235,6 +269,10 @@ def check_fits_data(model: OnnxModel, bundle, images) -> None:
             f"{model.path}: model has {model.num_classes} classes but the data has {data_classes}; "
             f"evaluate on the dataset the model was trained for"
         )
+    if model.meta is not None:
+        from compressor.pipeline import check_class_names
+
+        check_class_names(model.meta, bundle, "model", ignore=ignore_class_names)
 
 
 def evaluate_arrays(model: OnnxModel, images, labels, batch_size: int = 256) -> dict:
@@ -262,7 +300,8 @@ def evaluate_arrays(model: OnnxModel, images, labels, batch_size: int = 256) -> 
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": n}
 
 
-def evaluate_onnx(path, data, batch_size: int = 256, *, threads: int | None = None, providers=None) -> dict:
+def evaluate_onnx(path, data, batch_size: int = 256, *, threads: int | None = None, providers=None,
+                  ignore_class_names: bool = False) -> dict:
     """Evaluate an ONNX model (path or :class:`OnnxModel`) on the test split of ``data``.
 
     Returns ``{"top1": %, "top5": %, "loss": mean cross-entropy, "n": images}``.
@@ -270,5 +309,17 @@ def evaluate_onnx(path, data, batch_size: int = 256, *, threads: int | None = No
     model = path if isinstance(path, OnnxModel) else OnnxModel(path, threads=threads, providers=providers)
     bundle = load_bundle(data)
     images, labels = _split_arrays(bundle.test)
-    check_fits_data(model, bundle, images)
-    return evaluate_arrays(model, images, labels, batch_size=batch_size)
+    check_fits_data(model, bundle, images, ignore_class_names=ignore_class_names)
+    result = evaluate_arrays(model, images, labels, batch_size=batch_size)
+    props = model.metadata
+    source = props.get("source", "")
+    if props.get("source_checkpoint"):
+        source = (f"{source}; " if source else "") + (f"exported from {props['source_checkpoint']} "
+                                                      f"(sha256 {props.get('source_sha256', '?')[:16]})")
+    return {**result, "sha256": _file_sha256(model.path), "source": source}
+
+
+def _file_sha256(path) -> str:
+    from compressor.checkpoint import file_sha256
+
+    return file_sha256(path)

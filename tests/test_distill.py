@@ -37,7 +37,11 @@ def test_tiny_distillation_through_the_cli(in_tmp, pretrained_teacher, capsys):
     assert (in_tmp / "runs" / "latest").resolve() == run.resolve()
     summary = json.loads((run / "summary.json").read_text())
     assert [m["arch"] for m in summary["chain"]] == ["resnet20", "resnet14", "resnet8"]
-    assert summary["chain"][0]["test_top1"] > 70  # the pretrained teacher
+    assert summary["chain"][0]["final_test_top1"] > 70  # the pretrained teacher
+    # every accuracy names its split: per-epoch on the held-out val split, test once at the end
+    assert summary["per_epoch_split"] == "val"
+    assert all(m["best_val_top1"] is not None and m["best_test_top1"] is None for m in summary["chain"][1:])
+    assert summary["chain"][0]["best_val_top1"] is None  # the teacher is not trained here
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["epochs"] == 1 and cfg["target"] == "resnet8" and cfg["method"] == "dgkd"
     # stage 2 (the student) was guided by teacher and assistant, one of them dropped per batch
@@ -45,7 +49,8 @@ def test_tiny_distillation_through_the_cli(in_tmp, pretrained_teacher, capsys):
     assert len(rec) == 1 and sum(rec[0]["guide_uses"]) == rec[0]["steps"] == 4  # 256 / 64
     _, meta = load_model(run / "student.safetensors")
     assert meta.metrics["guides"] == ["resnet20", "resnet14"] and meta.mean == (0.485, 0.456, 0.406)
-    assert "test top-1 %" in out and "student" in out
+    assert "final test top-1 %" in out and "best val top-1 %" in out and "student" in out
+    assert "val_top1" in rec[0] and "test_top1" not in rec[0] and "eval_top1" not in rec[0]
 
     # a second run into the same directory is refused; --resume retrains nothing
     assert run_cli(["distill", "--teacher", str(pretrained_teacher), "--target", "resnet8",

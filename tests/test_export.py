@@ -200,7 +200,7 @@ def test_evaluate_onnx_and_preprocessing_flag(cnn2):
     data = synthetic_data(n_test=40)
     a = evaluate_onnx(plain, data, batch_size=16)
     b = evaluate_onnx(folded, data, batch_size=7)
-    assert set(a) == {"top1", "top5", "loss", "n"} and a["n"] == 40
+    assert set(a) == {"top1", "top5", "loss", "n", "sha256", "source"} and a["n"] == 40
     assert a["top1"] == pytest.approx(b["top1"]) and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     with torch.inference_mode():
         logits = model(normalize(data.test.images, meta.mean, meta.std))
