@@ -12,7 +12,7 @@ import click
 
 from compressor.errors import CheckFailed, CompressError
 
-from .runtime import GRAPH_OPT_LEVELS
+from .options import GRAPH_OPT_LEVELS
 
 
 def _parse_batch_sizes(values) -> list[int]:

@@ -15,8 +15,7 @@ from compressor.checkpoint import CheckpointMeta, check_readable_file
 from compressor.errors import CompressError
 
 from .onnx_export import meta_from_onnx_props
-
-GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
+from .options import GRAPH_OPT_LEVELS
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MAX_DEFAULT_THREADS = 8
 
