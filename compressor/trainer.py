@@ -316,11 +316,11 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
         guide_caches: Sequence[GuideLogitCache | None] | None = None) -> FitResult:
     """Train ``model`` for ``epochs`` from its ``guides``; state saved in ``stage_dir/state``."""
     accelerator.free_memory()  # forget the previous stage's prepared objects
+    if cfg.channels_last:  # before prepare(): DDP must wrap (and broadcast) the channels_last parameters
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     guides = _prepare_guides(guides, accelerator.device, cfg.channels_last, guide_caches)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     resume_state = ResumeState(stage=stage_label)
     accelerator._custom_objects.clear()  # one registered resume object per stage
     accelerator.register_for_checkpointing(resume_state)
