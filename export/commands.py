@@ -56,17 +56,24 @@ def _kb(path) -> str:
               help="also write NAME.int8.onnx (static INT8, QDQ, calibrated on --data) and compare it")
 @click.option("--calibration-size", type=int, default=512, show_default=True,
               help="--quantize: number of training images used for calibration")
+@click.option("--max-accuracy-drop", type=float, default=None,
+              help="--quantize: try calibration methods (minmax, entropy, percentile), then the first conv and last "
+                   "layer in float, until top-1 is at most this many points below fp32; exit 1 if none is")
+@click.option("--eval-images", type=int, default=None,
+              help="--max-accuracy-drop: measure top-1 on the first N test images  [default: all]")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for checks and the INT8 report")
 def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data, no_validate, atol, rtol,
-               min_agreement, quantize, calibration_size, threads):
+               min_agreement, quantize, calibration_size, max_accuracy_drop, eval_images, threads):
     """Export a checkpoint to ONNX, check it against PyTorch, optionally quantise to INT8.
 
     MODEL is a .safetensors checkpoint or a run folder (its student.safetensors);
     without MODEL, runs/latest/student.safetensors. Exit 1 when the parity check
-    fails (the file is then renamed NAME.invalid.onnx), 2 on bad input.
+    fails (the file is then renamed NAME.invalid.onnx) or no INT8 candidate
+    meets --max-accuracy-drop (the best one is still written), 2 on bad input.
 
     \b
     Example:  compress export --onnx runs/latest --out student.onnx --data demo --quantize int8
+    Example:  compress export runs/latest --data demo --quantize int8 --max-accuracy-drop 0.5
     """
     from compressor.checkpoint import load_model
     from compressor.fileio import check_output_path
@@ -82,6 +89,12 @@ def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data
         raise CompressError(f"--atol/--rtol must be >= 0, got {atol:g}/{rtol:g}")
     if calibration_size < 1:
         raise CompressError(f"--calibration-size must be >= 1, got {calibration_size}")
+    if (max_accuracy_drop is not None or eval_images is not None) and quantize != "int8":
+        raise CompressError("--max-accuracy-drop/--eval-images tune INT8 quantisation; add --quantize int8 --data DATA")
+    if max_accuracy_drop is not None and max_accuracy_drop < 0:
+        raise CompressError(f"--max-accuracy-drop is in top-1 points and must be >= 0, got {max_accuracy_drop:g}")
+    if eval_images is not None and eval_images < 1:
+        raise CompressError(f"--eval-images must be >= 1, got {eval_images}")
     ckpt = resolve_checkpoint(model)
     out_path = check_output_path(out if out else default_onnx_path(ckpt))
     if out_path.suffix != ".onnx":
@@ -111,11 +124,27 @@ def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data
         from .quantize import calibration_images, format_int8_report, int8_path, int8_report, quantize_static_int8
 
         q_out = int8_path(written)
+        if max_accuracy_drop is not None:
+            _int8_search(written, q_out, bundle, max_accuracy_drop, calibration_size, eval_images, threads)
+            return
         calib = calibration_images(bundle, calibration_size)
         quantize_static_int8(written, q_out, calib)
         click.echo(f"quantised {q_out} (static INT8, QDQ per-channel, {len(calib)} calibration images, {_kb(q_out)})")
         rep = int8_report(written, q_out, bundle, threads=threads)
         click.echo(format_int8_report(rep))
+
+
+def _int8_search(written, q_out, bundle, max_drop, calibration_size, eval_images, threads) -> None:
+    from .quantize import quantize_accuracy_aware
+
+    res = quantize_accuracy_aware(written, q_out, bundle, max_drop, calibration_size=calibration_size,
+                                  eval_images=eval_images, threads=threads, echo=click.echo)
+    best = res["candidates"][res["best"]]
+    what = f"{best['candidate']}, top-1 {best['top1']:.2f}% (drop {best['drop']:+.2f} points), {_kb(q_out)}"
+    if not res["passed"]:
+        raise CheckFailed(f"no INT8 candidate within {max_drop:g} top-1 points of fp32 after "
+                          f"{len(res['candidates'])} tries; the best ({what}) is written to {q_out}")
+    click.echo(f"quantised {q_out} ({what})")
 
 
 # ------------------------------------------------------------------- bench
