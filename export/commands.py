@@ -12,7 +12,7 @@ import click
 
 from compressor.errors import CheckFailed, CompressError
 
-from .options import GRAPH_OPT_LEVELS
+from .options import GRAPH_OPT_LEVELS, PRECISIONS, PROVIDERS
 
 
 def _parse_batch_sizes(values) -> list[int]:
@@ -202,7 +202,12 @@ def load_torch_for(onnx_path, checkpoint=None, *, echo=click.echo):
 @click.option("--warmup", type=int, default=10, show_default=True, help="untimed runs per engine first")
 @click.option("--iters", type=int, default=None, help="timed runs per engine and batch size")
 @click.option("--seconds", type=float, default=None, help="time per engine and batch size instead of --iters  [default: 1]")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice([*PROVIDERS, "all"], case_sensitive=False), default="cpu",
+              show_default=True, help="onnxruntime execution provider; all: one table of every available provider "
+                                      "x fp32/bf16/int8 file x batch size, checked against cpu fp32")
+@click.option("--precision", type=click.Choice(PRECISIONS, case_sensitive=False), default="f32", show_default=True,
+              help="--provider openvino: inference precision hint")
+@click.option("--data", default=None, help="--provider all: check parity (top-1) on this data's test images")
 @click.option("--graph-opt", type=click.Choice(GRAPH_OPT_LEVELS, case_sensitive=False), default="all",
               show_default=True, help="onnxruntime graph optimisation level")
 @click.option("--budget-ms", type=float, default=None, help="gate: exit 1 if the latency exceeds this (ms)")
@@ -212,14 +217,18 @@ def load_torch_for(onnx_path, checkpoint=None, *, echo=click.echo):
 @click.option("--max-regression", default=None, help="gate: allowed slow-down vs --baseline, e.g. 10%  [default: 10%]")
 @click.option("--json", "json_out", default=None, help="write the full report (JSON) here")
 def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warmup, iters, seconds, provider,
-              graph_opt, budget_ms, percentile, baseline, max_regression, json_out):
+              precision, data, graph_opt, budget_ms, percentile, baseline, max_regression, json_out):
     """Latency of an ONNX model with onnxruntime (p50/p90/p99, throughput), with CI gates.
 
     Exit 1 when --budget-ms is exceeded or the model is slower than --baseline by
     more than --max-regression; the --json report is written first either way.
+    --provider all compares the usable providers (NAME.int8.onnx beside MODEL is
+    included) and names the fastest row that passes parity; an unavailable
+    --provider is exit 2 with the install hint.
 
     \b
     Example:  compress bench student.onnx --torch --budget-ms 2 --baseline main.json --max-regression 10% --json bench.json
+    Example:  compress bench student.onnx --provider all --batch-size 1,64 --data demo
     """
     from compressor.fileio import check_output_path
 
@@ -228,6 +237,16 @@ def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warm
     sizes = _parse_batch_sizes(batch_sizes)
     if iters is not None and seconds is not None:
         raise CompressError("give --iters or --seconds, not both")
+    provider, precision = provider.lower(), precision.lower()
+    if data and provider != "all":
+        raise CompressError("--data is for --provider all (parity on test images); drop it or add --provider all")
+    if provider == "all":
+        if compare or with_torch or checkpoint or budget_ms is not None or baseline or max_regression:
+            raise CompressError("--provider all prints the provider table only; --compare/--torch and the gates "
+                                "need one --provider")
+        return _bench_all_providers(model, batch_sizes, sizes, threads, warmup, iters, seconds, data, json_out)
+    if precision != "f32" and provider != "openvino":
+        raise CompressError(f"--precision {precision} is an OpenVINO hint; add --provider openvino")
     if max_regression is not None and baseline is None:
         raise CompressError("--max-regression needs --baseline OLD.json")
     if checkpoint and not with_torch:
@@ -243,8 +262,8 @@ def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warm
     if with_torch:
         torch_model, ckpt = load_torch_for(model, checkpoint)
     report = benchmark_onnx(model, batch_sizes=sizes, threads=threads, warmup=warmup, iters=iters,
-                            seconds=seconds, providers=provider.lower(), graph_optimization=graph_opt.lower(),
-                            torch_model=torch_model, compare=compare)
+                            seconds=seconds, providers=provider, graph_optimization=graph_opt.lower(),
+                            torch_model=torch_model, compare=compare, precision=precision)
     if ckpt is not None:
         report["torch_checkpoint"] = str(ckpt)
 
@@ -262,3 +281,19 @@ def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warm
     failed = [g for g in gates if not g["passed"]]
     if failed:
         raise CheckFailed("; ".join(g["message"] for g in failed))
+
+
+def _bench_all_providers(model, given_sizes, sizes, threads, warmup, iters, seconds, data, json_out) -> None:
+    from compressor.fileio import check_output_path, write_json
+
+    from .provider_table import format_provider_table, provider_table
+
+    if json_out:
+        check_output_path(json_out)
+    rep = provider_table(model, batch_sizes=sizes if given_sizes else (1, 64), threads=threads, warmup=warmup,
+                         iters=iters, seconds=seconds if seconds is not None or iters is not None else 1.0,
+                         data=data)
+    click.echo(format_provider_table(rep))
+    if json_out:
+        write_json(json_out, rep)
+        click.echo(f"wrote {json_out}")

@@ -3,3 +3,5 @@ onnxruntime, numpy or torch) so that building the CLI's help stays instant."""
 from __future__ import annotations
 
 GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
+PROVIDERS = ("cpu", "openvino", "cuda")       # onnxruntime execution providers compress can drive
+PRECISIONS = ("f32", "bf16")                  # OpenVINO's INFERENCE_PRECISION_HINT
