@@ -19,6 +19,11 @@ Example::
 
     python benchmarks/train_throughput.py --chain resnet20,resnet14,resnet8 --batches 12
     python benchmarks/train_throughput.py --channels-last --mixed-precision bf16 --json out.json
+    python benchmarks/train_throughput.py --mixed-precision auto   # what compress picks here (printed)
+
+``--mixed-precision auto`` (the default, as in ``compress``) resolves like a run
+does (:mod:`compressor.precision`); ``mixed_precision``/``channels_last`` in the JSON
+are the resolved values, ``precision`` records the request and the reason.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from compressor.guides import GuideLogitCache, GuideSet
 from compressor.data import augment_batch, load_data, make_loader, normalize, subset
 from compressor.models import create_model
 from compressor.planning import guides_for_stage
+from compressor.precision import resolve_precision
 from compressor.trainer import LossSettings, build_optimizer, seeded_generator, train_one_epoch
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -59,8 +65,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--batches", type=int, default=10, help="batches per measurement")
     ap.add_argument("--repeats", type=int, default=2, help="best of N timings")
-    ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                    help="default: on when --mixed-precision auto picks bf16, else off")
+    ap.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the JSON report here")
     args = ap.parse_args(argv)
@@ -69,6 +76,9 @@ def main(argv=None) -> dict:
 
     from accelerate import Accelerator
 
+    precision = resolve_precision(args.mixed_precision, args.channels_last)
+    print(precision.describe(), file=sys.stderr)
+    args.mixed_precision, args.channels_last = precision.mixed_precision, precision.channels_last
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     device = accelerator.device
     chain = [c.strip() for c in args.chain.split(",")]
@@ -166,7 +176,7 @@ def main(argv=None) -> dict:
     report = {
         "benchmark": "train_throughput", "chain": chain, "method": args.method, "drop_guides": args.drop_guides,
         "batch_size": args.batch_size, "images": n_images, "channels_last": args.channels_last,
-        "mixed_precision": args.mixed_precision, "device": str(device), "threads": torch.get_num_threads(),
+        "mixed_precision": args.mixed_precision, "precision": precision.to_dict(), "device": str(device), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "loader_img_s": round(loader_ips, 1),
         "ce_train_img_s": {k: round(v, 1) for k, v in train_ips.items()},

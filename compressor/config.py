@@ -18,7 +18,7 @@ from .errors import CompressError
 
 METHODS = ("dgkd", "takd", "kd", "ce")
 SCHEDULES = ("step", "cosine", "constant")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 PLAN_METRICS = ("macs", "params", "latency")
 
 
@@ -39,9 +39,9 @@ class OptimConfig:
     warmup_epochs: int = 0
     augment: bool = True             # random crop (pad 4) + horizontal flip
     seed: int = 20
-    mixed_precision: str = "no"      # no | bf16 | fp16 (Accelerate)
+    mixed_precision: str = "auto"    # auto | no | bf16 | fp16; auto: bf16 where native (compressor.precision)
     grad_accum: int = 1
-    channels_last: bool = False
+    channels_last: typing.Optional[bool] = None  # None: on when auto picks bf16
     val_fraction: float = 0.1        # held out of train for the per-epoch evaluation; 0 = paper protocol (test)
     train_subset: typing.Optional[int] = None  # use only the first N (shuffled) training images
     eval_every: int = 1

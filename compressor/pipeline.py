@@ -38,18 +38,22 @@ from .data import DataBundle, load_data, make_loader, subset
 from .errors import CompressError
 from .fileio import check_output_path, write_json, write_yaml
 from .models import create_model, get_entry
+from .precision import resolve_precision
 from .planning import Plan, format_plan, guides_for_stage, pick_student_by_latency, plan_chain
 from .progress import Progress
 from .report import format_summary, write_report
 from .trainer import LossSettings, evaluate, fit, stable_seed
 
 # Keys that may differ between a run and its resumption.
-RESUME_IGNORED_KEYS = ("log_with",)
+# ``precision`` is what ``auto`` resolved to on the machine of the session that wrote config.yaml.
+RESUME_IGNORED_KEYS = ("log_with", "precision")
 
 
 def make_accelerator(cfg, project_dir: str | None = None):
     from accelerate import Accelerator
 
+    if cfg.mixed_precision == "auto":
+        cfg = resolve_precision(cfg.mixed_precision, cfg.channels_last).apply(cfg)
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise CompressError("--mixed-precision fp16 needs a GPU; use bf16 or no on CPU")
     kwargs = dict(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
@@ -183,7 +187,10 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     std = cfg.std or ([0.2470, 0.2435, 0.2616] if c == 3 else [0.25] * c)
     if len(mean) != c or len(std) != c:
         raise CompressError(f"--mean/--std need {c} values (one per channel)")
+    precision = resolve_precision(cfg.mixed_precision, cfg.channels_last)
+    cfg = precision.apply(cfg)
     accelerator = make_accelerator(cfg)
+    accelerator.print(precision.describe())
     torch.manual_seed(stable_seed(cfg.seed, "init", entry.name))
     model = create_model(entry.name, num_classes=num_classes, in_chans=c, **cfg.model_kwargs)
     if cfg.init:
@@ -310,6 +317,9 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
     resolved = {**config_to_dict(cfg), "target": target, "num_processes": accelerator.num_processes}
     if resume:
         _check_resume_config(run_dir, resolved)
+    precision = resolve_precision(cfg.mixed_precision, cfg.channels_last)
+    resolved["precision"] = precision.to_dict()  # requested and resolved, next to the requested fields
+    cfg = precision.apply(cfg)
     accelerator.wait_for_everyone()  # every process has checked the run directory before anything is written
     main = accelerator.is_main_process
     print_ = accelerator.print
@@ -333,6 +343,7 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
         write_json(plan_path, plan.to_dict())
     accelerator.wait_for_everyone()
     print_(f"run directory: {run_dir}")
+    print_(precision.describe())
     if accelerator.num_processes > 1:
         print_(f"data parallel: a world of {accelerator.num_processes} processes "
                f"({accelerator.distributed_type.value}); each step takes {cfg.batch_size} images per process")
@@ -436,7 +447,7 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
         "latency_backend": plan.latency_backend, "relative_cost": plan.relative_cost,
         "total_seconds": round(sum(r["train_seconds"] or 0 for r in rows), 1),
         "wall_seconds_this_session": round(time.perf_counter() - total_start, 1),
-        "command": command or "", "chain": rows,
+        "precision": precision.to_dict(), "command": command or "", "chain": rows,
     }
     if main:
         shutil.copyfile(run_dir / "stages" / f"{len(trained)}-{plan.student.arch}" / "model.safetensors",

@@ -399,11 +399,11 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
     ``test`` under the paper's protocol); its metrics are logged as ``<eval_split>_top1`` etc.
     """
     accelerator.free_memory()  # forget the previous stage's prepared objects
+    if cfg.channels_last:  # before prepare(): DDP must wrap (and broadcast) the channels_last parameters
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     guides = _prepare_guides(guides, accelerator.device, cfg.channels_last, guide_caches)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     resume_state = ResumeState(stage=stage_label, num_processes=accelerator.num_processes)
     accelerator._custom_objects.clear()  # nothing pickled: the resume state is JSON (see ResumeState)
     metrics_path = stage_dir / "metrics.jsonl"

@@ -7,23 +7,37 @@ Public API::
     from export import benchmark_onnx, check_budget, check_baseline, check_accuracy_floor
     from export import quantize_static_int8, int8_report
 
-The Click commands ``export_cmd`` / ``bench_cmd`` live in :mod:`export.commands`
-(imported lazily: importing :mod:`export` does not import Click).
+The Click commands ``export_cmd`` / ``bench_cmd`` live in :mod:`export.commands`.
+Names are imported on first use (PEP 562 ``__getattr__``): ``import export``
+loads neither torch, onnx, onnxruntime nor numpy, so ``compress --help`` stays instant.
 """
-from .bench import (benchmark_onnx, check_accuracy_floor, check_baseline, check_budget, format_table,
-                    load_baseline, machine_info, parse_ratio, write_report)
-from .onnx_export import (INPUT_NAME, METADATA_KEYS, OUTPUT_NAME, NormalizedModel, default_onnx_path, export_onnx,
-                          invalid_path, resolve_checkpoint)
-from .quantize import calibration_images, format_int8_report, int8_path, int8_report, quantize_static_int8
-from .runtime import OnnxModel, default_threads, evaluate_onnx, resolve_providers
-from .validate import ValidationReport, validate_onnx
+from __future__ import annotations
 
-__all__ = [
-    "export_onnx", "resolve_checkpoint", "default_onnx_path", "invalid_path", "NormalizedModel",
-    "INPUT_NAME", "OUTPUT_NAME", "METADATA_KEYS",
-    "validate_onnx", "ValidationReport",
-    "OnnxModel", "evaluate_onnx", "default_threads", "resolve_providers",
-    "benchmark_onnx", "format_table", "machine_info", "write_report",
-    "check_budget", "check_baseline", "check_accuracy_floor", "load_baseline", "parse_ratio",
-    "quantize_static_int8", "int8_report", "format_int8_report", "calibration_images", "int8_path",
-]
+import importlib
+
+# public name -> submodule that defines it
+_LAZY = {
+    **dict.fromkeys(["benchmark_onnx", "check_accuracy_floor", "check_baseline", "check_budget", "format_table",
+                     "load_baseline", "machine_info", "parse_ratio", "write_report"], "bench"),
+    **dict.fromkeys(["INPUT_NAME", "METADATA_KEYS", "OUTPUT_NAME", "NormalizedModel", "default_onnx_path",
+                     "export_onnx", "invalid_path", "resolve_checkpoint"], "onnx_export"),
+    **dict.fromkeys(["calibration_images", "format_int8_report", "int8_path", "int8_report",
+                     "quantize_static_int8"], "quantize"),
+    **dict.fromkeys(["OnnxModel", "default_threads", "evaluate_onnx", "resolve_providers"], "runtime"),
+    **dict.fromkeys(["ValidationReport", "validate_onnx"], "validate"),
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

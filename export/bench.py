@@ -171,7 +171,7 @@ def _model_entry(role: str, m: OnnxModel) -> dict:
 def benchmark_onnx(path, *, batch_sizes=(1,), threads: int | None = None, warmup: int = 10,
                    iters: int | None = None, seconds: float | None = None, providers=None,
                    graph_optimization: str = "all", torch_model=None, compare=None, seed: int = 0,
-                   rounds: int = ROUNDS) -> dict:
+                   rounds: int = ROUNDS, precision: str = "f32") -> dict:
     """Benchmark ``path`` (and ``compare``, another .onnx, and ``torch_model``) on the same inputs.
 
     ``torch_model`` is the PyTorch module the file was exported from; it is
@@ -197,10 +197,12 @@ def benchmark_onnx(path, *, batch_sizes=(1,), threads: int | None = None, warmup
     if str(graph_optimization).lower() not in GRAPH_OPT_LEVELS:
         raise CompressError(f"unknown --graph-opt {graph_optimization!r}; use one of {', '.join(GRAPH_OPT_LEVELS)}")
 
-    main = OnnxModel(path, threads=threads, providers=providers, graph_optimization=graph_optimization)
+    main = OnnxModel(path, threads=threads, providers=providers, graph_optimization=graph_optimization,
+                     precision=precision)
     models = {"model": main}
     if compare is not None:
-        other = OnnxModel(compare, threads=threads, providers=providers, graph_optimization=graph_optimization)
+        other = OnnxModel(compare, threads=threads, providers=providers, graph_optimization=graph_optimization,
+                          precision=precision)
         if tuple(other.chw) != tuple(main.chw) or other.preprocessing != main.preprocessing:
             raise CompressError(
                 f"cannot compare {main.path} (input {main.chw}, preprocessing {main.preprocessing}) with "
@@ -251,6 +253,7 @@ def benchmark_onnx(path, *, batch_sizes=(1,), threads: int | None = None, warmup
         "versions": versions(),
         "provider": main.provider,
         "providers": list(main.active_providers),
+        "precision": main.precision,
         "graph_optimization": main.graph_optimization,
         "threads": threads,
         "torch_threads": threads if torch_module is not None else None,

@@ -12,7 +12,7 @@ import click
 
 from compressor.errors import CheckFailed, CompressError
 
-from .runtime import GRAPH_OPT_LEVELS
+from .options import GRAPH_OPT_LEVELS, PRECISIONS, PROVIDERS
 
 
 def _parse_batch_sizes(values) -> list[int]:
@@ -56,17 +56,24 @@ def _kb(path) -> str:
               help="also write NAME.int8.onnx (static INT8, QDQ, calibrated on --data) and compare it")
 @click.option("--calibration-size", type=int, default=512, show_default=True,
               help="--quantize: number of training images used for calibration")
+@click.option("--max-accuracy-drop", type=float, default=None,
+              help="--quantize: try calibration methods (minmax, entropy, percentile), then the first conv and last "
+                   "layer in float, until top-1 is at most this many points below fp32; exit 1 if none is")
+@click.option("--eval-images", type=int, default=None,
+              help="--max-accuracy-drop: measure top-1 on the first N test images  [default: all]")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for checks and the INT8 report")
 def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data, no_validate, atol, rtol,
-               min_agreement, quantize, calibration_size, threads):
+               min_agreement, quantize, calibration_size, max_accuracy_drop, eval_images, threads):
     """Export a checkpoint to ONNX, check it against PyTorch, optionally quantise to INT8.
 
     MODEL is a .safetensors checkpoint or a run folder (its student.safetensors);
     without MODEL, runs/latest/student.safetensors. Exit 1 when the parity check
-    fails (the file is then renamed NAME.invalid.onnx), 2 on bad input.
+    fails (the file is then renamed NAME.invalid.onnx) or no INT8 candidate
+    meets --max-accuracy-drop (the best one is still written), 2 on bad input.
 
     \b
     Example:  compress export --onnx runs/latest --out student.onnx --data demo --quantize int8
+    Example:  compress export runs/latest --data demo --quantize int8 --max-accuracy-drop 0.5
     """
     from compressor.checkpoint import load_model
     from compressor.fileio import check_output_path
@@ -82,6 +89,12 @@ def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data
         raise CompressError(f"--atol/--rtol must be >= 0, got {atol:g}/{rtol:g}")
     if calibration_size < 1:
         raise CompressError(f"--calibration-size must be >= 1, got {calibration_size}")
+    if (max_accuracy_drop is not None or eval_images is not None) and quantize != "int8":
+        raise CompressError("--max-accuracy-drop/--eval-images tune INT8 quantisation; add --quantize int8 --data DATA")
+    if max_accuracy_drop is not None and max_accuracy_drop < 0:
+        raise CompressError(f"--max-accuracy-drop is in top-1 points and must be >= 0, got {max_accuracy_drop:g}")
+    if eval_images is not None and eval_images < 1:
+        raise CompressError(f"--eval-images must be >= 1, got {eval_images}")
     ckpt = resolve_checkpoint(model)
     out_path = check_output_path(out if out else default_onnx_path(ckpt))
     if out_path.suffix != ".onnx":
@@ -114,11 +127,27 @@ def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data
         from .quantize import calibration_images, format_int8_report, int8_path, int8_report, quantize_static_int8
 
         q_out = int8_path(written)
+        if max_accuracy_drop is not None:
+            _int8_search(written, q_out, bundle, max_accuracy_drop, calibration_size, eval_images, threads)
+            return
         calib = calibration_images(bundle, calibration_size)
         quantize_static_int8(written, q_out, calib)
         click.echo(f"quantised {q_out} (static INT8, QDQ per-channel, {len(calib)} calibration images, {_kb(q_out)})")
         rep = int8_report(written, q_out, bundle, threads=threads)
         click.echo(format_int8_report(rep))
+
+
+def _int8_search(written, q_out, bundle, max_drop, calibration_size, eval_images, threads) -> None:
+    from .quantize import quantize_accuracy_aware
+
+    res = quantize_accuracy_aware(written, q_out, bundle, max_drop, calibration_size=calibration_size,
+                                  eval_images=eval_images, threads=threads, echo=click.echo)
+    best = res["candidates"][res["best"]]
+    what = f"{best['candidate']}, top-1 {best['top1']:.2f}% (drop {best['drop']:+.2f} points), {_kb(q_out)}"
+    if not res["passed"]:
+        raise CheckFailed(f"no INT8 candidate within {max_drop:g} top-1 points of fp32 after "
+                          f"{len(res['candidates'])} tries; the best ({what}) is written to {q_out}")
+    click.echo(f"quantised {q_out} ({what})")
 
 
 # ------------------------------------------------------------------- bench
@@ -176,7 +205,12 @@ def load_torch_for(onnx_path, checkpoint=None, *, echo=click.echo):
 @click.option("--warmup", type=int, default=10, show_default=True, help="untimed runs per engine first")
 @click.option("--iters", type=int, default=None, help="timed runs per engine and batch size")
 @click.option("--seconds", type=float, default=None, help="time per engine and batch size instead of --iters  [default: 1]")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice([*PROVIDERS, "all"], case_sensitive=False), default="cpu",
+              show_default=True, help="onnxruntime execution provider; all: one table of every available provider "
+                                      "x fp32/bf16/int8 file x batch size, checked against cpu fp32")
+@click.option("--precision", type=click.Choice(PRECISIONS, case_sensitive=False), default="f32", show_default=True,
+              help="--provider openvino: inference precision hint")
+@click.option("--data", default=None, help="--provider all: check parity (top-1) on this data's test images")
 @click.option("--graph-opt", type=click.Choice(GRAPH_OPT_LEVELS, case_sensitive=False), default="all",
               show_default=True, help="onnxruntime graph optimisation level")
 @click.option("--budget-ms", type=float, default=None, help="gate: exit 1 if the latency exceeds this (ms)")
@@ -186,14 +220,18 @@ def load_torch_for(onnx_path, checkpoint=None, *, echo=click.echo):
 @click.option("--max-regression", default=None, help="gate: allowed slow-down vs --baseline, e.g. 10%  [default: 10%]")
 @click.option("--json", "json_out", default=None, help="write the full report (JSON) here")
 def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warmup, iters, seconds, provider,
-              graph_opt, budget_ms, percentile, baseline, max_regression, json_out):
+              precision, data, graph_opt, budget_ms, percentile, baseline, max_regression, json_out):
     """Latency of an ONNX model with onnxruntime (p50/p90/p99, throughput), with CI gates.
 
     Exit 1 when --budget-ms is exceeded or the model is slower than --baseline by
     more than --max-regression; the --json report is written first either way.
+    --provider all compares the usable providers (NAME.int8.onnx beside MODEL is
+    included) and names the fastest row that passes parity; an unavailable
+    --provider is exit 2 with the install hint.
 
     \b
     Example:  compress bench student.onnx --torch --budget-ms 2 --baseline main.json --max-regression 10% --json bench.json
+    Example:  compress bench student.onnx --provider all --batch-size 1,64 --data demo
     """
     from compressor.fileio import check_output_path
 
@@ -202,6 +240,16 @@ def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warm
     sizes = _parse_batch_sizes(batch_sizes)
     if iters is not None and seconds is not None:
         raise CompressError("give --iters or --seconds, not both")
+    provider, precision = provider.lower(), precision.lower()
+    if data and provider != "all":
+        raise CompressError("--data is for --provider all (parity on test images); drop it or add --provider all")
+    if provider == "all":
+        if compare or with_torch or checkpoint or budget_ms is not None or baseline or max_regression:
+            raise CompressError("--provider all prints the provider table only; --compare/--torch and the gates "
+                                "need one --provider")
+        return _bench_all_providers(model, batch_sizes, sizes, threads, warmup, iters, seconds, data, json_out)
+    if precision != "f32" and provider != "openvino":
+        raise CompressError(f"--precision {precision} is an OpenVINO hint; add --provider openvino")
     if max_regression is not None and baseline is None:
         raise CompressError("--max-regression needs --baseline OLD.json")
     if checkpoint and not with_torch:
@@ -217,8 +265,8 @@ def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warm
     if with_torch:
         torch_model, ckpt = load_torch_for(model, checkpoint)
     report = benchmark_onnx(model, batch_sizes=sizes, threads=threads, warmup=warmup, iters=iters,
-                            seconds=seconds, providers=provider.lower(), graph_optimization=graph_opt.lower(),
-                            torch_model=torch_model, compare=compare)
+                            seconds=seconds, providers=provider, graph_optimization=graph_opt.lower(),
+                            torch_model=torch_model, compare=compare, precision=precision)
     if ckpt is not None:
         report["torch_checkpoint"] = str(ckpt)
 
@@ -236,3 +284,19 @@ def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warm
     failed = [g for g in gates if not g["passed"]]
     if failed:
         raise CheckFailed("; ".join(g["message"] for g in failed))
+
+
+def _bench_all_providers(model, given_sizes, sizes, threads, warmup, iters, seconds, data, json_out) -> None:
+    from compressor.fileio import check_output_path, write_json
+
+    from .provider_table import format_provider_table, provider_table
+
+    if json_out:
+        check_output_path(json_out)
+    rep = provider_table(model, batch_sizes=sizes if given_sizes else (1, 64), threads=threads, warmup=warmup,
+                         iters=iters, seconds=seconds if seconds is not None or iters is not None else 1.0,
+                         data=data)
+    click.echo(format_provider_table(rep))
+    if json_out:
+        write_json(json_out, rep)
+        click.echo(f"wrote {json_out}")

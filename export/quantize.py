@@ -6,7 +6,11 @@ MinMax on real images. The fp32 graph is first pre-processed with
 ``quant_pre_process`` (shape inference + graph optimisation), which folds
 BatchNorm into the convolutions so the quantised graph has fewer, fused ops.
 The compress metadata of the fp32 file is carried over, plus
-``quantization`` and ``calibration_images``.
+``quantization``, ``calibration_images``, ``calibration_method`` and ``float_nodes``.
+
+:func:`quantize_accuracy_aware` (``compress export --quantize int8
+--max-accuracy-drop P``) tries the calibration methods and keeps the sensitive
+layers in float until the top-1 drop is within budget (see its docstring).
 """
 from __future__ import annotations
 
@@ -25,6 +29,11 @@ from .runtime import OnnxModel, _split_arrays, load_bundle
 QUANTIZATION_TAG = "int8-static-qdq-per-channel-u8s8"
 DEFAULT_CALIBRATION_SIZE = 512
 CALIBRATION_BATCH = 32
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+# Layers kept in float by the accuracy-aware search: the first convolution sees the raw
+# input distribution, the last Gemm/MatMul produces the logits; both are the usual
+# INT8 error hot spots and cost little time in float.
+SENSITIVE_LAYERS = ("first_conv", "last_layer")
 
 
 def int8_path(fp32_path) -> Path:
@@ -64,17 +73,49 @@ def calibration_images(data, n: int = DEFAULT_CALIBRATION_SIZE, seed: int = 0) -
     return images[np.sort(idx)]
 
 
+def sensitive_node_names(model, layers=SENSITIVE_LAYERS) -> list[str]:
+    """Names of the ``layers`` (``first_conv``, ``last_layer``) in an ONNX graph (topologically sorted)."""
+    nodes = list(model.graph.node)
+    found = []
+    for layer in layers:
+        if layer == "first_conv":
+            pick = next((n for n in nodes if n.op_type == "Conv"), None)
+        elif layer == "last_layer":
+            pick = next((n for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")), None)
+        else:
+            raise CompressError(f"unknown layer {layer!r}; use one of {', '.join(SENSITIVE_LAYERS)}")
+        if pick is not None and pick.name not in found:
+            found.append(pick.name)
+    return found
+
+
+def _name_unnamed_nodes(model) -> bool:
+    """``nodes_to_exclude`` works by node name: give unnamed nodes one."""
+    changed = False
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+            changed = True
+    return changed
+
+
 def quantize_static_int8(onnx_path, out_path, calibration, *, per_channel: bool = True,
-                         preprocess: bool = True, calibration_batch: int = CALIBRATION_BATCH) -> Path:
+                         preprocess: bool = True, calibration_batch: int = CALIBRATION_BATCH,
+                         method: str = "minmax", float_layers=()) -> Path:
     """Quantise ``onnx_path`` to INT8 at ``out_path`` (written atomically).
 
     ``calibration``: uint8 images ``(N, C, H, W)`` (prepared as the model
     expects: normalised, or [0, 1] when the normalisation is in the graph),
     float arrays already in the model's input space, or a data spec/bundle.
+    ``method``: the activation-range calibration, ``minmax | entropy | percentile``
+    (percentile: the 99.999th). ``float_layers``: layers of :data:`SENSITIVE_LAYERS`
+    kept in float.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    if method not in CALIBRATION_METHODS:
+        raise CompressError(f"unknown calibration method {method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
     fp32 = OnnxModel(onnx_path, threads=1)
     out = check_output_path(out_path)
     if Path(out).resolve() == fp32.path.resolve():
@@ -102,13 +143,22 @@ def quantize_static_int8(onnx_path, out_path, calibration, *, per_channel: bool 
                 src = fp32.path  # pre-processing is an optimisation only
         else:
             src = fp32.path
+        exclude = []
+        if float_layers:
+            graph = onnx.load(str(src))
+            if _name_unnamed_nodes(graph):
+                src = Path(tmpdir) / "named.onnx"
+                onnx.save_model(graph, str(src))
+            exclude = sensitive_node_names(graph, tuple(float_layers))
         q = Path(tmpdir) / "int8.onnx"
+        calibrate_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                            "percentile": CalibrationMethod.Percentile}[method]
         try:
             quantize_static(
                 str(src), str(q), _Reader(fp32.input_name, batches),
                 quant_format=QuantFormat.QDQ, per_channel=per_channel,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
+                calibrate_method=calibrate_method, nodes_to_exclude=exclude,
                 extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
             )
         except Exception as exc:
@@ -119,6 +169,7 @@ def quantize_static_int8(onnx_path, out_path, calibration, *, per_channel: bool 
             absolute = os.path.abspath(os.path.join(fp32.path.parent, src_ckpt))
             props["source_checkpoint"] = os.path.relpath(absolute, os.path.abspath(Path(out).parent))
         props.update({"quantization": QUANTIZATION_TAG, "calibration_images": str(len(x)),
+                      "calibration_method": method, "float_nodes": ",".join(exclude),
                       "fp32_source": os.path.relpath(os.path.abspath(fp32.path), os.path.abspath(Path(out).parent))})
         set_metadata(model, props)
         with atomic_write(out, suffix=".onnx") as tmp:
@@ -162,3 +213,86 @@ def format_int8_report(rep: dict) -> str:
     lines.append(f"int8 vs fp32: top-1 {-rep['top1_drop']:+.2f} points, speed {sp} "
                  f"({rep['int8']['n']} test images, {rep['threads']} threads)")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------ accuracy-aware search
+def int8_candidates(methods=CALIBRATION_METHODS) -> list[dict]:
+    """The search order: every calibration method fully quantised, then each with the
+    sensitive layers in float (a little slower, usually closer to fp32)."""
+    return ([{"method": m, "float_layers": ()} for m in methods]
+            + [{"method": m, "float_layers": SENSITIVE_LAYERS} for m in methods])
+
+
+def _candidate_label(c: dict) -> str:
+    return c["method"] + (" + float " + "/".join(c["float_layers"]) if c["float_layers"] else "")
+
+
+def quantize_accuracy_aware(fp32_path, out_path, data, max_drop: float, *, calibration_size: int = DEFAULT_CALIBRATION_SIZE,
+                            eval_images: int | None = None, threads: int | None = None, candidates=None,
+                            latency_seconds: float = 0.5, echo=print) -> dict:
+    """Search INT8 settings until the top-1 drop vs fp32 is at most ``max_drop`` points.
+
+    Accuracy: top-1 on the test split of ``data`` (its first ``eval_images`` images
+    when given), fp32 and every candidate on the same images. Candidates
+    (:func:`int8_candidates`) are tried in order and the search stops at the first
+    within budget. The best candidate so far (highest top-1, then lowest batch-1
+    latency) is written to ``out_path`` atomically each time it improves, so an
+    interrupted or failed search still leaves the best file. Every candidate is
+    printed with ``echo`` (accuracy, drop, size, batch-1 p50). Returns
+    ``{"fp32": {...}, "candidates": [...], "best": index, "passed": bool, "path": out_path}``.
+    """
+    import shutil
+
+    from .bench import benchmark_onnx
+    from .runtime import check_fits_data, evaluate_arrays
+
+    if max_drop < 0:
+        raise CompressError(f"--max-accuracy-drop is in top-1 points and must be >= 0, got {max_drop:g}")
+    out = check_output_path(out_path)
+    bundle = load_bundle(data)
+    images, labels = _split_arrays(bundle.test)
+    if eval_images is not None:
+        if eval_images < 1:
+            raise CompressError(f"--eval-images must be >= 1, got {eval_images}")
+        images, labels = images[:eval_images], labels[:eval_images]
+    calib = calibration_images(bundle, calibration_size)
+    fp32 = OnnxModel(fp32_path, threads=threads)
+    check_fits_data(fp32, bundle, images)
+
+    def latency_ms(path) -> float:
+        rep = benchmark_onnx(path, batch_sizes=(1,), threads=threads, seconds=latency_seconds, warmup=5)
+        return rep["results"][0]["p50_ms"]
+
+    base = {"top1": evaluate_arrays(fp32, images, labels)["top1"], "size_bytes": fp32.path.stat().st_size,
+            "p50_ms": latency_ms(fp32.path)}
+    echo(f"INT8 search: budget {max_drop:g} top-1 points on {len(labels)} test images of {getattr(bundle, 'name', data)}, "
+         f"{len(calib)} calibration images")
+    header = f"{'#':>2}  {'candidate':40} {'top-1 %':>8} {'drop':>6} {'size KB':>8} {'b1 p50 ms':>9}  verdict"
+    echo(header)
+    echo(f"{'':>2}  {'fp32':40} {base['top1']:>8.2f} {'':>6} {base['size_bytes'] / 1024:>8.0f} {base['p50_ms']:>9.3f}")
+    results, best = [], None
+    with tempfile.TemporaryDirectory(prefix="compress-int8-search-") as tmpdir:
+        for i, cand in enumerate(candidates if candidates is not None else int8_candidates()):
+            path = Path(tmpdir) / f"candidate{i}.onnx"
+            quantize_static_int8(fp32.path, path, calib, method=cand["method"], float_layers=cand["float_layers"])
+            q = OnnxModel(path, threads=threads)
+            row = {"candidate": _candidate_label(cand), "method": cand["method"],
+                   "float_layers": list(cand["float_layers"]), "float_nodes": q.metadata.get("float_nodes", ""),
+                   "top1": evaluate_arrays(q, images, labels)["top1"], "size_bytes": path.stat().st_size,
+                   "p50_ms": latency_ms(path)}
+            row["drop"] = base["top1"] - row["top1"]
+            row["within_budget"] = row["drop"] <= max_drop + 1e-9
+            improved = best is None or (row["top1"], -row["p50_ms"]) > (results[best]["top1"], -results[best]["p50_ms"])
+            results.append(row)
+            if improved:
+                best = i
+                with atomic_write(out, suffix=".onnx") as tmp:
+                    shutil.copyfile(path, tmp)
+            verdict = ("within budget" if row["within_budget"] else "over budget") + (", kept" if improved else "")
+            echo(f"{i + 1:>2}  {row['candidate']:40} {row['top1']:>8.2f} {row['drop']:>+6.2f} "
+                 f"{row['size_bytes'] / 1024:>8.0f} {row['p50_ms']:>9.3f}  {verdict}")
+            if row["within_budget"]:
+                break
+    return {"fp32": base, "candidates": results, "best": best, "passed": results[best]["within_budget"],
+            "path": str(out), "max_drop": max_drop, "eval_images": int(len(labels)),
+            "calibration_images": int(len(calib))}

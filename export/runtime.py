@@ -15,8 +15,7 @@ from compressor.checkpoint import CheckpointMeta, check_readable_file
 from compressor.errors import CompressError
 
 from .onnx_export import meta_from_onnx_props
-
-GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
+from .options import GRAPH_OPT_LEVELS
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MAX_DEFAULT_THREADS = 8
 
@@ -119,27 +118,36 @@ class OnnxModel:
     """An onnxruntime session plus the model's compress metadata.
 
     ``threads`` pins the intra-op thread count (default :func:`default_threads`);
-    ``providers`` is ``"cpu"``, ``"cuda"`` or a list of provider names;
-    ``graph_optimization`` is one of ``disable|basic|extended|all``.
+    ``providers`` is ``"cpu"``, ``"cuda"``, ``"openvino"`` (see :mod:`export.providers`)
+    or a list of provider names; ``precision`` (``f32``/``bf16``) is OpenVINO's
+    inference precision hint; ``graph_optimization`` is one of ``disable|basic|extended|all``.
     """
 
-    def __init__(self, path, threads: int | None = None, providers=None, graph_optimization: str = "all"):
+    def __init__(self, path, threads: int | None = None, providers=None, graph_optimization: str = "all",
+                 precision: str = "f32"):
         import onnxruntime as ort
+
+        from .providers import OPENVINO_EP, add_openvino, check_precision
 
         self.path = check_onnx_file(path)
         self.threads = int(threads) if threads else default_threads()
         if self.threads < 1:
             raise CompressError(f"threads must be >= 1, got {threads}")
         self.graph_optimization = str(graph_optimization).lower()
-        self.providers = resolve_providers(providers)
+        openvino = isinstance(providers, str) and providers.lower() == "openvino"
+        self.precision = check_precision("openvino" if openvino else "cpu", precision)
+        self.providers = [OPENVINO_EP, "CPUExecutionProvider"] if openvino else resolve_providers(providers)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = graph_opt_level(self.graph_optimization)
         opts.log_severity_level = 3
+        if openvino:  # a plugin EP is added to the options by device, not named in providers=
+            add_openvino(opts, self.precision, self.threads)
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=self.providers)
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts,
+                                                providers=None if openvino else self.providers)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CompressError(

@@ -13,6 +13,7 @@ from compressor.config import DistillConfig, resolve_config
 from compressor.data import synthetic_data
 from compressor.errors import CompressError
 from compressor.pipeline import run_distillation
+from compressor.precision import resolve_precision
 
 TINY = ["--data", "demo", "--train-subset", "256", "--epochs", "1", "--batch-size", "64", "--seed", "3"]
 
@@ -44,6 +45,10 @@ def test_tiny_distillation_through_the_cli(in_tmp, pretrained_teacher, capsys):
     assert summary["chain"][0]["best_val_top1"] is None  # the teacher is not trained here
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["epochs"] == 1 and cfg["target"] == "resnet8" and cfg["method"] == "dgkd"
+    # --mixed-precision auto (the default): the request and this machine's choice are recorded and printed
+    choice = resolve_precision("auto")
+    assert cfg["mixed_precision"] == "auto" and cfg["precision"] == summary["precision"] == choice.to_dict()
+    assert choice.describe() in out
     # stage 2 (the student) was guided by teacher and assistant, one of them dropped per batch
     rec = [json.loads(line) for line in (run / "stages/2-resnet8/metrics.jsonl").read_text().splitlines()]
     assert len(rec) == 1 and sum(rec[0]["guide_uses"]) == rec[0]["steps"] == 4  # 256 / 64

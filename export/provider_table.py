@@ -1,0 +1,137 @@
+"""``compress bench --provider all``: every usable execution provider x file x batch size
+in one table, each row checked against the CPU fp32 reference, the fastest passing row named.
+
+Rows: the fp32 file in f32 on every provider, the fp32 file with OpenVINO's bf16
+precision hint, and the INT8 file (``NAME.int8.onnx`` beside the model, or
+``int8=``) on every provider. Parity is measured on the same inputs for all
+rows: the first ``parity_images`` test images of ``data``, else random inputs.
+
+Pass rules (documented in docs/deployment.md):
+
+- f32 rows: every logit within ``atol + rtol * |ref|`` (1e-4, 1e-3, as the
+  export's parity check) and 100% top-1 agreement;
+- bf16 and INT8 rows change the numbers on purpose (bf16 keeps 8 significant
+  bits, about 2-3 decimal digits, so logits move by ~1e-2): only the decision is
+  checked. With ``data``: top-1 accuracy on the parity images at most
+  ``max_accuracy_drop`` points below the fp32 reference; without data: top-1
+  agreement with the reference at least ``min_agreement``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from compressor.errors import CompressError
+
+from .bench import benchmark_onnx, machine_info, versions
+from .options import PROVIDERS
+from .providers import unavailable_reason
+from .quantize import int8_path
+from .runtime import OnnxModel, _split_arrays, check_fits_data, load_bundle
+
+ATOL, RTOL = 1e-4, 1e-3
+
+
+def _variants(provider: str, model: Path, int8: Path | None) -> list[tuple[str, Path, str]]:
+    rows = [("fp32", model, "f32")]
+    if provider == "openvino":
+        rows.append(("bf16", model, "bf16"))
+    if int8 is not None:
+        rows.append(("int8", int8, "f32"))
+    return rows
+
+
+def _predict(m: OnnxModel, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    return np.concatenate([m.predict(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def provider_table(model, *, int8=None, batch_sizes=(1, 64), threads: int | None = None, warmup: int = 10,
+                   iters: int | None = None, seconds: float | None = 1.0, data=None, parity_images: int = 256,
+                   max_accuracy_drop: float = 0.5, min_agreement: float = 0.99, providers=PROVIDERS) -> dict:
+    """Time and check every available provider x variant x batch size; see the module docstring."""
+    model = Path(model)
+    reference = OnnxModel(model, threads=threads, providers="cpu")
+    if int8 is None and int8_path(model).is_file():
+        int8 = int8_path(model)
+    int8 = Path(int8) if int8 is not None else None
+    labels = None
+    if data is not None:
+        bundle = load_bundle(data)
+        images, labels = _split_arrays(bundle.test)
+        check_fits_data(reference, bundle, images)
+        images, labels = images[:parity_images], labels[:parity_images]
+        x = reference.prepare(images)
+    else:
+        x = reference.random_input(parity_images, seed=1)
+    ref = _predict(reference, x)
+    ref_top1 = float((ref.argmax(1) == labels).mean() * 100) if labels is not None else None
+
+    rows, unavailable = [], {}
+    for provider in providers:
+        reason = unavailable_reason(provider)
+        if reason:
+            unavailable[provider] = reason
+            continue
+        for variant, path, precision in _variants(provider, model, int8):
+            m = OnnxModel(path, threads=threads, providers=provider, precision=precision)
+            out = _predict(m, x)
+            agreement = float((out.argmax(1) == ref.argmax(1)).mean())
+            check = {"max_abs_diff": float(np.abs(out - ref).max()), "top1_agreement": agreement,
+                     "top1": float((out.argmax(1) == labels).mean() * 100) if labels is not None else None}
+            if variant == "fp32":
+                passed = bool(np.all(np.abs(out - ref) <= ATOL + RTOL * np.abs(ref))) and agreement == 1.0
+            elif labels is not None:
+                passed = check["top1"] >= ref_top1 - max_accuracy_drop - 1e-9
+            else:
+                passed = agreement >= min_agreement
+            rep = benchmark_onnx(path, batch_sizes=batch_sizes, threads=threads, warmup=warmup, iters=iters,
+                                 seconds=seconds, providers=provider, precision=precision)
+            for r in rep["results"]:
+                rows.append({"provider": provider, "variant": variant, "path": str(path), "precision": precision,
+                             "active_provider": rep["provider"], "batch_size": r["batch_size"],
+                             "p50_ms": r["p50_ms"], "throughput_ips": r["throughput_ips"], "cv": r["cv"],
+                             "iterations": r["iterations"], **check, "parity_passed": passed})
+
+    base = {r["batch_size"]: r for r in rows if r["provider"] == "cpu" and r["variant"] == "fp32"}
+    for r in rows:
+        b = base.get(r["batch_size"])
+        r["p50_speedup_vs_cpu_fp32"] = b["p50_ms"] / r["p50_ms"] if b else None
+        r["throughput_vs_cpu_fp32"] = r["throughput_ips"] / b["throughput_ips"] if b else None
+    fastest = {}
+    for b in sorted({r["batch_size"] for r in rows}):
+        passing = [r for r in rows if r["batch_size"] == b and r["parity_passed"]]
+        if passing:
+            best = min(passing, key=lambda r: r["p50_ms"])
+            fastest[str(b)] = {k: best[k] for k in ("provider", "variant", "precision", "p50_ms", "throughput_ips",
+                                                    "p50_speedup_vs_cpu_fp32", "throughput_vs_cpu_fp32")}
+    return {"model": str(model), "int8": str(int8) if int8 else None, "machine": machine_info(),
+            "versions": versions(), "threads": reference.threads, "parity_inputs": len(x),
+            "parity_source": "data" if labels is not None else "random", "reference_top1": ref_top1,
+            "rules": {"atol": ATOL, "rtol": RTOL, "max_accuracy_drop": max_accuracy_drop,
+                      "min_agreement": min_agreement},
+            "rows": rows, "unavailable": unavailable, "fastest": fastest}
+
+
+def format_provider_table(rep: dict) -> str:
+    head = (f"{'provider':<9} {'file':<5} {'batch':>5} {'p50 ms':>9} {'img/s':>10} {'vs cpu fp32':>11} "
+            f"{'agree %':>8} {'top-1 %':>8} {'max|diff|':>10}  parity")
+    src = f"{rep['parity_inputs']} {'test images' if rep['parity_source'] == 'data' else 'random inputs'}"
+    lines = [f"{rep['machine']['cpu']} | {rep['threads']} threads | onnxruntime {rep['versions'].get('onnxruntime')} "
+             f"| parity on {src} vs cpu fp32", head, "-" * len(head)]
+    for r in rep["rows"]:
+        top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
+        ratio = (f"{r['p50_speedup_vs_cpu_fp32']:.2f}x" if r["batch_size"] == 1 else
+                 f"{r['throughput_vs_cpu_fp32']:.2f}x") if r["p50_speedup_vs_cpu_fp32"] else "-"
+        lines.append(f"{r['provider']:<9} {r['variant']:<5} {r['batch_size']:>5} {r['p50_ms']:>9.3f} "
+                     f"{r['throughput_ips']:>10.1f} {ratio:>11} {100 * r['top1_agreement']:>8.2f} {top1:>8} "
+                     f"{r['max_abs_diff']:>10.2e}  {'PASS' if r['parity_passed'] else 'FAIL'}")
+    lines.append("vs cpu fp32: p50 speedup at batch 1, throughput ratio at larger batches")
+    for provider, reason in rep["unavailable"].items():
+        lines.append(f"{provider}: not available: {reason}")
+    for b, f in rep["fastest"].items():
+        lines.append(f"fastest at batch {b} that passes parity: {f['provider']} {f['variant']} "
+                     f"({f['p50_ms']:.3f} ms p50, {f['throughput_ips']:.0f} img/s)")
+    if not rep["fastest"]:
+        raise CompressError("no provider produced a row; is the CPU provider missing from onnxruntime?")
+    return "\n".join(lines)
