@@ -110,6 +110,7 @@ class DistillConfig(OptimConfig):
     name: typing.Optional[str] = None
     latency_backend: str = "torch"                    # plan table latency: torch | onnxruntime | none
     cache_guides: bool = False                        # store guide logits per (epoch, step) and reuse them
+    trust_code: bool = False                          # import the user code a teacher checkpoint names
 
     def validate(self) -> None:
         super().validate()

@@ -12,8 +12,9 @@ def evaluate_model(model, split, *, mean, std, batch_size: int = 256, device="cp
     return evaluate(None, model.to(device), make_loader(split, batch_size, shuffle=False), mean=mean, std=std)
 
 
-def evaluate_checkpoint(path, data: str, *, batch_size: int = 256, arch: str | None = None) -> dict:
-    model, meta = load_model(path, arch=arch)
+def evaluate_checkpoint(path, data: str, *, batch_size: int = 256, arch: str | None = None,
+                        trust_code: bool = False) -> dict:
+    model, meta = load_model(path, arch=arch, trust_code=trust_code)
     bundle = load_data(data)
     if meta.num_classes != bundle.num_classes:
         raise CompressError(f"{path} predicts {meta.num_classes} classes but {data} has {bundle.num_classes}; "

@@ -57,8 +57,10 @@ def _kb(path) -> str:
 @click.option("--calibration-size", type=int, default=512, show_default=True,
               help="--quantize: number of training images used for calibration")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for checks and the INT8 report")
+@click.option("--arch", default=None, help="the file.py:NAME a checkpoint of your own model names (runs that code)")
+@click.option("--trust-code", is_flag=True, help="I trust the code this checkpoint names (file.py:NAME): import it")
 def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data, no_validate, atol, rtol,
-               min_agreement, quantize, calibration_size, threads):
+               min_agreement, quantize, calibration_size, threads, arch, trust_code):
     """Export a checkpoint to ONNX, check it against PyTorch, optionally quantise to INT8.
 
     MODEL is a .safetensors checkpoint or a run folder (its student.safetensors);
@@ -92,7 +94,7 @@ def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data
         from .runtime import load_bundle
 
         bundle = load_bundle(data)  # fail on bad --data before the slow export
-    torch_model, meta = load_model(ckpt)
+    torch_model, meta = load_model(ckpt, arch=arch, trust_code=trust_code)
     written = export_onnx((torch_model, meta), out_path, opset=opset, legacy=legacy,
                           include_preprocessing=include_preprocessing, source_path=ckpt)
     from .runtime import OnnxModel
