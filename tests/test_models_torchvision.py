@@ -53,6 +53,15 @@ SMALLEST = {"mobilenetv2": "mobilenetv2_035", "mobilenetv3": "mobilenetv3_small_
             "imagenet_resnet": "resnet10"}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids spinning against other jobs."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _tv(name, num_classes=1000):
     builder, kwargs = TORCHVISION[name]
     if name.startswith("regnety"):

@@ -43,6 +43,15 @@ MODEL_FILE = textwrap.dedent('''
 ''')
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids spinning against other jobs."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def cli(capsys, *args):
     """Run ``compress ARGS`` in-process; returns (exit code, stdout, stderr)."""
     from compressor.cli import main
