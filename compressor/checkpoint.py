@@ -16,10 +16,14 @@ mean, std       JSON lists, the input normalisation the model was trained with
 class_names     JSON list of strings
 metrics         JSON object (test accuracy, epochs, ...)
 source          free text: where the weights came from
+code_sha256     for user code (arch ``file.py:NAME``): sha256 of that file
 ==============  ==========================================================
 
 :func:`load_model` rebuilds the model from the file alone and verifies every
 tensor name and shape, so a truncated or mismatched file is caught on load.
+A checkpoint whose arch is user code is rebuilt only when the caller names the
+same code or trusts it (:func:`ensure_code_trusted`): no code runs because a
+file says so.
 """
 from __future__ import annotations
 
@@ -61,6 +65,7 @@ class CheckpointMeta:
     model_kwargs: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     source: str = ""
+    code_sha256: str = ""
     format_version: str = FORMAT_VERSION
 
     def to_strings(self) -> dict[str, str]:
@@ -87,6 +92,7 @@ class CheckpointMeta:
                 model_kwargs=dict(json.loads(meta.get("model_kwargs", "{}"))),
                 metrics=dict(json.loads(meta.get("metrics", "{}"))),
                 source=meta.get("source", ""),
+                code_sha256=meta.get("code_sha256", ""),
                 format_version=meta.get("format_version", FORMAT_VERSION),
             )
         except (ValueError, TypeError) as exc:
@@ -157,6 +163,11 @@ def read_checkpoint(path, *, arch: str | None = None, num_classes: int | None = 
                else "convert PyTorch .pth/.th files with 'compress import'")
         raise CompressError(f"{p}: not a readable safetensors checkpoint ({reason}); {fix}") from None
     if arch is not None:
+        from .models.user import is_user_ref, same_ref
+
+        recorded = raw_meta.get("arch", "")
+        if not (is_user_ref(arch) and is_user_ref(recorded) and same_ref(arch, recorded)):
+            raw_meta = {k: v for k, v in raw_meta.items() if k != "code_sha256"}  # it was another file's
         raw_meta = {**raw_meta, "arch": arch}
         if "num_classes" not in raw_meta:
             raw_meta["num_classes"] = str(num_classes or _infer_num_classes(state))
@@ -170,6 +181,32 @@ def _infer_num_classes(state: dict) -> int:
         if key.endswith("weight") and state[key].ndim == 2:
             return int(state[key].shape[0])
     raise CompressError("cannot infer num_classes from the checkpoint; pass --num-classes")
+
+
+def ensure_code_trusted(meta: CheckpointMeta, path, *, arch: str | None = None, trust_code: bool = False) -> None:
+    """Refuse to run the user code a checkpoint names unless the caller asked for it.
+
+    A checkpoint is an input file from possibly untrusted people. When its arch
+    is a reference to code (``file.py:NAME``), the code is imported only if the
+    caller passed that reference itself (``arch``) or ``trust_code``; and the
+    file must still have the sha256 recorded at save time.
+    """
+    from .models.user import code_sha256, is_user_ref, same_ref
+
+    if not is_user_ref(meta.arch):
+        return
+    if not trust_code and not (arch is not None and is_user_ref(arch) and same_ref(arch, meta.arch)):
+        raise CompressError(
+            f"{path} names user code {meta.arch}; compress does not run code because a checkpoint names it: "
+            f"pass --arch {meta.arch} (the same reference) or --trust-code if you trust that file"
+        )
+    if meta.code_sha256:
+        current = code_sha256(meta.arch)
+        if current != meta.code_sha256:
+            raise CompressError(
+                f"{meta.arch.rpartition(':')[0]} changed since {path} was saved (sha256 {current[:12]}, recorded "
+                f"{meta.code_sha256[:12]}); restore the file the checkpoint was made with, or retrain"
+            )
 
 
 def build_model(meta: CheckpointMeta) -> nn.Module:
@@ -201,13 +238,27 @@ def load_state_strict(model: nn.Module, state: dict, arch: str, source: str) -> 
     model.load_state_dict(state, strict=True)
 
 
-def load_model(path, *, arch: str | None = None, num_classes: int | None = None, map_location="cpu"):
-    """Rebuild the model stored in ``path``; returns ``(model, meta)`` in eval mode."""
+def load_model(path, *, arch: str | None = None, num_classes: int | None = None, map_location="cpu",
+               trust_code: bool = False):
+    """Rebuild the model stored in ``path``; returns ``(model, meta)`` in eval mode.
+
+    ``arch`` names the architecture (for files without compress metadata, or the
+    same user-code reference the checkpoint records); ``trust_code`` allows
+    importing the user code the checkpoint names (see :func:`ensure_code_trusted`).
+    """
     state, meta = read_checkpoint(path, arch=arch, num_classes=num_classes)
+    ensure_code_trusted(meta, path, arch=arch, trust_code=trust_code)
     get_entry(meta.arch)  # unknown arch -> CompressError with suggestions
     model = build_model(meta)
     load_state_strict(model, state, meta.arch, str(path))
     return model.to(map_location).eval(), meta
+
+
+def family_normalisation(entry) -> tuple[str, tuple, tuple]:
+    """(name, mean, std) a family's weights usually expect: ImageNet for the torchvision families."""
+    if entry.norm == "imagenet":
+        return "ImageNet", IMAGENET_MEAN, IMAGENET_STD
+    return "CIFAR", CIFAR_MEAN, CIFAR_STD
 
 
 def meta_for(arch: str, *, num_classes: int, in_chans: int | None = None, mean=CIFAR_MEAN, std=CIFAR_STD,
@@ -215,6 +266,10 @@ def meta_for(arch: str, *, num_classes: int, in_chans: int | None = None, mean=C
     entry = get_entry(arch)
     in_chans = entry.input_size[0] if in_chans is None else in_chans
     size = tuple(input_size) if input_size else (in_chans, *entry.input_size[1:])
+    if entry.user_ref and "code_sha256" not in extra:
+        from .models.user import code_sha256
+
+        extra["code_sha256"] = code_sha256(entry.user_ref)
     return CheckpointMeta(arch=entry.name, num_classes=num_classes, in_chans=in_chans, input_size=size,
                           mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
                           class_names=list(class_names), model_kwargs=dict(model_kwargs or {}), **extra)

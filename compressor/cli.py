@@ -123,12 +123,15 @@ def models_cmd(family):
     for name in list_models(family):
         s = model_stats(name)
         rows.append([s["name"], s["family"], f"{s['params']:,}", f"{s['macs'] / 1e6:.1f}M",
-                     "x".join(str(v) for v in s["input_size"])])
-    click.echo(format_table(["name", "family", "params", "MACs", "input"], rows))
+                     "x".join(str(v) for v in s["input_size"]), s["norm"]])
+    click.echo(format_table(["name", "family", "params", "MACs", "input", "norm"], rows))
+    click.echo("Your own model: --arch path/to/file.py:NAME (see examples/my_model.py). Families with a "
+               "'stem' option use --option stem=cifar by default for inputs up to 64 px.")
 
 
 @cli.command("train")
-@click.option("--arch", default=None, help="zoo model name, e.g. resnet56")
+@click.option("--arch", default=None, help="zoo model name (e.g. resnet56) or your code: path/to/file.py:NAME "
+                                          "or package.module:NAME")
 @click.option("--out", default=None, help="output checkpoint (.safetensors)")
 @click.option("--recipe", default=None, help="YAML recipe (keys = TrainConfig fields)")
 @click.option("--init", default=None, help="start from this checkpoint (fine-tuning)")
@@ -162,11 +165,11 @@ def train_cmd(arch, out, recipe, init, num_classes, mean, std, options, resume, 
 
 @cli.command("import")
 @click.argument("file")
-@click.option("--arch", required=True, help="zoo model name the weights belong to")
+@click.option("--arch", required=True, help="zoo model name (or file.py:NAME) the weights belong to")
 @click.option("--out", required=True, help="output .safetensors")
 @click.option("--num-classes", type=int, default=None, help="default: inferred from the classifier")
-@click.option("--mean", default=None, help="normalisation mean the weights expect (default CIFAR)")
-@click.option("--std", default=None, help="normalisation std (default CIFAR)")
+@click.option("--mean", default=None, help="normalisation mean the weights expect (default: the family's)")
+@click.option("--std", default=None, help="normalisation std (default: the family's)")
 @click.option("--class-names", default=None, help="comma-separated class names")
 @click.option("--option", "options", multiple=True, help="model option KEY=VALUE, e.g. shortcut=A")
 @click.option("--allow-pickle", is_flag=True,
@@ -182,7 +185,7 @@ def import_cmd(file, arch, out, num_classes, mean, std, class_names, options, al
     Example:  compress import resnet56-4bfd9763.th --arch resnet56 --mean 0.485,0.456,0.406
     --std 0.229,0.224,0.225 --out teacher.safetensors
     """
-    from .checkpoint import (CIFAR_MEAN, CIFAR_STD, _infer_num_classes, file_sha256, load_foreign_state_dict,
+    from .checkpoint import (_infer_num_classes, family_normalisation, file_sha256, load_foreign_state_dict,
                              load_state_strict, meta_for, save_checkpoint)
     from .fileio import check_output_path
     from .models import count_params, create_model, get_entry
@@ -195,8 +198,12 @@ def import_cmd(file, arch, out, num_classes, mean, std, class_names, options, al
     model = create_model(entry.name, num_classes=n, **kwargs)
     load_state_strict(model, state, entry.name, file)
     names = [c.strip() for c in class_names.split(",")] if class_names else []
-    meta = meta_for(entry.name, num_classes=n, mean=_csv_floats(mean) or CIFAR_MEAN,
-                    std=_csv_floats(std) or CIFAR_STD, class_names=names, model_kwargs=kwargs,
+    norm_name, default_mean, default_std = family_normalisation(entry)
+    if not (mean and std):
+        click.echo(f"normalisation: {norm_name} mean/std, the default for {entry.family} "
+                   f"(--mean/--std to override)")
+    meta = meta_for(entry.name, num_classes=n, mean=_csv_floats(mean) or default_mean,
+                    std=_csv_floats(std) or default_std, class_names=names, model_kwargs=kwargs,
                     source=f"imported from {file} (sha256 {file_sha256(file)[:16]})")
     save_checkpoint(out, model, meta)
     click.echo(f"imported {len(state)} tensors into {entry.name} ({count_params(model):,} params, "
@@ -212,13 +219,15 @@ DISTILL_HELP = {
     "latency_backend": "plan table latency: torch | onnxruntime | none",
     "cache_guides": "store guide logits per (epoch, step) on disk and reuse them across stages and runs",
     "ignore_class_names": "run the teacher on data whose class names differ from the teacher's",
+    "trust_code": "I trust the code the teacher checkpoint names (file.py:NAME): import it",
 }
 
 
 def _plan_options(fn):
     for opt in reversed([
         click.option("--teacher", default=None, help="teacher checkpoint (.safetensors)"),
-        click.option("--target", default=None, help="student model name, e.g. resnet8"),
+        click.option("--target", default=None,
+                     help="student: a zoo name (e.g. resnet8) or your code, path/to/file.py:NAME"),
         click.option("--target-latency", "target_latency_ms", default=None,
                      help="instead of --target: largest student under this batch-1 latency, e.g. 0.2ms"),
         click.option("--recipe", default=None, help="YAML recipe (keys = DistillConfig fields)"),
@@ -251,14 +260,14 @@ def _distill_config(teacher, target, target_latency_ms, recipe, options, flags):
 @_plan_options
 @config_options(DistillConfig,
                 ["method", "assistants", "by", "max_assistants", "spacing", "latency_backend", "epochs",
-                 "drop_guides", "data"], {**DISTILL_HELP, **OPTIM_HELP})
+                 "drop_guides", "data", "trust_code"], {**DISTILL_HELP, **OPTIM_HELP})
 @click.option("--json", "json_out", default=None, help="also write the plan as JSON here")
 def plan_cmd(teacher, target, target_latency_ms, recipe, options, json_out, **flags):
     """Pick the teacher assistants between a teacher and a target student.
 
     Example:  compress plan --teacher resnet110.safetensors --target resnet8 --assistants auto
     """
-    from .checkpoint import read_checkpoint
+    from .checkpoint import ensure_code_trusted, read_checkpoint
     from .fileio import check_output_path, write_json
     from .planning import format_plan, plan_chain
     from .pipeline import _resolve_target
@@ -267,12 +276,13 @@ def plan_cmd(teacher, target, target_latency_ms, recipe, options, json_out, **fl
     if json_out:
         check_output_path(json_out)
     _, tmeta = read_checkpoint(cfg.teacher)
+    ensure_code_trusted(tmeta, cfg.teacher, trust_code=cfg.trust_code)
     arch = _resolve_target(cfg, tmeta)
     plan = plan_chain(tmeta.arch, tmeta.num_classes, arch, teacher_kwargs=tmeta.model_kwargs,
                       assistants=cfg.assistants, by=cfg.by, max_assistants=cfg.max_assistants,
                       spacing=cfg.spacing, method=cfg.method, model_kwargs=cfg.model_kwargs,
                       latency_backend=cfg.latency_backend, drop_guides=cfg.drop_guides, epochs=cfg.epochs,
-                      assistant_epochs=cfg.assistant_epochs)
+                      assistant_epochs=cfg.assistant_epochs, input_size=tmeta.input_size)
     click.echo(format_plan(plan))
     if json_out:
         write_json(json_out, plan.to_dict())
@@ -285,7 +295,7 @@ def plan_cmd(teacher, target, target_latency_ms, recipe, options, json_out, **fl
 @config_options(DistillConfig,
                 ["method", "assistants", "by", "max_assistants", "spacing", "temperature", "kd_weight",
                  "drop_guides", "assistant_epochs", "name", "latency_backend", "cache_guides",
-                 "ignore_class_names"] + OPTIM_FIELDS,
+                 "ignore_class_names", "trust_code"] + OPTIM_FIELDS,
                 {**DISTILL_HELP, **OPTIM_HELP})
 def distill_cmd(teacher, target, target_latency_ms, recipe, options, out, resume, **flags):
     """Train teacher -> assistants -> student with DGKD (or takd / kd / ce).
@@ -307,10 +317,12 @@ def distill_cmd(teacher, target, target_latency_ms, recipe, options, out, resume
 @click.option("--data", default="demo", show_default=True, help="dataset to evaluate on (its test split)")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--min-accuracy", type=float, default=None, help="exit 1 when top-1 (%) is below this")
-@click.option("--arch", default=None, help="for safetensors files without compress metadata")
+@click.option("--arch", default=None, help="for safetensors files without compress metadata, or the file.py:NAME "
+                                          "the checkpoint names")
+@click.option("--trust-code", is_flag=True, help="I trust the code this checkpoint names (file.py:NAME): import it")
 @click.option("--json", "json_out", default=None, help="also write the metrics as JSON here")
 @click.option("--ignore-class-names", is_flag=True, help="evaluate even if the model's class names differ from the data's")
-def eval_cmd(model, data, batch_size, min_accuracy, arch, json_out, ignore_class_names):
+def eval_cmd(model, data, batch_size, min_accuracy, arch, trust_code, json_out, ignore_class_names):
     """Top-1/top-5 accuracy and loss of a .safetensors or .onnx model.
 
     Example:  compress eval runs/latest/student.safetensors --data demo --min-accuracy 40
@@ -329,7 +341,7 @@ def eval_cmd(model, data, batch_size, min_accuracy, arch, json_out, ignore_class
         result = evaluate_onnx(model, data, batch_size=batch_size, ignore_class_names=ignore_class_names)
         backend = "onnxruntime"
     else:
-        result = evaluate_checkpoint(model, data, batch_size=batch_size, arch=arch,
+        result = evaluate_checkpoint(model, data, batch_size=batch_size, arch=arch, trust_code=trust_code,
                                      ignore_class_names=ignore_class_names)
         backend = "torch"
     click.echo(f"{model}: sha256 {result['sha256']}, source: {result['source'] or 'not recorded'}")

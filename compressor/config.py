@@ -111,6 +111,7 @@ class DistillConfig(OptimConfig):
     latency_backend: str = "torch"                    # plan table latency: torch | onnxruntime | none
     cache_guides: bool = False                        # store guide logits per (epoch, step) and reuse them
     ignore_class_names: bool = False                  # run a teacher on data whose class names differ
+    trust_code: bool = False                          # import the user code a teacher checkpoint names
 
     def validate(self) -> None:
         super().validate()

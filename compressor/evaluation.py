@@ -13,12 +13,12 @@ def evaluate_model(model, split, *, mean, std, batch_size: int = 256, device="cp
 
 
 def evaluate_checkpoint(path, data: str, *, batch_size: int = 256, arch: str | None = None,
-                        ignore_class_names: bool = False) -> dict:
+                        trust_code: bool = False, ignore_class_names: bool = False) -> dict:
     """Metrics of the checkpoint at ``path`` on ``data``'s test split, plus its provenance
     (``sha256`` of the file and the ``source`` its metadata records)."""
     from .pipeline import check_class_names
 
-    model, meta = load_model(path, arch=arch)
+    model, meta = load_model(path, arch=arch, trust_code=trust_code)
     bundle = load_data(data)
     if meta.num_classes != bundle.num_classes:
         raise CompressError(f"{path} predicts {meta.num_classes} classes but {data} has {bundle.num_classes}; "

@@ -55,11 +55,12 @@ def _default_threads() -> int:
 
 
 def torch_latency_ms(arch: str, num_classes: int = 10, model_kwargs: dict | None = None,
-                     threads: int | None = None, warmup: int = 5, iters: int = 30) -> float:
-    """Median batch-1 latency of the torch eager model (random weights)."""
+                     threads: int | None = None, warmup: int = 5, iters: int = 30, input_size=None) -> float:
+    """Median batch-1 latency of the torch eager model (random weights) at ``input_size`` (default: its own)."""
     entry = get_entry(arch)
-    model = create_model(arch, num_classes=num_classes, **(model_kwargs or {})).eval()
-    x = torch.randn(1, *entry.input_size)
+    size = tuple(input_size) if input_size else entry.input_size
+    model = create_model(arch, num_classes=num_classes, in_chans=size[0], **(model_kwargs or {})).eval()
+    x = torch.randn(1, *size)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or _default_threads())
     try:
@@ -70,10 +71,19 @@ def torch_latency_ms(arch: str, num_classes: int = 10, model_kwargs: dict | None
 
 
 def onnx_latency_ms(arch: str, num_classes: int = 10, model_kwargs: dict | None = None,
-                    threads: int | None = None, warmup: int = 10, iters: int = 50, use_cache: bool = True) -> float:
+                    threads: int | None = None, warmup: int = 10, iters: int = 50, use_cache: bool = True,
+                    input_size=None) -> float:
     """Median batch-1 onnxruntime latency on this machine (cached per machine)."""
     threads = threads or _default_threads()
+    entry = get_entry(arch)
+    size = tuple(input_size) if input_size else entry.input_size
     key = f"{machine_key(threads)}|{arch}|{num_classes}|{json.dumps(model_kwargs or {}, sort_keys=True)}"
+    if size != entry.input_size:
+        key += f"|{'x'.join(map(str, size))}"
+    if entry.user_ref:  # user code can change under the same name
+        from .models.user import code_sha256
+
+        key += f"|{code_sha256(entry.user_ref)}"
     cache_file = cache_dir() / "latency.json"
     cache = {}
     if use_cache and cache_file.exists():
@@ -87,12 +97,12 @@ def onnx_latency_ms(arch: str, num_classes: int = 10, model_kwargs: dict | None 
 
     from .checkpoint import meta_for
 
-    entry = get_entry(arch)
-    model = create_model(arch, num_classes=num_classes, **(model_kwargs or {})).eval()
-    meta = meta_for(entry.name, num_classes=num_classes, model_kwargs=model_kwargs or {})
-    x = torch.randn(1, *entry.input_size).numpy()
+    model = create_model(arch, num_classes=num_classes, in_chans=size[0], **(model_kwargs or {})).eval()
+    meta = meta_for(entry.name, num_classes=num_classes, in_chans=size[0], model_kwargs=model_kwargs or {},
+                    input_size=size)
+    x = torch.randn(1, *size).numpy()
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_model = OnnxModel(export_onnx((model, meta), os.path.join(tmp, f"{arch}.onnx")), threads=threads)
+        onnx_model = OnnxModel(export_onnx((model, meta), os.path.join(tmp, "model.onnx")), threads=threads)
         ms = _time_fn(lambda: onnx_model.predict(x), warmup, iters)
     if use_cache:
         cache[key] = ms

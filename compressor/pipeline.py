@@ -39,6 +39,8 @@ from .errors import CompressError
 from .fileio import check_output_path, write_json, write_yaml
 from .models import create_model, get_entry
 from .precision import resolve_precision
+from .models.stems import CIFAR_STEM_MAX_PX, with_auto_stem
+from .models.user import arch_slug, is_user_ref
 from .planning import Plan, format_plan, guides_for_stage, pick_student_by_latency, plan_chain
 from .progress import Progress
 from .report import format_summary, write_report
@@ -191,8 +193,12 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     cfg = precision.apply(cfg)
     accelerator = make_accelerator(cfg)
     accelerator.print(precision.describe())
+    model_kwargs = with_auto_stem(entry.builder, cfg.model_kwargs, bundle.input_size)
+    if model_kwargs.get("stem") != cfg.model_kwargs.get("stem"):
+        accelerator.print(f"stem: {model_kwargs['stem']} for {bundle.input_size[-1]} px images (default: cifar up "
+                          f"to {CIFAR_STEM_MAX_PX} px, else imagenet; --option stem=imagenet|cifar)")
     torch.manual_seed(stable_seed(cfg.seed, "init", entry.name))
-    model = create_model(entry.name, num_classes=num_classes, in_chans=c, **cfg.model_kwargs)
+    model = create_model(entry.name, num_classes=num_classes, in_chans=c, **model_kwargs)
     if cfg.init:
         state, init_meta = read_checkpoint(cfg.init)
         load_state_strict(model, state, entry.name, cfg.init)
@@ -214,7 +220,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
                "epochs": cfg.epochs, "train_seconds": round(result.seconds, 1), "data": bundle.name}
     if accelerator.is_main_process:
         meta = meta_for(entry.name, num_classes=num_classes, in_chans=c, mean=mean, std=std,
-                        class_names=bundle.class_names, model_kwargs=cfg.model_kwargs,
+                        class_names=bundle.class_names, model_kwargs=model_kwargs, input_size=bundle.input_size,
                         metrics=metrics, source=f"compress train on {bundle.name}")
         save_checkpoint(out, result.model, meta)
         shutil.rmtree(work, ignore_errors=True)
@@ -228,7 +234,8 @@ def _resolve_target(cfg: DistillConfig, tmeta) -> str:
         return get_entry(cfg.target).name
     family = get_entry(tmeta.arch).family
     arch, measured = pick_student_by_latency(family, cfg.target_latency_ms, tmeta.arch, tmeta.num_classes,
-                                             cfg.model_kwargs)
+                                             cfg.model_kwargs, input_size=tmeta.input_size,
+                                             teacher_kwargs=tmeta.model_kwargs)
     listing = ", ".join(f"{n} {ms:.3f} ms" for n, ms in measured)
     print(f"target latency {cfg.target_latency_ms} ms: picked {arch}, the largest {family} model "
           f"that fits (onnxruntime batch-1 on this machine: {listing})")
@@ -257,7 +264,7 @@ def _guide_caches(cfg: DistillConfig, accelerator, splits: Splits, guides, epoch
 
 
 def default_run_dir(cfg: DistillConfig, target: str) -> Path:
-    name = cfg.name or f"{Path(cfg.teacher).stem}-to-{target}-{cfg.method}"
+    name = cfg.name or f"{Path(cfg.teacher).stem}-to-{arch_slug(target)}-{cfg.method}"
     return Path("runs") / name
 
 
@@ -300,7 +307,7 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
 
     ``data`` replaces ``cfg.data`` with an in-memory bundle (notebooks, tests).
     """
-    teacher, tmeta = load_model(cfg.teacher)
+    teacher, tmeta = load_model(cfg.teacher, trust_code=cfg.trust_code)
     teacher_sha256 = file_sha256(cfg.teacher)
     bundle = data if data is not None else load_data(cfg.data)
     _check_data_fits(tmeta, bundle, "teacher", ignore_class_names=cfg.ignore_class_names)
@@ -336,7 +343,7 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
                           assistants=cfg.assistants, by=cfg.by, max_assistants=cfg.max_assistants,
                           spacing=cfg.spacing, method=cfg.method, model_kwargs=cfg.model_kwargs,
                           latency_backend=cfg.latency_backend, drop_guides=cfg.drop_guides,
-                          epochs=epochs, assistant_epochs=assistant_epochs)
+                          epochs=epochs, assistant_epochs=assistant_epochs, input_size=tmeta.input_size)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_yaml(run_dir / "config.yaml", resolved)
@@ -373,14 +380,15 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
     trained = plan.members[1:]
     for k, member in enumerate(trained):
         label = f"stage {k + 1}/{len(trained)} {member.arch}"
-        stage_dir = run_dir / "stages" / f"{k + 1}-{member.arch}"
+        stage_dir = run_dir / "stages" / f"{k + 1}-{arch_slug(member.arch)}"
         model_path = stage_dir / "model.safetensors"
         guide_idx = guides_for_stage(plan.method, k)
         guide_names = [plan.members[i].arch for i in guide_idx]
         stage_epochs = epochs if member.role == "student" else assistant_epochs
         if model_path.exists():
             try:
-                model, smeta = load_model(model_path)
+                # the run's own plan names the code of a user-model stage
+                model, smeta = load_model(model_path, arch=member.arch if is_user_ref(member.arch) else None)
             except CompressError as exc:
                 raise CompressError(f"{label}: its finished model does not load ({exc}); delete it to retrain "
                                     f"the stage and resume again: rm {model_path}") from None
@@ -399,7 +407,8 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
             accelerator.wait_for_everyone()
             print_(f"{label}: guides {', '.join(guide_names) or 'none (cross-entropy only)'}, {stage_epochs} epochs")
             torch.manual_seed(stable_seed(cfg.seed, "init", member.arch))
-            model = create_model(member.arch, num_classes=tmeta.num_classes, **member.model_kwargs)
+            model = create_model(member.arch, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
+                                 **member.model_kwargs)
             # Data order and augmentation depend on the seed alone: every stage and every
             # method sees the same batches; the init depends on the model, not its position.
             train_loader, eval_loader = _loaders(cfg, splits, stable_seed(cfg.seed, "data"))
@@ -424,7 +433,7 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
                        "data": bundle.name}
             if main:
                 meta = meta_for(member.arch, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
-                                mean=mean, std=std, class_names=bundle.class_names or tmeta.class_names,
+                                input_size=tmeta.input_size, mean=mean, std=std, class_names=bundle.class_names or tmeta.class_names,
                                 model_kwargs=member.model_kwargs, metrics=metrics,
                                 source=f"compress distill ({plan.method}) stage {k + 1} of {run_dir.name}")
                 save_checkpoint(model_path, model, meta)
@@ -450,7 +459,7 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
         "precision": precision.to_dict(), "command": command or "", "chain": rows,
     }
     if main:
-        shutil.copyfile(run_dir / "stages" / f"{len(trained)}-{plan.student.arch}" / "model.safetensors",
+        shutil.copyfile(run_dir / "stages" / f"{len(trained)}-{arch_slug(plan.student.arch)}" / "model.safetensors",
                         run_dir / ".student.safetensors.tmp")
         os.replace(run_dir / ".student.safetensors.tmp", run_dir / "student.safetensors")
         write_json(run_dir / "summary.json", summary)

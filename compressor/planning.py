@@ -4,11 +4,22 @@ Rule for ``assistants="auto"`` (documented in the README): take the fewest
 assistants such that no two neighbours in the chain differ by more than
 ``spacing`` (default 2.5x) in the chosen metric (MACs by default), i.e.
 ``n = ceil(log(M_teacher / M_student) / log(spacing)) - 1``, capped by
-``max_assistants`` and by the number of candidates. Candidates are the members
-of the *student's* family strictly between student and teacher. The n
-assistants are placed at the log-evenly spaced ideal sizes
-``M_student · r^(i/(n+1))`` (r = M_teacher / M_student), each taken as the
-closest unused candidate in log space.
+``max_assistants`` and by the number of candidates. The n assistants are
+placed at the log-evenly spaced ideal sizes ``M_student · r^(i/(n+1))``
+(r = M_teacher / M_student), each taken as the closest unused candidate in
+log space.
+
+Candidates, strictly between student and teacher in the metric:
+
+* a zoo student: the members of the *student's* family (the teacher may be of
+  any family: cross-family chains take assistants of the student's kind);
+* a user-code student (``file.py:NAME``) with a ``LADDER``: its ladder sizes;
+* a user-code student without one: the teacher's family (when the teacher is
+  a zoo model); otherwise name assistants with ``--assistants``.
+
+Every model is measured at the teacher's input size (the data's), and
+models with a ``stem`` option get the stem that size calls for unless
+``--option stem=...`` says otherwise (see :mod:`compressor.models.stems`).
 
 With ``--method kd`` or ``ce`` there are no assistants.
 """
@@ -21,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from .errors import CompressError
 from .models import family_ladder, get_entry
 from .models.registry import profile_arch as _profile_arch
+from .models.stems import CIFAR_STEM_MAX_PX, with_auto_stem
+from .models.user import accepted_options, is_user_ref, user_ladder
 
 
 @dataclass
@@ -67,17 +80,57 @@ class Plan:
                    relative_cost=d.get("relative_cost", 1.0))
 
 
-def profile_arch(arch: str, num_classes: int, model_kwargs: dict | None = None) -> tuple[int, int]:
-    """(parameters, MACs) of ``arch`` built with these options."""
-    return _profile_arch(get_entry(arch).name, num_classes, json.dumps(model_kwargs or {}, sort_keys=True))
+def profile_arch(arch: str, num_classes: int, model_kwargs: dict | None = None,
+                 input_size=None) -> tuple[int, int]:
+    """(parameters, MACs) of ``arch`` built with these options, at ``input_size`` (default: its own)."""
+    return _profile_arch(get_entry(arch).name, num_classes, json.dumps(model_kwargs or {}, sort_keys=True),
+                         tuple(input_size) if input_size else None)
 
 
-def _student_kwargs(arch: str, model_kwargs: dict) -> dict:
-    """Keep only the options the arch's builder accepts (e.g. ``shortcut`` for CIFAR ResNets)."""
+def _student_kwargs(arch: str, model_kwargs: dict, input_size=None) -> dict:
+    """The options of ``model_kwargs`` the arch's builder accepts (e.g. ``shortcut`` for CIFAR ResNets),
+    plus the stem ``input_size`` calls for when the builder has one and none is given."""
     import inspect
 
-    accepted = inspect.signature(get_entry(arch).builder).parameters
-    return {k: v for k, v in model_kwargs.items() if k in accepted}
+    entry = get_entry(arch)
+    if entry.user_ref:
+        kwargs = accepted_options(entry, model_kwargs)
+    else:
+        accepted = inspect.signature(entry.builder).parameters
+        kwargs = {k: v for k, v in model_kwargs.items() if k in accepted}
+    return with_auto_stem(entry.builder, kwargs, input_size or entry.input_size)
+
+
+def member_label(arch: str, kwargs: dict) -> str:
+    """How the plan table names a model: user code shows its options (ladder sizes differ only there)."""
+    if not is_user_ref(arch):
+        return arch
+    shown = {k: v for k, v in kwargs.items() if k != "stem"}
+    return f"{arch}({', '.join(f'{k}={v}' for k, v in shown.items())})" if shown else arch
+
+
+def _candidates(teacher_entry, student_entry, student_kwargs: dict, model_kwargs: dict,
+                input_size) -> tuple[list[tuple[str, str, dict]], str]:
+    """(label, arch, kwargs) of every possible assistant, and where they come from (module docstring)."""
+    if student_entry.user_ref:
+        ladder = user_ladder(student_entry.name)
+        if ladder:
+            out = []
+            for label, kw in ladder.items():
+                kwargs = {**student_kwargs, **kw}
+                if kwargs != student_kwargs:
+                    out.append((f"{student_entry.name}[{label}]", student_entry.name, kwargs))
+            return out, f"the LADDER of {student_entry.name}"
+        if teacher_entry.user_ref:
+            return [], "no LADDER on the student and a user-code teacher: name assistants with --assistants"
+        family = teacher_entry.family
+        source = f"the teacher's family {family} ({student_entry.name} has no LADDER)"
+    else:
+        family = student_entry.family
+        source = f"the student's family {family}"
+    out = [(name, name, _student_kwargs(name, model_kwargs, input_size))
+           for name in family_ladder(family) if name != student_entry.name]
+    return out, source
 
 
 def relative_training_cost(members: list[ChainMember], method: str, drop_guides: int,
@@ -138,45 +191,46 @@ def plan_chain(teacher_arch: str, num_classes: int, target: str, *, teacher_kwar
                assistants: str = "auto", by: str = "macs", max_assistants: int = 4, spacing: float = 2.5,
                method: str = "dgkd", model_kwargs: dict | None = None, latency_backend: str = "torch",
                measure_latency: bool = True, drop_guides: int = 1, epochs: int = 1,
-               assistant_epochs: int | None = None) -> Plan:
-    """Plan the chain teacher -> assistants -> student (see the module docstring)."""
+               assistant_epochs: int | None = None, input_size=None) -> Plan:
+    """Plan the chain teacher -> assistants -> student (see the module docstring).
+
+    ``input_size`` (C, H, W): the images the chain sees (default: the teacher's default input size).
+    """
     model_kwargs = dict(model_kwargs or {})
     teacher_entry, student_entry = get_entry(teacher_arch), get_entry(target)
-    if teacher_entry.input_size != student_entry.input_size:
-        raise CompressError(
-            f"teacher {teacher_entry.name} takes {teacher_entry.input_size} inputs but {student_entry.name} takes "
-            f"{student_entry.input_size}; pick a student of the same input size"
-        )
+    size = tuple(input_size) if input_size else teacher_entry.input_size
     if by == "latency":
         latency_backend = "onnxruntime"
     measure_latency = measure_latency and latency_backend != "none"
 
     def metric(arch: str, kwargs: dict) -> float:
-        params, macs = profile_arch(arch, num_classes, kwargs)
+        params, macs = profile_arch(arch, num_classes, kwargs, size)
         if by == "params":
             return float(params)
         if by == "latency":
             from .latency import latency_ms
 
-            return latency_ms(arch, backend="onnxruntime", num_classes=num_classes, model_kwargs=kwargs)
+            return latency_ms(arch, backend="onnxruntime", num_classes=num_classes, model_kwargs=kwargs,
+                              input_size=size)
         return float(macs)
 
     t_kwargs = dict(teacher_kwargs or {})
-    s_kwargs = _student_kwargs(student_entry.name, model_kwargs)
+    s_kwargs = _student_kwargs(student_entry.name, model_kwargs, size)
     m_teacher, m_student = metric(teacher_entry.name, t_kwargs), metric(student_entry.name, s_kwargs)
+    s_label = member_label(student_entry.name, s_kwargs)
     if m_student >= m_teacher:
         raise CompressError(
-            f"target {student_entry.name} is not smaller than the teacher {teacher_entry.name} by {by} "
+            f"target {s_label} is not smaller than the teacher {teacher_entry.name} by {by} "
             f"({m_student:,.0f} vs {m_teacher:,.0f}); choose a smaller --target"
         )
-    ladder = family_ladder(student_entry.family)
-    candidates = []
-    for name in ladder:
-        if name == student_entry.name:
-            continue
-        value = metric(name, _student_kwargs(name, model_kwargs))
+    pool, source = ([], "") if method in ("kd", "ce") or str(assistants).strip() == "0" else \
+        _candidates(teacher_entry, student_entry, s_kwargs, model_kwargs, size)
+    candidates, spec = [], {}
+    for label, arch, kwargs in pool:
+        value = metric(arch, kwargs)
         if m_student < value < m_teacher:
-            candidates.append((name, value))
+            candidates.append((label, value))
+            spec[label] = (arch, kwargs)
 
     if method in ("kd", "ce"):
         chosen: list[str] = []
@@ -185,45 +239,47 @@ def plan_chain(teacher_arch: str, num_classes: int, target: str, *, teacher_kwar
         n = min(auto_assistant_count(m_teacher / m_student, spacing), max_assistants, len(candidates))
         chosen = pick_evenly(candidates, m_student, m_teacher, n) if n else []
         rule = (f"auto: fewest assistants with at most {spacing:g}x {by} between neighbours "
-                f"(ratio {m_teacher / m_student:.1f}x -> {n}, max {max_assistants})")
+                f"(ratio {m_teacher / m_student:.1f}x -> {n}, max {max_assistants}) from {source}")
     elif str(assistants).strip().isdigit():
         n = int(assistants)
         if n > len(candidates):
             names = ", ".join(c[0] for c in candidates) or "none"
             raise CompressError(
-                f"no room for {n} assistants between {teacher_entry.name} and {student_entry.name} in family "
-                f"{student_entry.family} (candidates: {names}); ask for fewer with --assistants"
+                f"no room for {n} assistants between {teacher_entry.name} and {s_label} in {source} "
+                f"(candidates: {names}); ask for fewer with --assistants"
             )
         chosen = pick_evenly(candidates, m_student, m_teacher, n) if n else []
-        rule = f"fixed count: {n} assistants spaced evenly by log {by}"
+        rule = f"fixed count: {n} assistants spaced evenly by log {by}" + (f" from {source}" if n else "")
     else:
-        names = [get_entry(a).name for a in str(assistants).split(",") if a.strip()]
+        names = [get_entry(a.strip()).name for a in str(assistants).split(",") if a.strip()]
         values = {}
         for name in names:
-            get_entry(name)
-            v = metric(name, _student_kwargs(name, model_kwargs))
+            kwargs = _student_kwargs(name, model_kwargs, size)
+            v = metric(name, kwargs)
             if not m_student < v < m_teacher:
                 raise CompressError(
-                    f"assistant {name} ({by} {v:,.0f}) is not between the student {student_entry.name} "
+                    f"assistant {name} ({by} {v:,.0f}) is not between the student {s_label} "
                     f"({m_student:,.0f}) and the teacher {teacher_entry.name} ({m_teacher:,.0f})"
                 )
             values[name] = v
+            spec[name] = (name, kwargs)
         if len(set(names)) != len(names):
             raise CompressError("an assistant is named twice in --assistants")
         chosen = sorted(names, key=lambda n_: -values[n_])
         rule = "named by the user (ordered largest first)"
 
     def member(role: str, arch: str, kwargs: dict) -> ChainMember:
-        params, macs = profile_arch(arch, num_classes, kwargs)
+        params, macs = profile_arch(arch, num_classes, kwargs, size)
         lat = None
         if measure_latency:
             from .latency import latency_ms
 
-            lat = round(latency_ms(arch, backend=latency_backend, num_classes=num_classes, model_kwargs=kwargs), 4)
+            lat = round(latency_ms(arch, backend=latency_backend, num_classes=num_classes, model_kwargs=kwargs,
+                                   input_size=size), 4)
         return ChainMember(role=role, arch=arch, params=params, macs=macs, latency_ms=lat, model_kwargs=kwargs)
 
     members = [member("teacher", teacher_entry.name, t_kwargs)]
-    members += [member("assistant", a, _student_kwargs(a, model_kwargs)) for a in chosen]
+    members += [member("assistant", *spec[label]) for label in chosen]
     members.append(member("student", student_entry.name, s_kwargs))
     plan = Plan(members=members, method=method, by=by, latency_backend=latency_backend, spacing=spacing, rule=rule)
     plan.relative_cost = round(relative_training_cost(members, method, drop_guides, epochs,
@@ -232,21 +288,23 @@ def plan_chain(teacher_arch: str, num_classes: int, target: str, *, teacher_kwar
 
 
 def pick_student_by_latency(family: str, budget_ms: float, teacher_arch: str, num_classes: int,
-                            model_kwargs: dict | None = None) -> tuple[str, list[tuple[str, float]]]:
+                            model_kwargs: dict | None = None, input_size=None,
+                            teacher_kwargs: dict | None = None) -> tuple[str, list[tuple[str, float]]]:
     """Largest member of ``family`` smaller than the teacher whose onnxruntime batch-1 latency fits.
 
     Returns ``(arch, [(candidate, latency_ms), ...])`` so the caller can say why.
     """
     from .latency import latency_ms
 
-    t_macs = profile_arch(teacher_arch, num_classes, {})[1]
+    size = tuple(input_size) if input_size else get_entry(teacher_arch).input_size
+    t_macs = profile_arch(teacher_arch, num_classes, teacher_kwargs or {}, size)[1]
     measured = []
     fitting = None
     for name in family_ladder(family):
-        kwargs = _student_kwargs(name, model_kwargs or {})
-        if profile_arch(name, num_classes, kwargs)[1] >= t_macs:
+        kwargs = _student_kwargs(name, model_kwargs or {}, size)
+        if profile_arch(name, num_classes, kwargs, size)[1] >= t_macs:
             break
-        ms = latency_ms(name, backend="onnxruntime", num_classes=num_classes, model_kwargs=kwargs)
+        ms = latency_ms(name, backend="onnxruntime", num_classes=num_classes, model_kwargs=kwargs, input_size=size)
         measured.append((name, ms))
         if ms <= budget_ms:
             fitting = name
@@ -263,10 +321,17 @@ def format_plan(plan: Plan) -> str:
 
     rows = []
     for m in plan.members:
-        rows.append([m.role, m.arch, f"{m.params:,}", f"{m.macs / 1e6:.1f}M",
+        rows.append([m.role, member_label(m.arch, m.model_kwargs), f"{m.params:,}", f"{m.macs / 1e6:.1f}M",
                      "-" if m.latency_ms is None else f"{m.latency_ms:.3f}"])
     lat = {"torch": "torch eager", "onnxruntime": "onnxruntime", "none": "not measured"}[plan.latency_backend]
     table = format_table(["role", "model", "params", "MACs", f"latency ms ({lat}, batch 1)"], rows)
-    return (f"{table}\nassistants: {plan.rule}\n"
+    stems = {}
+    for m in plan.members[1:]:
+        if "stem" in m.model_kwargs:
+            stems.setdefault(m.model_kwargs["stem"], []).append(member_label(m.arch, m.model_kwargs))
+    stem_line = "".join(f"stem: {stem} for {', '.join(names)} (default: cifar for inputs up to "
+                        f"{CIFAR_STEM_MAX_PX} px, else imagenet; --option stem=imagenet|cifar)\n"
+                        for stem, names in stems.items())
+    return (f"{table}\nassistants: {plan.rule}\n{stem_line}"
             f"estimated training cost: {plan.relative_cost:.2f}x training the student alone "
             f"(method {plan.method})")

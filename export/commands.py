@@ -62,8 +62,11 @@ def _kb(path) -> str:
 @click.option("--eval-images", type=int, default=None,
               help="--max-accuracy-drop: measure top-1 on the first N test images  [default: all]")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for checks and the INT8 report")
+@click.option("--arch", default=None, help="the file.py:NAME a checkpoint of your own model names (runs that code)")
+@click.option("--trust-code", is_flag=True, help="I trust the code this checkpoint names (file.py:NAME): import it")
 def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data, no_validate, atol, rtol,
-               min_agreement, quantize, calibration_size, max_accuracy_drop, eval_images, threads):
+               min_agreement, quantize, calibration_size, max_accuracy_drop, eval_images, threads, arch,
+               trust_code):
     """Export a checkpoint to ONNX, check it against PyTorch, optionally quantise to INT8.
 
     MODEL is a .safetensors checkpoint or a run folder (its student.safetensors);
@@ -105,7 +108,7 @@ def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data
         from .runtime import load_bundle
 
         bundle = load_bundle(data)  # fail on bad --data before the slow export
-    torch_model, meta = load_model(ckpt)
+    torch_model, meta = load_model(ckpt, arch=arch, trust_code=trust_code)
     from compressor.checkpoint import file_sha256
 
     click.echo(f"{ckpt}: sha256 {file_sha256(ckpt)}, source: {meta.source or 'not recorded'}")
@@ -177,14 +180,14 @@ def find_torch_checkpoint(onnx_path, checkpoint=None) -> Path:
     )
 
 
-def load_torch_for(onnx_path, checkpoint=None, *, echo=click.echo):
+def load_torch_for(onnx_path, checkpoint=None, *, echo=click.echo, trust_code: bool = False):
     """Load the PyTorch model for ``--torch``, checking it is the exported architecture."""
     from compressor.checkpoint import file_sha256, load_model
 
     from .runtime import OnnxModel
 
     ckpt = find_torch_checkpoint(onnx_path, checkpoint)
-    model, meta = load_model(ckpt)
+    model, meta = load_model(ckpt, trust_code=trust_code)
     props = OnnxModel(onnx_path, threads=1).metadata
     if props.get("arch") and props["arch"] != meta.arch:
         raise CompressError(f"{ckpt} is a {meta.arch} but {onnx_path} is a {props['arch']}; "
@@ -219,8 +222,9 @@ def load_torch_for(onnx_path, checkpoint=None, *, echo=click.echo):
 @click.option("--baseline", default=None, help="gate: an earlier 'bench --json' report to compare against")
 @click.option("--max-regression", default=None, help="gate: allowed slow-down vs --baseline, e.g. 10%  [default: 10%]")
 @click.option("--json", "json_out", default=None, help="write the full report (JSON) here")
+@click.option("--trust-code", is_flag=True, help="--torch: I trust the code the checkpoint names (file.py:NAME)")
 def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warmup, iters, seconds, provider,
-              precision, data, graph_opt, budget_ms, percentile, baseline, max_regression, json_out):
+              precision, data, graph_opt, budget_ms, percentile, baseline, max_regression, json_out, trust_code):
     """Latency of an ONNX model with onnxruntime (p50/p90/p99, throughput), with CI gates.
 
     Exit 1 when --budget-ms is exceeded or the model is slower than --baseline by
@@ -263,7 +267,7 @@ def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warm
 
     torch_model = ckpt = None
     if with_torch:
-        torch_model, ckpt = load_torch_for(model, checkpoint)
+        torch_model, ckpt = load_torch_for(model, checkpoint, trust_code=trust_code)
     report = benchmark_onnx(model, batch_sizes=sizes, threads=threads, warmup=warmup, iters=iters,
                             seconds=seconds, providers=provider, graph_optimization=graph_opt.lower(),
                             torch_model=torch_model, compare=compare, precision=precision)

@@ -34,8 +34,16 @@ PAPER = {
     "cifar100_wrn40-2_wrn16-2.yaml": dict(teacher="wrn40_2", num_classes=100, chain=["wrn28_2", "wrn16_2"],
                                           n_train=16),
     "cifar100_vgg13_vgg8.yaml": dict(teacher="vgg13", num_classes=100, chain=["vgg11", "vgg8"], n_train=16),
-    "imagenet_resnet34_resnet18.yaml": dict(teacher="resnet34", num_classes=10, chain=["resnet18"],
-                                            input_size=(3, 64, 64), n_train=16),
+    "imagenet_resnet34_resnet18.yaml": dict(teacher="resnet34", num_classes=10,
+                                            chain=["resnet28", "resnet22", "resnet18"],
+                                            input_size=(3, 64, 64), n_train=16, student_kwargs={"stem": "imagenet"}),
+    "imagenet_resnet50_mobilenetv2.yaml": dict(teacher="resnet50", num_classes=10,
+                                               chain=["mobilenetv2_140", "mobilenetv2_100"],
+                                               input_size=(3, 64, 64), n_train=16,
+                                               student_kwargs={"stem": "imagenet"}),
+    "cifar10_resnet56_mobilenetv2.yaml": dict(teacher="resnet56", num_classes=10,
+                                              chain=["mobilenetv2_075", "mobilenetv2_050", "mobilenetv2_035"],
+                                              n_train=16, student_kwargs={"stem": "cifar"}, cpu_scale=True),
 }
 ALL_RECIPES = sorted(p.name for p in RECIPES.glob("*.yaml"))
 
@@ -47,6 +55,15 @@ def test_meta_profile_is_exact(arch, num_classes, kwargs):
     model = create_model(arch, num_classes=num_classes, **kwargs)
     real = (count_params(model), count_macs(model, get_entry(arch).input_size))
     assert profile_arch(arch, num_classes, json.dumps(kwargs, sort_keys=True)) == real
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids spinning against other jobs."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _validate(path: Path, teacher: str = "teacher.safetensors") -> DistillConfig:
@@ -77,11 +94,19 @@ def test_paper_recipe_settings(name):
     cfg = _validate(RECIPES / name)
     raw = read_recipe(RECIPES / name)
     assert cfg.target == spec["chain"][-1]
+    assert cfg.data != "demo" and "data" in raw, "data: is a placeholder path users replace"
+    if spec.get("cpu_scale"):  # the CPU-study budget (cpu_study.yaml), auto assistants
+        study = _validate(RECIPES / "cpu_study.yaml")
+        assert cfg.method == "dgkd" and cfg.assistants == "auto" and cfg.model_kwargs == {"stem": "cifar"}
+        for key in ("epochs", "train_subset", "val_fraction", "temperature", "kd_weight", "schedule", "lr",
+                    "weight_decay", "batch_size"):
+            assert getattr(cfg, key) == getattr(study, key), key
+        return
     assert cfg.seed == 20 and cfg.momentum == 0.9 and cfg.drop_guides == 1
     assert cfg.temperature == 5.0 and cfg.kd_weight == 1.0
-    assert cfg.data != "demo" and "data" in raw, "data: is a placeholder path users replace"
     if name.startswith("imagenet"):
-        assert cfg.method == "kd"  # no resnet between resnet34 and resnet18 in the zoo: DGKD = KD here
+        assert cfg.method == "dgkd"  # real assistants from the student's family
+        assert [a.strip() for a in cfg.assistants.split(",")] == spec["chain"][:-1]
         assert (cfg.epochs, cfg.batch_size, cfg.lr) == (100, 256, 0.1)
         assert cfg.schedule == "step" and cfg.milestones == [0.3, 0.6, 0.9] and cfg.weight_decay == 1e-4
         return
@@ -129,4 +154,5 @@ def test_paper_recipe_runs_on_tiny_data(name, tmp_path, monkeypatch):
     assert student_path.is_file() and (tmp_path / "run" / "summary.json").is_file()
     student, meta = load_model(student_path)
     assert meta.arch == spec["chain"][-1] and meta.num_classes == n
-    assert meta.model_kwargs == t_kwargs  # e.g. option-B shortcuts reach the student
+    # e.g. option-B shortcuts reach the student; torchvision families record their stem
+    assert meta.model_kwargs == {**t_kwargs, **spec.get("student_kwargs", {})}

@@ -2,7 +2,7 @@
 from .registry import (MODELS, ModelEntry, create_model, dummy_input, family_ladder, get_entry,
                        list_families, list_models, model_stats, register_model)
 from .profile import count_macs, count_params
-from . import cifar_resnet, plain_cnn, tv_resnet, vgg, wrn  # noqa: F401  (registration)
+from . import cifar_resnet, plain_cnn, torchvision_families, tv_resnet, vgg, wrn  # noqa: F401  (registration)
 
 __all__ = [
     "MODELS", "ModelEntry", "create_model", "dummy_input", "family_ladder", "get_entry",

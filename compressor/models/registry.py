@@ -25,18 +25,21 @@ class ModelEntry:
     input_size: tuple[int, int, int]  # (channels, height, width) by default
     description: str = ""
     defaults: dict = field(default_factory=dict)
+    norm: str = "cifar"  # the normalisation its weights usually expect: cifar | imagenet
+    user_ref: str = ""   # set for user code (``file.py:NAME``), see models.user
 
 
 MODELS: Registry[ModelEntry] = Registry("model")
 
 
-def register_model(name: str, *, family: str, input_size=(3, 32, 32), description: str = "", **defaults):
+def register_model(name: str, *, family: str, input_size=(3, 32, 32), description: str = "", norm: str = "cifar",
+                   **defaults):
     """Register ``builder(num_classes, in_chans, **kwargs) -> nn.Module``."""
 
     def wrap(builder):
         entry = ModelEntry(name=normalise_name(name), family=family, builder=builder,
                            input_size=tuple(input_size), description=description,
-                           defaults=dict(defaults))
+                           defaults=dict(defaults), norm=norm)
         MODELS.register(entry, name=name)
         return builder
 
@@ -44,6 +47,11 @@ def register_model(name: str, *, family: str, input_size=(3, 32, 32), descriptio
 
 
 def get_entry(name: str) -> ModelEntry:
+    """A zoo entry, or for ``file.py:NAME`` / ``package.module:NAME`` the user's code (imported)."""
+    from .user import is_user_ref, user_entry
+
+    if is_user_ref(name):
+        return user_entry(name)
     return MODELS.get(name)
 
 
@@ -54,6 +62,10 @@ def create_model(name: str, num_classes: int = 10, in_chans: int | None = None, 
         raise CompressError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     in_chans = entry.input_size[0] if in_chans is None else in_chans
     merged = {**entry.defaults, **{k: v for k, v in kwargs.items() if v is not None}}
+    if entry.user_ref:
+        from .user import build_user_model
+
+        return build_user_model(entry, num_classes=num_classes, in_chans=in_chans, **merged)
     try:
         return entry.builder(num_classes=num_classes, in_chans=in_chans, **merged)
     except TypeError as exc:
@@ -75,8 +87,9 @@ def list_families() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def profile_arch(name: str, num_classes: int = 10, kwargs_json: str = "{}") -> tuple[int, int]:
-    """(parameters, MACs) of a zoo model at its default input size.
+def profile_arch(name: str, num_classes: int = 10, kwargs_json: str = "{}",
+                 input_size: tuple | None = None) -> tuple[int, int]:
+    """(parameters, MACs) of a model at ``input_size`` (default: its default input size).
 
     The model is built on the meta device: shapes only, no weights or compute,
     so profiling a whole family (resnet50 at 224x224 included) takes well under
@@ -87,9 +100,15 @@ def profile_arch(name: str, num_classes: int = 10, kwargs_json: str = "{}") -> t
     from .profile import count_macs, count_params
 
     entry = get_entry(name)
+    size = tuple(input_size) if input_size else entry.input_size
     with torch.device("meta"):
-        model = create_model(entry.name, num_classes=num_classes, **json.loads(kwargs_json))
-    return count_params(model), count_macs(model, entry.input_size)
+        model = create_model(entry.name, num_classes=num_classes, in_chans=size[0], **json.loads(kwargs_json))
+    try:
+        return count_params(model), count_macs(model, size)
+    except RuntimeError as exc:  # e.g. a fixed-size classifier (plain CNNs) on another input size
+        reason = str(exc).splitlines()[0]
+        raise CompressError(f"model {entry.name} cannot take {'x'.join(map(str, size))} inputs ({reason}); "
+                            f"pick a model for this input size") from None
 
 
 def _default_profile(name: str) -> tuple[int, int]:
@@ -101,7 +120,7 @@ def model_stats(name: str) -> dict:
     entry = get_entry(name)
     params, macs = _default_profile(entry.name)
     return {"name": entry.name, "family": entry.family, "params": params, "macs": macs,
-            "input_size": list(entry.input_size)}
+            "input_size": list(entry.input_size), "norm": entry.norm}
 
 
 def family_ladder(family: str) -> list[str]:
