@@ -250,17 +250,12 @@ def _guide_caches(cfg: DistillConfig, accelerator, splits: Splits, guides, epoch
     if accelerator.num_processes > 1:
         accelerator.print("note: --cache-guides is off with several processes (each sees other batches)")
         return None
-    from .guides import GuideLogitCache, cache_key, weights_fingerprint
+    from .guides import cache_settings, open_guide_cache
     from .latency import cache_dir
 
-    settings = {"data": splits.bundle.name, "source": splits.bundle.source, "n_train": len(splits.train),
-                "labels_sum": int(splits.train.labels.sum()), "seed": cfg.seed, "batch_size": cfg.batch_size,
-                "augment": cfg.augment, "epochs": epochs, "mean": list(mean), "std": list(std),
-                "channels_last": cfg.channels_last, "mixed_precision": cfg.mixed_precision,
-                "train_subset": cfg.train_subset, "val_fraction": cfg.val_fraction}
-    root = cache_dir() / "guides"
-    return [GuideLogitCache(root / f"{cache_key(weights_fingerprint(g), settings)}.safetensors",
-                            epochs, steps, cfg.batch_size, num_classes) for g in guides]
+    settings = cache_settings(cfg, splits.train, splits.bundle.input_size, mean, std, num_classes)
+    return [open_guide_cache(cache_dir() / "guides", g, settings, epochs=epochs, steps=steps,
+                             batch_size=cfg.batch_size, num_classes=num_classes) for g in guides]
 
 
 def default_run_dir(cfg: DistillConfig, target: str) -> Path:
