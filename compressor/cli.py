@@ -74,11 +74,17 @@ OPTIM_HELP = {
     "momentum": "SGD momentum", "weight_decay": "SGD weight decay",
     "schedule": "step | cosine | constant", "milestones": "step schedule: fractions of the epochs",
     "gamma": "step schedule factor", "warmup_epochs": "linear warmup epochs",
-    "augment": "random crop + flip", "seed": "random seed", "mixed_precision": "no | bf16 | fp16",
+    "augment": "cifar (pad-4 crop + flip) | imagenet (RandomResizedCrop + flip) | none | auto "
+               "(imagenet from 64 px or for imagenet families, else cifar)", "seed": "random seed", "mixed_precision": "no | bf16 | fp16",
     "grad_accum": "gradient accumulation steps", "channels_last": "channels_last memory format",
     "val_fraction": "hold out this share of train for per-epoch evaluation",
     "train_subset": "train on the first N shuffled images only", "eval_every": "evaluate every N epochs",
     "log_with": "Accelerate tracker (tensorboard, wandb, ...)",
+    "image_size": "train at NxN pixels (default: the native size if all images share it, else the model "
+                  "family's; distill: the teacher's)",
+    "data_mode": "memory | stream | auto (memory when the decoded images fit half the free RAM per process)",
+    "data_workers": "stream mode: DataLoader worker processes (default: cores - 1, at most 8)",
+    "skip_bad_images": "leave undecodable image files out (counted in the run) instead of stopping",
 }
 OPTIM_FIELDS = list(OPTIM_HELP)
 
@@ -302,8 +308,16 @@ def distill_cmd(teacher, target, target_latency_ms, recipe, options, out, resume
 @click.option("--min-accuracy", type=float, default=None, help="exit 1 when top-1 (%) is below this")
 @click.option("--arch", default=None, help="for safetensors files without compress metadata")
 @click.option("--json", "json_out", default=None, help="also write the metrics as JSON here")
-def eval_cmd(model, data, batch_size, min_accuracy, arch, json_out):
+@click.option("--image-size", type=int, default=None,
+              help="evaluate at NxN (default: the size the model was trained at; other data is resized to it)")
+@click.option("--data-mode", type=click.Choice(["auto", "memory", "stream"]), default="auto", show_default=True,
+              help="keep the test split in memory, or stream it from disk")
+@click.option("--skip-bad-images", is_flag=True, help="leave undecodable image files out instead of stopping")
+def eval_cmd(model, data, batch_size, min_accuracy, arch, json_out, image_size, data_mode, skip_bad_images):
     """Top-1/top-5 accuracy and loss of a .safetensors or .onnx model.
+
+    Only the test (or val) split is read, at the size and channels the model was
+    trained at; images of another size are resized and center-cropped (printed).
 
     Example:  compress eval runs/latest/student.safetensors --data demo --min-accuracy 40
     """
@@ -311,6 +325,8 @@ def eval_cmd(model, data, batch_size, min_accuracy, arch, json_out):
 
     if batch_size <= 0:
         raise CompressError(f"--batch-size must be > 0, got {batch_size}")
+    if image_size is not None and image_size < 1:
+        raise CompressError(f"--image-size must be > 0, got {image_size}")
     if json_out:
         from .fileio import check_output_path
 
@@ -318,11 +334,15 @@ def eval_cmd(model, data, batch_size, min_accuracy, arch, json_out):
     if model.endswith(".onnx"):
         from export.runtime import evaluate_onnx
 
-        result = evaluate_onnx(model, data, batch_size=batch_size)
+        result = evaluate_onnx(model, data, batch_size=batch_size, image_size=image_size, mode=data_mode,
+                               skip_bad_images=skip_bad_images)
         backend = "onnxruntime"
     else:
-        result = evaluate_checkpoint(model, data, batch_size=batch_size, arch=arch)
+        result = evaluate_checkpoint(model, data, batch_size=batch_size, arch=arch, image_size=image_size,
+                                     mode=data_mode, skip_bad_images=skip_bad_images)
         backend = "torch"
+    for note in result.get("notes", []):
+        click.echo(f"data: {note}")
     click.echo(f"{model} on {data} ({result['n']} images, {backend}): top-1 {result['top1']:.2f}%  "
                f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
     if json_out:
