@@ -161,7 +161,6 @@ def _load_imagefolder(root: Path, size, default_size, channels, splits, mode, au
             if isinstance(p, str):
                 bad.add(f, p)
     total = sum(len(scan.files[s]) for s in splits)
-    bad.check(skip, total)  # header failures: reported before anything is decoded
     good = [p for s in splits for p in probes[s] if not isinstance(p, str)]
     if not good:
         raise CompressError(f"no image in {str(root)!r} can be decoded; check the files")
@@ -191,6 +190,8 @@ def _load_imagefolder(root: Path, size, default_size, channels, splits, mode, au
     decoded = sum(len(scan.files[s]) for s in splits) * channels * size[0] * size[1]
     chosen, why = choose_mode(mode, decoded, processes)
     notes.append(why)
+    if chosen == "stream":
+        bad.check(skip, total)  # streaming: headers are all that is read up front
     crops = {"train": 1.0, "test": eval_crop(augment)}
     out = {}
     for s in splits:
@@ -205,7 +206,7 @@ def _load_imagefolder(root: Path, size, default_size, channels, splits, mode, au
             out[s] = ImageSplit(images, labels)
         else:
             out[s] = FileSplit(files, labels, size, channels, crops[s])
-    bad.check(skip, total)  # pixel failures found while decoding (memory mode)
+    bad.check(skip, total)  # memory: header and pixel failures together
     if len(bad):
         notes.append(f"skipped {len(bad)} undecodable image file{'s' if len(bad) > 1 else ''} (--skip-bad-images)")
     for s in splits:
