@@ -89,7 +89,7 @@ def choose_mode(mode: str, decoded_bytes: int, processes: int | None = None) -> 
     avail = available_memory()
     budget = int(MEMORY_SHARE * avail / procs)
     chosen = "memory" if decoded_bytes <= budget else "stream"
-    return chosen, (f"data mode auto -> {chosen}: {decoded_bytes / 1e6:,.0f} MB decoded vs a budget of "
+    return chosen, (f"data mode auto -> {chosen}: {decoded_bytes / 1e6:,.1f} MB decoded vs a budget of "
                     f"{budget / 1e6:,.0f} MB ({MEMORY_SHARE:g} x {avail / 1e9:.1f} GB available / {procs} "
                     f"process{'es' if procs > 1 else ''})")
 
