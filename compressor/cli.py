@@ -331,17 +331,18 @@ def eval_cmd(model, data, batch_size, min_accuracy, arch, json_out, image_size, 
         from .fileio import check_output_path
 
         check_output_path(json_out)
+    notes: list = []
     if model.endswith(".onnx"):
         from export.runtime import evaluate_onnx
 
         result = evaluate_onnx(model, data, batch_size=batch_size, image_size=image_size, mode=data_mode,
-                               skip_bad_images=skip_bad_images)
+                               skip_bad_images=skip_bad_images, notes=notes)
         backend = "onnxruntime"
     else:
         result = evaluate_checkpoint(model, data, batch_size=batch_size, arch=arch, image_size=image_size,
-                                     mode=data_mode, skip_bad_images=skip_bad_images)
+                                     mode=data_mode, skip_bad_images=skip_bad_images, notes=notes)
         backend = "torch"
-    for note in result.get("notes", []):
+    for note in notes:
         click.echo(f"data: {note}")
     click.echo(f"{model} on {data} ({result['n']} images, {backend}): top-1 {result['top1']:.2f}%  "
                f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")

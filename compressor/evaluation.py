@@ -28,8 +28,9 @@ def load_test_split_for(meta, data: str, *, image_size=None, mode: str = "auto",
 
 
 def evaluate_checkpoint(path, data: str, *, batch_size: int = 256, arch: str | None = None, image_size=None,
-                        mode: str = "auto", skip_bad_images: bool = False) -> dict:
-    """Metrics of the checkpoint at ``path`` on the test split of ``data``; ``notes`` says how it was loaded."""
+                        mode: str = "auto", skip_bad_images: bool = False, notes: list | None = None) -> dict:
+    """Metrics of the checkpoint at ``path`` on the test split of ``data``; ``notes`` (a list)
+    receives how the data was loaded."""
     model, meta = load_model(path, arch=arch)
     bundle = load_test_split_for(meta, data, image_size=image_size, mode=mode, skip_bad_images=skip_bad_images)
     if meta.num_classes != bundle.num_classes:
@@ -37,5 +38,6 @@ def evaluate_checkpoint(path, data: str, *, batch_size: int = 256, arch: str | N
                             f"evaluate on matching data")
     if tuple(meta.input_size)[0] != bundle.input_size[0]:
         raise CompressError(f"{path} takes {meta.input_size[0]}-channel images but {data} has {bundle.input_size[0]}")
-    result = evaluate_model(model, bundle.test, mean=meta.mean, std=meta.std, batch_size=batch_size)
-    return {**result, "notes": list(bundle.notes), "skipped": bundle.skipped}
+    if notes is not None:
+        notes.extend(bundle.notes)
+    return evaluate_model(model, bundle.test, mean=meta.mean, std=meta.std, batch_size=batch_size)

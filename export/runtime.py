@@ -296,12 +296,13 @@ def evaluate_batches(model: OnnxModel, batches) -> dict:
 
 
 def evaluate_onnx(path, data, batch_size: int = 256, *, threads: int | None = None, providers=None,
-                  image_size=None, mode: str = "auto", skip_bad_images: bool = False) -> dict:
+                  image_size=None, mode: str = "auto", skip_bad_images: bool = False,
+                  notes: list | None = None) -> dict:
     """Evaluate an ONNX model (path or :class:`OnnxModel`) on the test split of ``data``.
 
     Only the test split is read, at the model's (C, H, W) from its metadata
     (see :func:`load_bundle`). Returns ``{"top1": %, "top5": %, "loss": mean
-    cross-entropy, "n": images, "notes": [how the data was loaded]}``.
+    cross-entropy, "n": images}``; ``notes`` (a list) receives how the data was loaded.
     """
     model = path if isinstance(path, OnnxModel) else OnnxModel(path, threads=threads, providers=providers)
     bundle = load_bundle(data, model.meta, splits=("test",), image_size=image_size, mode=mode,
@@ -309,5 +310,6 @@ def evaluate_onnx(path, data, batch_size: int = 256, *, threads: int | None = No
     if batch_size < 1:
         raise CompressError(f"batch_size must be >= 1, got {batch_size}")
     check_fits_data(model, bundle)
-    result = evaluate_batches(model, _split_batches(bundle.test, batch_size))
-    return {**result, "notes": list(getattr(bundle, "notes", [])), "skipped": getattr(bundle, "skipped", 0)}
+    if notes is not None:
+        notes.extend(getattr(bundle, "notes", []))
+    return evaluate_batches(model, _split_batches(bundle.test, batch_size))

@@ -163,6 +163,7 @@ def _load_imagefolder(root: Path, size, default_size, channels, splits, mode, au
     total = sum(len(scan.files[s]) for s in splits)
     good = [p for s in splits for p in probes[s] if not isinstance(p, str)]
     if not good:
+        bad.check(False, total)
         raise CompressError(f"no image in {str(root)!r} can be decoded; check the files")
     notes = []
     shapes = Counter((h, w) for h, w, _ in good)
