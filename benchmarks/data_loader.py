@@ -2,19 +2,21 @@
 """Memory vs streaming data on a generated ImageFolder of 224-px JPEGs.
 
 Builds, in a temporary folder, an ImageFolder of 224x224 JPEGs (the embedded
-demo images, upscaled; 10 classes, 10% in val/) with ``--large`` images, and a
-second root with the first ``--small`` of them (hard links). Then measures:
+demo images, upscaled; 10 classes, 10% in val/) with ``--large`` images (2,000
+distinct files, the rest hard links to them), and a second root with the first
+``--small`` of them (hard links). Then measures:
 
-* ``load``: peak RSS (``getrusage`` max RSS of a fresh subprocess) and wall
+* ``load``: peak RSS (``VmHWM`` of a fresh subprocess) and wall
   time of ``load_data(root, mode=memory|stream)``; the stream run also pulls
-  ``--stream-batches`` training batches through the loader (2 workers), so its
-  peak includes the workers' steady state (their own max RSS is reported as
-  ``children_max_rss_mb``). ``bare_rss_mb`` is a subprocess that imports the
+  ``--stream-batches`` training batches through the loader (2 workers); the
+  workers' own peak (``getrusage`` children, shared pages counted again) is
+  ``children_max_rss_mb``. ``bare_rss_mb`` is a subprocess that imports the
   same modules and loads nothing. Targets: memory peak <= 1.5 x decoded bytes
   + bare; stream peak at ``--large`` <= 1.1 x stream peak at ``--small``.
 * ``decode``: images/s of torchvision.io ``decode_jpeg`` vs Pillow on the files.
 * ``loader``: img/s of the streaming training loader (imagenet policy:
-  RandomResizedCrop + flip, batch 64) with 0, 1 and 2 workers.
+  RandomResizedCrop + flip, 12 batches of 64, worker start-up included) with
+  0, 1 and 2 workers.
 * ``train``: img/s of SGD steps of torchvision-size ResNet-18 at 224 px
   (batch 16, fp32) on this machine. Target: loader img/s (best worker count)
   >= 1.5 x train img/s.
@@ -57,7 +59,8 @@ if mode != "bare":
     size = list(b.input_size)
 else:
     load_s, images, size = 0.0, 0, None
-ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak (ru_maxrss would include the parent's RSS at fork)
+ru = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 ch = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 print(json.dumps({"load_s": round(load_s, 2), "wall_s": round(time.perf_counter() - t0, 2), "images": images,
                   "input_size": size, "peak_rss_mb": round(ru, 1), "children_max_rss_mb": round(ch, 1),
@@ -65,8 +68,9 @@ print(json.dumps({"load_s": round(load_s, 2), "wall_s": round(time.perf_counter(
 """
 
 
-def make_folder(root: Path, n: int, seed: int = 0) -> None:
-    """``n`` 224-px JPEGs from the demo images (bilinear upscale, random flip), 10% in val/."""
+def make_folder(root: Path, n: int, unique: int = 2000, seed: int = 0) -> None:
+    """``n`` 224-px JPEGs, 10% in val/: ``unique`` distinct ones from the demo images (bilinear
+    upscale, random flip), the rest hard links to them (same class), so building 20,000 takes seconds."""
     import torch
     import torch.nn.functional as F
     from torchvision.io import encode_jpeg
@@ -77,19 +81,29 @@ def make_folder(root: Path, n: int, seed: int = 0) -> None:
     src, labels = torch.cat([demo.train.images, demo.test.images]), torch.cat([demo.train.labels, demo.test.labels])
     names = demo.class_names
     g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(src), generator=g)  # classes mixed in every prefix of the numbering
     n_val = n // 10
-    for start in range(0, n, 256):
-        idx = torch.arange(start, min(start + 256, n))
-        x = src[idx % len(src)].float()
-        x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+    made: list[tuple[Path, str]] = []
+
+    def dest(i: int, cls: str) -> Path:
+        d = root / ("val" if i < n_val else "train") / cls
+        d.mkdir(parents=True, exist_ok=True)
+        return d / f"{i:07d}.jpg"
+
+    for start in range(0, min(n, unique), 256):
+        idx = torch.arange(start, min(start + 256, n, unique))
+        x = F.interpolate(src[perm[idx % len(src)]].float(), size=(224, 224), mode="bilinear", align_corners=False)
         flip = torch.rand(len(idx), generator=g) < 0.5
         x[flip] = x[flip].flip(-1)
         x = x.round().clamp(0, 255).to(torch.uint8)
         for j, i in enumerate(idx.tolist()):
-            split = "val" if i < n_val else "train"
-            d = root / split / names[int(labels[i % len(src)])]
-            d.mkdir(parents=True, exist_ok=True)
-            (d / f"{i:07d}.jpg").write_bytes(encode_jpeg(x[j], quality=90).numpy().tobytes())
+            cls = names[int(labels[perm[i % len(src)]])]
+            path = dest(i, cls)
+            path.write_bytes(encode_jpeg(x[j], quality=90).numpy().tobytes())
+            made.append((path, cls))
+    for i in range(len(made), n):
+        path, cls = made[i % len(made)]
+        os.link(path, dest(i, cls))
 
 
 def link_subset(src: Path, dst: Path, n: int) -> None:
@@ -105,8 +119,10 @@ def link_subset(src: Path, dst: Path, n: int) -> None:
 
 def child(root: Path | str, mode: str, batches: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", CHILD, str(root), mode, str(batches)], env=env, check=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, str(root), mode, str(batches)], env=env,
                          capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{mode} load of {root} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -129,26 +145,30 @@ def decode_rates(files: list[Path]) -> dict:
     t0 = time.perf_counter()
     for b in blobs:
         with Image.open(io.BytesIO(b)) as im:
-            torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+            torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
     pil = len(blobs) / (time.perf_counter() - t0)
     return {"torchvision_img_s": round(tv, 1), "pillow_img_s": round(pil, 1), "files": len(blobs)}
 
 
-def loader_rates(root: Path, workers_list=(0, 1, 2), batches: int = 8, batch: int = 64) -> dict:
+def loader_rates(root: Path, workers_list=(0, 1, 2), batches: int = 12, batch: int = 64) -> dict:
     from compressor.data import load_data, make_loader
 
     b = load_data(str(root), mode="stream", splits=("train",))
     out = {}
     for w in workers_list:
         loader = make_loader(b.train, batch, shuffle=True, seed=0, policy="imagenet", workers=w)
-        it = iter(loader)
-        next(it)  # start-up (worker fork) is not throughput
-        t0 = time.perf_counter()
-        n = 0
-        for _ in range(batches):
-            n += len(next(it)[1])
+        n = k = 0
+        t0 = time.perf_counter()  # worker start-up included: that is what an epoch pays
+        for epoch in range(10**6):
+            loader.sampler.set_epoch(epoch)
+            for _, y in loader:
+                n += len(y)
+                k += 1
+                if k == batches:
+                    break
+            if k == batches:
+                break
         out[str(w)] = round(n / (time.perf_counter() - t0), 1)
-        del it
     return out
 
 
