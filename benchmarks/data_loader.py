@@ -1,137 +1,279 @@
 #!/usr/bin/env python
-"""Is data loading ever the bottleneck? Loader throughput vs resnet8 training throughput.
+"""Memory vs streaming data on a generated ImageFolder of 224-px JPEGs.
 
-Measures, in one process on the same machine:
+Builds, in a temporary folder, an ImageFolder of 224x224 JPEGs (the embedded
+demo images, upscaled; 10 classes, 10% in val/) with ``--large`` images (2,000
+distinct files, the rest hard links to them), and a second root with the first
+``--small`` of them (hard links). Then measures:
 
-* ``load_s``: wall time of ``load_data("demo")`` (decode the embedded JPEGs once);
-* ``loader_img_s``: images/s of the training input pipeline on the demo train
-  split -- ``make_loader`` batches of 128 (shuffled), ``augment_batch``
-  (crop pad 4 + flip) and ``normalize`` -- i.e. everything a training step
-  needs before the forward pass;
-* ``train_img_s``: images/s of resnet8 SGD training steps (batch 128, fp32,
-  forward + cross-entropy + backward + step) on the same batches;
-* ``ratio`` = loader_img_s / train_img_s (how many times faster the input
-  pipeline is than the model) and ``data_share`` = train_img_s / loader_img_s
-  (the fraction of a step's time spent on data if both run serially).
+* ``load``: peak RSS (``VmHWM`` of a fresh subprocess) and wall
+  time of ``load_data(root, mode=memory|stream)``; the stream run also pulls
+  ``--stream-batches`` training batches through the loader (2 workers); the
+  workers' own peak (``getrusage`` children, shared pages counted again) is
+  ``children_max_rss_mb``. ``bare_rss_mb`` is a subprocess that imports the
+  same modules and loads nothing. Targets: memory peak <= 1.5 x decoded bytes
+  + bare; stream peak at ``--large`` <= 1.1 x stream peak at ``--small``.
+* ``decode``: images/s of torchvision.io ``decode_jpeg`` vs Pillow on the files.
+* ``loader``: img/s of the streaming training loader (imagenet policy:
+  RandomResizedCrop + flip, 12 batches of 64, worker start-up included) with
+  0, 1 and 2 workers.
+* ``train``: img/s of SGD steps of torchvision-size ResNet-18 at 224 px
+  (batch 16, fp32) on this machine. Target: loader img/s (best worker count)
+  >= 1.5 x train img/s.
+* ``auto``: what ``--data-mode auto`` chooses here for the demo set, a
+  CIFAR-10-sized set, this 224-px folder and ImageNet-1k (decoded bytes).
 
-Prints one JSON object on stdout and a short table on stderr. Runs in well under a minute.
+Prints one JSON object on stdout and a table on stderr.
 
-Usage: ``python benchmarks/data_loader.py [--batch 128] [--epochs 3] [--steps 30] [--warmup 5] [--device cpu]``
+Usage: ``python benchmarks/data_loader.py [--small 2000] [--large 20000] [--keep DIR]``
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import json, resource, sys, time
 import torch
-import torch.nn.functional as F
+from compressor.data import load_data, make_loader
+root, mode, batches = sys.argv[1], sys.argv[2], int(sys.argv[3])
+t0 = time.perf_counter()
+n = 0
+if mode != "bare":
+    b = load_data(root, mode=mode)
+    load_s = time.perf_counter() - t0
+    if mode == "stream":
+        for k, (x, y) in enumerate(make_loader(b.train, 64, shuffle=True, seed=0, policy=b.augment, workers=2)):
+            n += len(y)
+            if k + 1 == batches:
+                break
+    images = len(b.train) + len(b.test)
+    size = list(b.input_size)
+else:
+    load_s, images, size = 0.0, 0, None
+# VmHWM: this process's own peak (ru_maxrss would include the parent's RSS at fork)
+ru = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+ch = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps({"load_s": round(load_s, 2), "wall_s": round(time.perf_counter() - t0, 2), "images": images,
+                  "input_size": size, "peak_rss_mb": round(ru, 1), "children_max_rss_mb": round(ch, 1),
+                  "streamed_images": n}))
+"""
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=3, help="loader passes over the 5,000 demo images")
-    ap.add_argument("--steps", type=int, default=30, help="timed resnet8 training steps")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args(argv)
+def make_folder(root: Path, n: int, unique: int = 2000, seed: int = 0) -> None:
+    """``n`` 224-px JPEGs, 10% in val/: ``unique`` distinct ones from the demo images (bilinear
+    upscale, random flip), the rest hard links to them (same class), so building 20,000 takes seconds."""
+    import torch
+    import torch.nn.functional as F
+    from torchvision.io import encode_jpeg
 
-    from compressor.checkpoint import CIFAR_MEAN, CIFAR_STD
-    from compressor.data import augment_batch, load_data, make_loader, normalize
+    from compressor.data import load_data
+
+    demo = load_data("demo")
+    src, labels = torch.cat([demo.train.images, demo.test.images]), torch.cat([demo.train.labels, demo.test.labels])
+    names = demo.class_names
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(src), generator=g)  # classes mixed in every prefix of the numbering
+    n_val = n // 10
+    made: list[tuple[Path, str]] = []
+
+    def dest(i: int, cls: str) -> Path:
+        d = root / ("val" if i < n_val else "train") / cls
+        d.mkdir(parents=True, exist_ok=True)
+        return d / f"{i:07d}.jpg"
+
+    for start in range(0, min(n, unique), 256):
+        idx = torch.arange(start, min(start + 256, n, unique))
+        x = F.interpolate(src[perm[idx % len(src)]].float(), size=(224, 224), mode="bilinear", align_corners=False)
+        flip = torch.rand(len(idx), generator=g) < 0.5
+        x[flip] = x[flip].flip(-1)
+        x = x.round().clamp(0, 255).to(torch.uint8)
+        for j, i in enumerate(idx.tolist()):
+            cls = names[int(labels[perm[i % len(src)]])]
+            path = dest(i, cls)
+            path.write_bytes(encode_jpeg(x[j], quality=90).numpy().tobytes())
+            made.append((path, cls))
+    for i in range(len(made), n):
+        path, cls = made[i % len(made)]
+        os.link(path, dest(i, cls))
+
+
+def link_subset(src: Path, dst: Path, n: int) -> None:
+    """The first ``n`` images of ``src`` (by number), 10% of them in val/, as hard links."""
+    n_val = n // 10
+    train = sorted((src / "train").rglob("*.jpg"), key=lambda p: int(p.stem))[: n - n_val]
+    val = sorted((src / "val").rglob("*.jpg"), key=lambda p: int(p.stem))[:n_val]
+    for f in train + val:
+        out = dst / f.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.link(f, out)
+
+
+def child(root: Path | str, mode: str, batches: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", CHILD, str(root), mode, str(batches)], env=env,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{mode} load of {root} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def decode_rates(files: list[Path]) -> dict:
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from compressor.data.formats import quiet_torchvision
+
+    blobs = [f.read_bytes() for f in files]
+    t0 = time.perf_counter()
+    with quiet_torchvision():
+        for b in blobs:
+            decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    tv = len(blobs) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for b in blobs:
+        with Image.open(io.BytesIO(b)) as im:
+            torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    pil = len(blobs) / (time.perf_counter() - t0)
+    return {"torchvision_img_s": round(tv, 1), "pillow_img_s": round(pil, 1), "files": len(blobs)}
+
+
+def loader_rates(root: Path, workers_list=(0, 1, 2), batches: int = 12, batch: int = 64) -> dict:
+    from compressor.data import load_data, make_loader
+
+    b = load_data(str(root), mode="stream", splits=("train",))
+    out = {}
+    for w in workers_list:
+        loader = make_loader(b.train, batch, shuffle=True, seed=0, policy="imagenet", workers=w)
+        n = k = 0
+        t0 = time.perf_counter()  # worker start-up included: that is what an epoch pays
+        for epoch in range(10**6):
+            loader.sampler.set_epoch(epoch)
+            for _, y in loader:
+                n += len(y)
+                k += 1
+                if k == batches:
+                    break
+            if k == batches:
+                break
+        out[str(w)] = round(n / (time.perf_counter() - t0), 1)
+    return out
+
+
+def train_rate(steps: int = 3, batch: int = 16) -> float:
+    import torch
+    import torch.nn.functional as F
+
     from compressor.models import create_model
 
-    dev = torch.device(args.device)
-    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
-
-    import torchvision.io  # noqa: F401  (import cost is not load cost)
-    t0 = time.perf_counter()
-    data = load_data("demo")
-    load_s = time.perf_counter() - t0
-
-    loader = make_loader(data.train, args.batch, shuffle=True, seed=0, drop_last=True)
-    gen = torch.Generator().manual_seed(0)
-
-    def pipeline(x):
-        return normalize(augment_batch(x.to(dev, non_blocking=True), gen), CIFAR_MEAN, CIFAR_STD)
-
-    # --- loader + augmentation + normalisation
-    for x, _ in loader:  # warm-up pass
-        pipeline(x)
-        break
-    n_img = 0
-    sync()
-    t0 = time.perf_counter()
-    for epoch in range(args.epochs):
-        loader.sampler.set_epoch(epoch)
-        for x, y in loader:
-            xb = pipeline(x)
-            y.to(dev)
-            n_img += xb.shape[0]
-    sync()
-    loader_s = time.perf_counter() - t0
-    loader_img_s = n_img / loader_s
-
-    # --- resnet8 training steps on pre-made batches (model cost only)
     torch.manual_seed(0)
-    model = create_model("resnet8", num_classes=data.num_classes).to(dev).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    batches = []
-    loader.sampler.set_epoch(100)
-    for x, y in loader:
-        batches.append((pipeline(x), y.to(dev)))
-        if len(batches) == 8:
-            break
+    model = create_model("resnet18", num_classes=10).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 10, (batch,))
 
-    def step(i):
-        xb, yb = batches[i % len(batches)]
-        loss = F.cross_entropy(model(xb), yb)
+    def step():
+        loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    for i in range(args.warmup):
-        step(i)
-    sync()
+    step()  # warm-up
     t0 = time.perf_counter()
-    for i in range(args.steps):
-        step(i)
-    sync()
-    train_s = time.perf_counter() - t0
-    train_img_s = args.steps * args.batch / train_s
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - t0)
 
+
+def auto_choices(n_large: int) -> dict:
+    from compressor.data import choose_mode
+
+    cases = {"demo (6,000 x 32 px)": 6000 * 3 * 32 * 32, "CIFAR-10 (60,000 x 32 px)": 60000 * 3 * 32 * 32,
+             f"224-px folder ({n_large:,} images)": n_large * 3 * 224 * 224,
+             "ImageNet-1k train+val at 224 px (1,331,167)": 1_331_167 * 3 * 224 * 224}
+    return {k: choose_mode("auto", v, processes=1)[1] for k, v in cases.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", type=int, default=2000)
+    ap.add_argument("--large", type=int, default=20000)
+    ap.add_argument("--stream-batches", type=int, default=10)
+    ap.add_argument("--keep", default=None, help="build the folders here and keep them (default: a temp dir)")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    tmp = None
+    if args.keep:
+        base = Path(args.keep)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="compress-data-bench-")
+        base = Path(tmp.name)
+    big, small = base / f"jpeg224-{args.large}", base / f"jpeg224-{args.small}"
+    t0 = time.perf_counter()
+    if not big.exists():
+        make_folder(big, args.large)
+    if not small.exists():
+        link_subset(big, small, args.small)
+    make_s = time.perf_counter() - t0
+
+    bare = child("demo", "bare", 0)
+    load = {}
+    for n, root in ((args.small, small), (args.large, big)):
+        for mode in ("memory", "stream"):
+            r = child(root, mode, args.stream_batches)
+            r["decoded_mb"] = round(r["images"] * 3 * 224 * 224 / 1e6, 1)
+            load[f"{mode}_{n}"] = r
+    for n in (args.small, args.large):
+        m = load[f"memory_{n}"]
+        m["rss_over_decoded_plus_bare"] = round(m["peak_rss_mb"] / (m["decoded_mb"] + bare["peak_rss_mb"]), 3)
+    stream_growth = load[f"stream_{args.large}"]["peak_rss_mb"] / load[f"stream_{args.small}"]["peak_rss_mb"]
+    decode = decode_rates(sorted(small.rglob("*.jpg"))[:300])
+    loader = loader_rates(small)
+    train_img_s = train_rate()
+    best_loader = max(loader.values())
     result = {
-        "benchmark": "data_loader",
-        "device": str(dev),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "batch": args.batch,
-        "demo_train_images": len(data.train),
-        "load_s": round(load_s, 3),
-        "loader_epochs": args.epochs,
-        "loader_images": n_img,
-        "loader_s": round(loader_s, 3),
-        "loader_img_s": round(loader_img_s, 1),
-        "train_model": "resnet8",
-        "train_warmup_steps": args.warmup,
-        "train_steps": args.steps,
-        "train_s": round(train_s, 3),
-        "train_img_s": round(train_img_s, 1),
-        "ratio": round(loader_img_s / train_img_s, 2),
-        "data_share": round(train_img_s / loader_img_s, 4),
+        "benchmark": "data_loader", "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "folder_build_s": round(make_s, 1), "bare_rss_mb": bare["peak_rss_mb"], "load": load,
+        "targets": {
+            "memory_rss_over_decoded_plus_bare_max": max(load[f"memory_{n}"]["rss_over_decoded_plus_bare"]
+                                                         for n in (args.small, args.large)),
+            "memory_target": 1.5,
+            "stream_rss_large_over_small": round(stream_growth, 3), "stream_target": 1.1,
+            "loader_over_train": round(best_loader / train_img_s, 2), "loader_target": 1.5,
+        },
+        "decode": decode, "stream_loader_img_s_by_workers": loader,
+        "train_resnet18_224_img_s": round(train_img_s, 2), "auto": auto_choices(args.large),
     }
     print(json.dumps(result))
-    print(f"{'stage':<44}{'img/s':>12}", file=sys.stderr)
-    print(f"{'loader + augment_batch + normalize':<44}{loader_img_s:>12.0f}", file=sys.stderr)
-    print(f"{'resnet8 SGD train step (batch %d)' % args.batch:<44}{train_img_s:>12.0f}", file=sys.stderr)
-    print(f"{'ratio loader / train':<44}{loader_img_s / train_img_s:>12.1f}x", file=sys.stderr)
-    print(f"{'load_data(demo) seconds':<44}{load_s:>12.2f}", file=sys.stderr)
+    e = sys.stderr
+    print(f"bare process RSS {bare['peak_rss_mb']:.0f} MB; folder built in {make_s:.0f} s", file=e)
+    print(f"{'run':<16}{'images':>8}{'decoded MB':>12}{'peak RSS MB':>13}{'workers MB':>12}{'load s':>9}", file=e)
+    for k, r in load.items():
+        print(f"{k:<16}{r['images']:>8}{r['decoded_mb']:>12.0f}{r['peak_rss_mb']:>13.0f}"
+              f"{r['children_max_rss_mb']:>12.0f}{r['load_s']:>9.1f}", file=e)
+    print(f"decode img/s: torchvision {decode['torchvision_img_s']:.0f}, Pillow {decode['pillow_img_s']:.0f}", file=e)
+    print("stream loader img/s (imagenet policy) by workers: "
+          + ", ".join(f"{w}: {v:.0f}" for w, v in loader.items()), file=e)
+    print(f"resnet18 @224 training img/s: {train_img_s:.1f}", file=e)
+    for k, v in result["targets"].items():
+        print(f"  {k}: {v}", file=e)
+    for k, v in result["auto"].items():
+        print(f"  auto for {k}: {v}", file=e)
+    if tmp is not None:
+        tmp.cleanup()
     return 0
 
 

@@ -74,11 +74,18 @@ OPTIM_HELP = {
     "momentum": "SGD momentum", "weight_decay": "SGD weight decay",
     "schedule": "step | cosine | constant", "milestones": "step schedule: fractions of the epochs",
     "gamma": "step schedule factor", "warmup_epochs": "linear warmup epochs",
-    "augment": "random crop + flip", "seed": "random seed", "mixed_precision": "auto | no | bf16 | fp16 (auto: bf16 + channels_last where the CPU or GPU has native bf16)",
+    "augment": "cifar (pad-4 crop + flip) | imagenet (RandomResizedCrop + flip) | none | auto "
+               "(imagenet from 64 px or for imagenet families, else cifar)", "seed": "random seed",
+    "mixed_precision": "auto | no | bf16 | fp16 (auto: bf16 + channels_last where the CPU or GPU has native bf16)",
     "grad_accum": "gradient accumulation steps", "channels_last": "channels_last memory format [default: on when auto picks bf16]",
     "val_fraction": "hold out this share of train for the per-epoch evaluation (0: per-epoch on test)",
     "train_subset": "train on the first N shuffled images only", "eval_every": "evaluate every N epochs",
     "log_with": "Accelerate tracker (tensorboard, wandb, ...)",
+    "image_size": "train at NxN pixels (default: the native size if all images share it, else the model "
+                  "family's; distill: the teacher's)",
+    "data_mode": "memory | stream | auto (memory when the decoded images fit half the free RAM per process)",
+    "data_workers": "stream mode: DataLoader worker processes (default: cores - 1, at most 8)",
+    "skip_bad_images": "leave undecodable image files out (counted in the run) instead of stopping",
 }
 OPTIM_FIELDS = list(OPTIM_HELP)
 
@@ -322,8 +329,17 @@ def distill_cmd(teacher, target, target_latency_ms, recipe, options, out, resume
 @click.option("--trust-code", is_flag=True, help="I trust the code this checkpoint names (file.py:NAME): import it")
 @click.option("--json", "json_out", default=None, help="also write the metrics as JSON here")
 @click.option("--ignore-class-names", is_flag=True, help="evaluate even if the model's class names differ from the data's")
-def eval_cmd(model, data, batch_size, min_accuracy, arch, trust_code, json_out, ignore_class_names):
+@click.option("--image-size", type=int, default=None,
+              help="evaluate at NxN (default: the size the model was trained at; other data is resized to it)")
+@click.option("--data-mode", type=click.Choice(["auto", "memory", "stream"]), default="auto", show_default=True,
+              help="keep the test split in memory, or stream it from disk")
+@click.option("--skip-bad-images", is_flag=True, help="leave undecodable image files out instead of stopping")
+def eval_cmd(model, data, batch_size, min_accuracy, arch, trust_code, json_out, ignore_class_names, image_size,
+             data_mode, skip_bad_images):
     """Top-1/top-5 accuracy and loss of a .safetensors or .onnx model.
+
+    Only the test (or val) split is read, at the size and channels the model was
+    trained at; images of another size are resized and center-cropped (printed).
 
     Example:  compress eval runs/latest/student.safetensors --data demo --min-accuracy 40
     """
@@ -331,19 +347,26 @@ def eval_cmd(model, data, batch_size, min_accuracy, arch, trust_code, json_out, 
 
     if batch_size <= 0:
         raise CompressError(f"--batch-size must be > 0, got {batch_size}")
+    if image_size is not None and image_size < 1:
+        raise CompressError(f"--image-size must be > 0, got {image_size}")
     if json_out:
         from .fileio import check_output_path
 
         check_output_path(json_out)
+    notes: list = []
     if model.endswith(".onnx"):
         from export.runtime import evaluate_onnx
 
-        result = evaluate_onnx(model, data, batch_size=batch_size, ignore_class_names=ignore_class_names)
+        result = evaluate_onnx(model, data, batch_size=batch_size, image_size=image_size, mode=data_mode,
+                               skip_bad_images=skip_bad_images, notes=notes, ignore_class_names=ignore_class_names)
         backend = "onnxruntime"
     else:
         result = evaluate_checkpoint(model, data, batch_size=batch_size, arch=arch, trust_code=trust_code,
-                                     ignore_class_names=ignore_class_names)
+                                     image_size=image_size, mode=data_mode, skip_bad_images=skip_bad_images,
+                                     notes=notes, ignore_class_names=ignore_class_names)
         backend = "torch"
+    for note in notes:
+        click.echo(f"data: {note}")
     click.echo(f"{model}: sha256 {result['sha256']}, source: {result['source'] or 'not recorded'}")
     click.echo(f"{model} on {data} ({result['n']} images, {backend}): top-1 {result['top1']:.2f}%  "
                f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")

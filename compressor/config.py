@@ -20,6 +20,8 @@ METHODS = ("dgkd", "takd", "kd", "ce")
 SCHEDULES = ("step", "cosine", "constant")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 PLAN_METRICS = ("macs", "params", "latency")
+AUGMENT = ("auto", "cifar", "imagenet", "none")
+DATA_MODES = ("auto", "memory", "stream")
 
 
 @dataclass
@@ -37,7 +39,7 @@ class OptimConfig:
     milestones: list = field(default_factory=lambda: [0.5, 0.75])
     gamma: float = 0.1
     warmup_epochs: int = 0
-    augment: bool = True             # random crop (pad 4) + horizontal flip
+    augment: typing.Union[str, bool] = "auto"  # cifar | imagenet | none | auto (true/false: cifar/none)
     seed: int = 20
     mixed_precision: str = "auto"    # auto | no | bf16 | fp16; auto: bf16 where native (compressor.precision)
     grad_accum: int = 1
@@ -45,6 +47,10 @@ class OptimConfig:
     val_fraction: float = 0.1        # held out of train for the per-epoch evaluation; 0 = paper protocol (test)
     train_subset: typing.Optional[int] = None  # use only the first N (shuffled) training images
     eval_every: int = 1
+    image_size: typing.Optional[int] = None    # default: native size if uniform, else the family's
+    data_mode: str = "auto"                    # memory | stream | auto (memory if it fits the RAM budget)
+    data_workers: typing.Optional[int] = None  # stream mode: loader worker processes (default: cores - 1)
+    skip_bad_images: bool = False              # drop undecodable image files (counted) instead of exit 2
     log_with: typing.Optional[str] = None      # an Accelerate tracker: tensorboard, wandb, ...
 
     def validate(self) -> None:
@@ -65,6 +71,15 @@ class OptimConfig:
             raise CompressError(f"train_subset must be > 0, got {self.train_subset}")
         if self.warmup_epochs < 0:
             raise CompressError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        # Old recipes say `augment: true/false`: the CIFAR policy / none.
+        self.augment = {True: "cifar", False: "none"}.get(self.augment, self.augment) \
+            if isinstance(self.augment, bool) else self.augment
+        _choice(self, "augment", AUGMENT)
+        _choice(self, "data_mode", DATA_MODES)
+        if self.image_size is not None and not 8 <= self.image_size <= 4096:
+            raise CompressError(f"image_size must be in 8..4096 pixels, got {self.image_size}; e.g. --image-size 224")
+        if self.data_workers is not None and self.data_workers < 0:
+            raise CompressError(f"data_workers must be >= 0, got {self.data_workers}")
 
 
 @dataclass

@@ -34,7 +34,7 @@ import yaml
 
 from .checkpoint import file_sha256, load_model, load_state_strict, meta_for, read_checkpoint, save_checkpoint
 from .config import DistillConfig, TrainConfig, config_to_dict
-from .data import DataBundle, load_data, make_loader, subset
+from .data import DataBundle, channel_stats, load_data, make_loader, resolve_policy, subset
 from .errors import CompressError
 from .fileio import check_output_path, write_json, write_yaml
 from .models import create_model, get_entry
@@ -91,9 +91,57 @@ def prepare_splits(cfg, bundle: DataBundle) -> Splits:
 
 
 def _loaders(cfg, splits: Splits, seed: int):
-    train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=seed)
-    eval_loader = make_loader(splits.eval, max(cfg.batch_size, 256), shuffle=False)
+    train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=seed, policy=cfg.augment,
+                               workers=cfg.data_workers)
+    eval_loader = make_loader(splits.eval, max(cfg.batch_size, 256), shuffle=False, workers=cfg.data_workers)
     return train_loader, eval_loader
+
+
+# Normalisation of the data sets whose statistics are known (demo: the CIFAR-10 slice).
+KNOWN_STATS = {"demo": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+               "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+               "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(text: str) -> None:
+    if _is_main_process():
+        print(text, flush=True)
+
+
+def load_run_data(cfg, *, image_size=None, default_size=None, channels=None, family=None,
+                  data: DataBundle | None = None) -> DataBundle:
+    """Load ``cfg.data`` for training (size, channels, backend and policy chosen and printed);
+    ``cfg.augment`` is set to the policy used. ``data`` (an in-memory bundle) skips loading."""
+    if data is not None:
+        policy, _ = resolve_policy(cfg.augment, data.input_size[1:], family)
+        data.augment = policy
+    else:
+        data = load_data(cfg.data, image_size=image_size, default_size=default_size, channels=channels,
+                         mode=cfg.data_mode, augment=cfg.augment, family=family,
+                         skip_bad_images=cfg.skip_bad_images)
+        for note in data.notes:
+            _say(f"data: {note}")
+    cfg.augment = data.augment
+    return data
+
+
+def _normalisation(cfg, bundle: DataBundle, c: int):
+    """``--mean/--std`` if given; known statistics for demo/CIFAR; else estimated on the training split."""
+    if cfg.mean and cfg.std:
+        return list(cfg.mean), list(cfg.std)
+    if bundle.name in KNOWN_STATS and c == 3:
+        mean, std = KNOWN_STATS[bundle.name]
+    elif bundle.name == "synthetic":  # test data: the historical defaults
+        mean, std = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]) if c == 3 else ([0.5] * c, [0.25] * c)
+    else:
+        mean, std = channel_stats(bundle.train, seed=stable_seed(cfg.seed, "stats"), workers=cfg.data_workers)
+        _say(f"data: normalisation estimated on {min(2000, len(bundle.train))} training images: "
+             f"mean {','.join(f'{v:g}' for v in mean)}  std {','.join(f'{v:g}' for v in std)}")
+    return list(cfg.mean or mean), list(cfg.std or std)
 
 
 def accuracy_fields(test: dict, best: float | None, per_epoch_split: str) -> dict:
@@ -146,7 +194,8 @@ def _check_data_fits(meta, bundle: DataBundle, what: str, *, ignore_class_names:
 
 
 def _test_metrics(accelerator, model, splits: Splits, cfg, mean, std) -> dict:
-    loader = accelerator.prepare(make_loader(splits.test, max(cfg.batch_size, 256), shuffle=False))
+    loader = accelerator.prepare(make_loader(splits.test, max(cfg.batch_size, 256), shuffle=False,
+                                             workers=cfg.data_workers))
     return evaluate(accelerator, model.to(accelerator.device), loader, mean=mean, std=std)
 
 
@@ -180,13 +229,13 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     """
     out = check_output_path(cfg.out)
     entry = get_entry(cfg.arch)  # a misspelt name fails before the data is loaded
-    bundle = data if data is not None else load_data(cfg.data)
+    bundle = load_run_data(cfg, image_size=cfg.image_size, default_size=entry.input_size[-1],
+                           family=entry.family, data=data)
     num_classes = cfg.num_classes or bundle.num_classes
     if num_classes != bundle.num_classes:
         raise CompressError(f"--num-classes {num_classes} but the data has {bundle.num_classes} classes")
     c = bundle.input_size[0]
-    mean = cfg.mean or ([0.4914, 0.4822, 0.4465] if c == 3 else [0.5] * c)
-    std = cfg.std or ([0.2470, 0.2435, 0.2616] if c == 3 else [0.25] * c)
+    mean, std = _normalisation(cfg, bundle, c)
     if len(mean) != c or len(std) != c:
         raise CompressError(f"--mean/--std need {c} values (one per channel)")
     precision = resolve_precision(cfg.mixed_precision, cfg.channels_last)
@@ -217,7 +266,8 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
         progress.close()
     test = result.final if splits.eval_name == "test" else _test_metrics(accelerator, result.model, splits, cfg, mean, std)
     metrics = {**accuracy_fields(test, result.best_top1, splits.eval_name),
-               "epochs": cfg.epochs, "train_seconds": round(result.seconds, 1), "data": bundle.name}
+               "epochs": cfg.epochs, "train_seconds": round(result.seconds, 1), "data": bundle.name,
+               **_data_metrics(bundle)}
     if accelerator.is_main_process:
         meta = meta_for(entry.name, num_classes=num_classes, in_chans=c, mean=mean, std=std,
                         class_names=bundle.class_names, model_kwargs=model_kwargs, input_size=bundle.input_size,
@@ -226,6 +276,15 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _data_metrics(bundle: DataBundle) -> dict:
+    """What the checkpoint records about the data it was trained on (``augment`` also
+    picks the evaluation crop of ``compress eval``, torch and ONNX alike)."""
+    out = {"augment": bundle.augment, "image_size": list(bundle.input_size[1:]), "data_mode": bundle.mode}
+    if bundle.skipped:
+        out["skipped_images"] = bundle.skipped
+    return out
 
 
 # ---------------------------------------------------------------- distill
@@ -304,7 +363,9 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
     """
     teacher, tmeta = load_model(cfg.teacher, trust_code=cfg.trust_code)
     teacher_sha256 = file_sha256(cfg.teacher)
-    bundle = data if data is not None else load_data(cfg.data)
+    # The size the teacher was trained at, unless --image-size says otherwise.
+    bundle = load_run_data(cfg, image_size=cfg.image_size or tuple(int(v) for v in tmeta.input_size[1:]),
+                           channels=tmeta.in_chans, family=get_entry(tmeta.arch).family, data=data)
     _check_data_fits(tmeta, bundle, "teacher", ignore_class_names=cfg.ignore_class_names)
     target = _resolve_target(cfg, tmeta)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, target)
@@ -425,10 +486,10 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
             fields, seconds = accuracy_fields(test, result.best_top1, splits.eval_name), result.seconds
             metrics = {**fields, "epochs": stage_epochs,
                        "train_seconds": round(seconds, 1), "method": plan.method, "guides": guide_names,
-                       "data": bundle.name}
+                       "data": bundle.name, **_data_metrics(bundle)}
             if main:
                 meta = meta_for(member.arch, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
-                                input_size=tmeta.input_size, mean=mean, std=std, class_names=bundle.class_names or tmeta.class_names,
+                                input_size=bundle.input_size, mean=mean, std=std, class_names=bundle.class_names or tmeta.class_names,
                                 model_kwargs=member.model_kwargs, metrics=metrics,
                                 source=f"compress distill ({plan.method}) stage {k + 1} of {run_dir.name}")
                 save_checkpoint(model_path, model, meta)

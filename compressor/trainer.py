@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .config import OptimConfig
-from .data import augment_batch, normalize
+from .data import augment_batch, batch_augments, normalize
 from .errors import CompressError
 from .fileio import append_jsonl, read_jsonl, write_text
 from .guides import GuideLogitCache, GuideSet
@@ -278,7 +278,7 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
         if warmup_steps:  # warmup raises the lr every step, not every epoch
             for group in optimizer.param_groups:
                 group["lr"] = lr_at_epoch(cfg, epoch + step / warmup_steps, epoch + 1)
-        if cfg.augment:
+        if batch_augments(cfg.augment) and not getattr(loader.dataset, "augments", False):
             images = augment_batch(images, augmentation_generator(aug_seed, epoch, step, accelerator))
         x = _to_input(images, mean, std, cfg.channels_last)
         kept = kept_guides(len(guides), loss_cfg.drop_guides, seeded_generator(stage_seed, epoch, step))

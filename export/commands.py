@@ -103,15 +103,17 @@ def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data
     if out_path.suffix != ".onnx":
         raise CompressError(f"--out {str(out_path)!r} should end in .onnx")
 
+    from compressor.checkpoint import file_sha256
+
+    torch_model, meta = load_model(ckpt, arch=arch, trust_code=trust_code)
+    click.echo(f"{ckpt}: sha256 {file_sha256(ckpt)}, source: {meta.source or 'not recorded'}")
     bundle = None
     if data:
         from .runtime import load_bundle
 
-        bundle = load_bundle(data)  # fail on bad --data before the slow export
-    torch_model, meta = load_model(ckpt, arch=arch, trust_code=trust_code)
-    from compressor.checkpoint import file_sha256
-
-    click.echo(f"{ckpt}: sha256 {file_sha256(ckpt)}, source: {meta.source or 'not recorded'}")
+        bundle = load_bundle(data, meta)  # at the model's size; fails on bad --data before the slow export
+        for note in bundle.notes:
+            click.echo(f"data: {note}")
     written = export_onnx((torch_model, meta), out_path, opset=opset, legacy=legacy,
                           include_preprocessing=include_preprocessing, source_path=ckpt)
     from .runtime import OnnxModel

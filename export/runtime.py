@@ -242,28 +242,56 @@ def normalize_float(raw, mean, std) -> np.ndarray:
     return ((np.asarray(raw, dtype=np.float32) - m) / s).astype(np.float32)
 
 
-def load_bundle(data):
-    """A data spec (``demo``, a CIFAR folder, an ImageFolder root) or an already loaded bundle."""
+def load_bundle(data, meta: CheckpointMeta | None = None, *, splits=("train", "test"), image_size=None,
+                mode: str = "auto", skip_bad_images: bool = False):
+    """A data spec (``demo``, a CIFAR folder, an ImageFolder root) or an already loaded bundle.
+
+    With ``meta`` (a model's metadata) a spec is loaded at the model's channels and
+    size (``image_size`` overrides H, W) with its evaluation transform: data of
+    another size is resized (shorter side) and center-cropped, the same rule as
+    ``compress eval`` of a checkpoint. ``bundle.notes`` says what was done.
+    """
     if isinstance(data, (str, os.PathLike)):
         try:
             from compressor.data import load_data  # type: ignore
         except ImportError:
             raise CompressError("data loading is not available in this installation (compressor.data missing)") from None
-        return load_data(str(data))
+        if meta is None:
+            return load_data(str(data), splits=splits, mode=mode, skip_bad_images=skip_bad_images)
+        size = image_size or tuple(int(v) for v in meta.input_size[1:])
+        return load_data(str(data), image_size=size, channels=int(meta.input_size[0]), splits=splits, mode=mode,
+                         augment=(meta.metrics or {}).get("augment", "cifar"), skip_bad_images=skip_bad_images)
     if not hasattr(data, "test"):
         raise CompressError(f"expected a data spec or a DataBundle, got {type(data).__name__}")
     return data
 
 
+def _split_batches(split, batch_size: int = 256):
+    """``(uint8 images, int64 labels)`` numpy batches of a split, in order (either backend)."""
+    from compressor.data import make_loader
+
+    if hasattr(split, "images"):
+        images, labels = _split_arrays(split)
+        for start in range(0, len(labels), batch_size):
+            yield images[start:start + batch_size], labels[start:start + batch_size]
+        return
+    for x, y in make_loader(split, batch_size, shuffle=False, pin_memory=False):
+        yield x.numpy(), y.numpy().astype(np.int64)
+
+
 def _split_arrays(split):
+    if not hasattr(split, "images"):  # a streamed split: decode it (export checks use a few hundred images)
+        parts = list(_split_batches(split))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     images = np.asarray(split.images.numpy() if hasattr(split.images, "numpy") else split.images)
     labels = np.asarray(split.labels.numpy() if hasattr(split.labels, "numpy") else split.labels).astype(np.int64)
     return images, labels
 
 
-def check_fits_data(model: OnnxModel, bundle, images, *, ignore_class_names: bool = False) -> None:
-    """The model's (C, H, W), class count and class names must match the data."""
-    data_chw = tuple(int(v) for v in images.shape[1:])
+def check_fits_data(model: OnnxModel, bundle, images=None, *, ignore_class_names: bool = False) -> None:
+    """The model's (C, H, W), class count and class names must match the data (``images``, else the
+    test split's size)."""
+    data_chw = tuple(int(v) for v in (images.shape[1:] if images is not None else bundle.test.input_size))
     model_chw = tuple(model.chw)
     graph_chw = tuple(model.input_shape)
     if model_chw != data_chw or any(g is not None and g != d for g, d in zip(graph_chw, data_chw)):
@@ -287,15 +315,19 @@ def evaluate_arrays(model: OnnxModel, images, labels, batch_size: int = 256) -> 
     """top-1 / top-5 (percent), mean cross-entropy and count over uint8 images."""
     if batch_size < 1:
         raise CompressError(f"batch_size must be >= 1, got {batch_size}")
-    n = int(len(labels))
-    if n == 0:
-        raise CompressError("the test split is empty; nothing to evaluate")
+    return evaluate_batches(model, ((images[s:s + batch_size], labels[s:s + batch_size])
+                                    for s in range(0, int(len(labels)), batch_size)))
+
+
+def evaluate_batches(model: OnnxModel, batches) -> dict:
+    """:func:`evaluate_arrays` over an iterable of ``(uint8 images, labels)`` batches."""
     k = min(5, model.num_classes or 5)
     correct1 = correct5 = 0
     loss_sum = 0.0
-    for start in range(0, n, batch_size):
-        x = model.prepare(images[start:start + batch_size])
-        y = labels[start:start + batch_size]
+    n = 0
+    for images, y in batches:
+        x = model.prepare(images)
+        n += int(len(y))
         logits = model.predict(x).astype(np.float64)
         if y.max(initial=0) >= logits.shape[1] or y.min(initial=0) < 0:
             raise CompressError(f"labels go up to {int(y.max())} but the model has {logits.shape[1]} outputs")
@@ -305,20 +337,29 @@ def evaluate_arrays(model: OnnxModel, images, labels, batch_size: int = 256) -> 
         topk = np.argsort(-logits, axis=1)[:, :k]
         correct1 += int((topk[:, 0] == y).sum())
         correct5 += int((topk == y[:, None]).any(axis=1).sum())
+    if n == 0:
+        raise CompressError("the test split is empty; nothing to evaluate")
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": n}
 
 
 def evaluate_onnx(path, data, batch_size: int = 256, *, threads: int | None = None, providers=None,
-                  ignore_class_names: bool = False) -> dict:
+                  image_size=None, mode: str = "auto", skip_bad_images: bool = False,
+                  notes: list | None = None, ignore_class_names: bool = False) -> dict:
     """Evaluate an ONNX model (path or :class:`OnnxModel`) on the test split of ``data``.
 
-    Returns ``{"top1": %, "top5": %, "loss": mean cross-entropy, "n": images}``.
+    Only the test split is read, at the model's (C, H, W) from its metadata
+    (see :func:`load_bundle`). Returns ``{"top1": %, "top5": %, "loss": mean
+    cross-entropy, "n": images}``; ``notes`` (a list) receives how the data was loaded.
     """
     model = path if isinstance(path, OnnxModel) else OnnxModel(path, threads=threads, providers=providers)
-    bundle = load_bundle(data)
-    images, labels = _split_arrays(bundle.test)
-    check_fits_data(model, bundle, images, ignore_class_names=ignore_class_names)
-    result = evaluate_arrays(model, images, labels, batch_size=batch_size)
+    bundle = load_bundle(data, model.meta, splits=("test",), image_size=image_size, mode=mode,
+                         skip_bad_images=skip_bad_images)
+    if batch_size < 1:
+        raise CompressError(f"batch_size must be >= 1, got {batch_size}")
+    check_fits_data(model, bundle, ignore_class_names=ignore_class_names)
+    if notes is not None:
+        notes.extend(getattr(bundle, "notes", []))
+    result = evaluate_batches(model, _split_batches(bundle.test, batch_size))
     props = model.metadata
     source = props.get("source", "")
     if props.get("source_checkpoint"):

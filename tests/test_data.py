@@ -151,8 +151,9 @@ def test_imagefolder(tmp_path, test_name):
 
 def test_imagefolder_mixed_sizes_resized(tmp_path):
     root = _make_folder(tmp_path / "ds", sizes=((12, 10), (20, 16), (7, 9)))
-    b = load_data(str(root))  # default: shorter side of the first image (12x10 -> 10)
-    assert b.input_size == (3, 10, 10) and b.test.images.shape == (6, 3, 10, 10)
+    b = load_data(str(root))  # sizes vary and no model family given: 32 px
+    assert b.input_size == (3, 32, 32) and b.test.images.shape == (6, 3, 32, 32)
+    assert load_data(str(root), default_size=10).input_size == (3, 10, 10)  # the family's default
     b = load_data(str(root), image_size=6)
     assert b.input_size == (3, 6, 6)
     assert b.train.images[0].float().mean((1, 2))[0] > 200  # colour survives the resize

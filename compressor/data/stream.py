@@ -1,0 +1,112 @@
+"""The streaming backend: a split is a list of files, decoded by ``DataLoader`` worker processes.
+
+For folders that do not fit the memory budget (ImageNet: 193 GB decoded at
+224 px). Memory use does not grow with the number of images beyond the file
+list. Each batch is decoded by one worker (``__getitems__``), fitted to the
+trained size (or, for training with the imagenet policy, RandomResizedCrop +
+flip seeded by (seed, epoch, sample index)), stacked into uint8 ``(N, C, H, W)``
+and pinned when a GPU is in use. In a multi-process run Accelerate hands each
+process its own batches, so each process decodes only its share.
+
+Headers are checked for every file when the split is made (a bad file is
+reported before training starts); a file whose header reads but whose pixels
+do not decode stops the run with its name.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CompressError
+from .formats import decode_file, quiet_torchvision
+from .transforms import fit_image, imagenet_train, sample_seed
+
+
+@dataclass
+class FileSplit:
+    """One split on disk: ``files``, ``labels`` int64 ``(N,)``, the output ``size`` (H, W),
+    ``channels`` (1 or 3) and ``crop`` (the evaluation center-crop share, 1.0 or 0.875)."""
+
+    files: list
+    labels: torch.Tensor
+    size: tuple
+    channels: int
+    crop: float = 1.0
+
+    def __post_init__(self):
+        self.labels = torch.as_tensor(self.labels, dtype=torch.int64).reshape(-1)
+        self.size = (int(self.size[0]), int(self.size[1]))
+        if len(self.files) != self.labels.shape[0]:
+            raise ValueError(f"{len(self.files)} files but {self.labels.shape[0]} labels")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return (int(self.channels), *self.size)
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of the file list with sizes and mtimes, the labels, size, channels and crop."""
+        h = hashlib.sha256(f"stream:{self.size}:{self.channels}:{self.crop}".encode())
+        for f in self.files:
+            st = os.stat(f)
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(self.labels.numpy().data)
+        return h.hexdigest()
+
+
+def subset_files(split: FileSplit, idx: torch.Tensor) -> FileSplit:
+    return FileSplit([split.files[i] for i in idx.tolist()], split.labels.index_select(0, idx),
+                     split.size, split.channels, split.crop)
+
+
+class StreamDataset(torch.utils.data.Dataset):
+    """Decodes a batch of files per call. Keys are indices, or ``(epoch, index)`` pairs when
+    it augments (``policy="imagenet"``, training)."""
+
+    def __init__(self, split: FileSplit, policy: str | None = None, seed: int = 0):
+        self.split = split
+        self.augments = policy == "imagenet"
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def _one(self, key) -> torch.Tensor:
+        s = self.split
+        i = key[1] if self.augments else key
+        try:
+            img = decode_file(s.files[i], s.channels)
+        except ValueError as exc:
+            raise CompressError(f"cannot decode image file {s.files[i]!r} ({exc}) while streaming; remove or "
+                                f"replace it (or rerun with --skip-bad-images after removing it)") from None
+        if self.augments:
+            return imagenet_train(img, s.size, sample_seed(self.seed, key[0], i))
+        return fit_image(img, s.size, s.crop)
+
+    def __getitem__(self, key):
+        return self.__getitems__([key])
+
+    def __getitems__(self, keys):
+        with quiet_torchvision():
+            images = torch.stack([self._one(k) for k in keys])
+        idx = torch.as_tensor([k[1] if self.augments else k for k in keys], dtype=torch.int64)
+        return images, self.split.labels.index_select(0, idx)
+
+
+def worker_init(_worker_id: int) -> None:
+    # One intra-op thread per worker: the workers are the parallelism.
+    torch.set_num_threads(1)
+
+
+def default_workers() -> int:
+    """Loader worker processes when none are given: the usable cores minus one, 1..8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(8, n - 1))

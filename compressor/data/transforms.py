@@ -1,0 +1,160 @@
+"""Pixel transforms: fitting an image to the trained size, the augmentation policies, normalisation.
+
+Policies (``--augment``):
+
+``cifar``
+    Random crop with zero padding 4 and a horizontal flip, applied to whole
+    uint8 batches by :func:`augment_batch` in the training loop (two gathers,
+    on the batch's device). The CIFAR recipe of the DGKD paper.
+``imagenet``
+    ``RandomResizedCrop(size)`` + horizontal flip per sample
+    (``torchvision.transforms.v2``), applied by the data loader; evaluation
+    images are resized to ``size / 0.875`` (shorter side) and center-cropped.
+``none``
+    No augmentation.
+
+Every image that is not augmented is *fitted*: shorter side resized
+(antialiased) to the target, then center-cropped (:func:`fit_image`); with
+the imagenet policy the resize target is ``size / 0.875`` (:data:`IMAGENET_CROP`).
+Random parameters of the per-sample imagenet policy come from a seed mixed from
+(seed, epoch, sample index) (:func:`sample_seed`), so they do not depend on
+the worker that decodes the sample or on the batch it lands in.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CompressError
+
+POLICIES = ("cifar", "imagenet", "none")
+IMAGENET_CROP = 0.875  # evaluation: resize to size / 0.875, center-crop size (torchvision's references)
+
+
+def resolve_policy(value, image_size: tuple[int, int], family: str | None) -> tuple[str, str]:
+    """``(policy, why)`` for a config value (``auto``, a policy, or the old booleans)."""
+    if value is True:
+        return "cifar", "augment: true (old recipes) means cifar"
+    if value is False:
+        return "none", "augment: false means none"
+    if value in POLICIES:
+        return value, "given"
+    if value not in (None, "auto"):
+        raise CompressError(f"--augment must be cifar, imagenet, none or auto; got {value!r}")
+    big = min(image_size) >= 64
+    if big or (family or "").startswith("imagenet"):
+        return "imagenet", (f"auto: {'images of ' + str(min(image_size)) + ' px' if big else 'family ' + family}"
+                            f" -> RandomResizedCrop + flip")
+    return "cifar", f"auto: {min(image_size)}-px images -> pad-4 crop + flip"
+
+
+def eval_crop(policy: str | None) -> float:
+    """The share of the resized image kept by the evaluation center crop."""
+    return IMAGENET_CROP if policy == "imagenet" else 1.0
+
+
+def fit_image(img: torch.Tensor, size: tuple[int, int], crop: float = 1.0) -> torch.Tensor:
+    """Resize the shorter side to ``max(size) / crop`` (antialiased), center-crop ``size``.
+
+    An image already of ``size`` with ``crop == 1`` is returned as it is.
+    """
+    from torchvision.transforms.v2 import functional as TF
+
+    h, w = (int(v) for v in img.shape[-2:])
+    size = (int(size[0]), int(size[1]))
+    if (h, w) == size and crop == 1.0:
+        return img
+    target = int(round(max(size) / crop)) if crop != 1.0 else max(size)
+    if min(h, w) != target:
+        img = TF.resize(img, [target], antialias=True)  # shorter side -> target
+    return TF.center_crop(img, list(size)).contiguous()
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed from (seed, epoch, index); the same in every process and worker."""
+    acc = 0x9E3779B97F4A7C15
+    for v in (int(seed), int(epoch), int(index)):
+        acc = ((acc ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3) % (2**63 - 25)
+    return acc
+
+
+_RRC_CACHE: dict = {}
+
+
+def imagenet_train(img: torch.Tensor, size: tuple[int, int], seed: int) -> torch.Tensor:
+    """RandomResizedCrop(size) + RandomHorizontalFlip via ``torchvision.transforms.v2``,
+    drawing from the global generator seeded with ``seed`` (restored afterwards)."""
+    key = tuple(size)
+    if key not in _RRC_CACHE:
+        from torchvision.transforms import v2
+
+        _RRC_CACHE[key] = v2.Compose([v2.RandomResizedCrop(list(key), antialias=True), v2.RandomHorizontalFlip()])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _RRC_CACHE[key](img).contiguous()
+
+
+# ----------------------------------------------------------------------------- batch augmentation (cifar)
+def crop_flip(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor | None,
+              *, pad: int) -> torch.Tensor:
+    """Deterministic core of :func:`augment_batch`.
+
+    Zero-pads ``images`` (N, C, H, W) by ``pad`` on every side, then for sample i
+    takes rows ``top[i] .. top[i]+H-1`` and columns ``left[i] .. left[i]+W-1`` of
+    the padded image (``top``/``left`` in ``0..2*pad``; ``pad, pad`` is the
+    identity), mirrored horizontally where ``flip[i]`` is true. Two gathers, no
+    loop over images.
+    """
+    n, c, h, w = images.shape
+    dev = images.device
+    x = F.pad(images, (pad, pad, pad, pad)) if pad > 0 else images
+    rows = top.to(dev, torch.int64).view(n, 1) + torch.arange(h, device=dev).view(1, h)  # (N, H)
+    cols = left.to(dev, torch.int64).view(n, 1) + torch.arange(w, device=dev).view(1, w)  # (N, W)
+    if flip is not None:
+        cols = torch.where(flip.to(dev).view(n, 1), cols.flip(1), cols)
+    wp = x.shape[-1]
+    x = torch.gather(x, 2, rows.view(n, 1, h, 1).expand(n, c, h, wp))  # (N, C, H, Wp)
+    x = torch.gather(x, 3, cols.view(n, 1, 1, w).expand(n, c, h, w))  # (N, C, H, W)
+    return x
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator, *, pad: int = 4,
+                  flip: bool = True) -> torch.Tensor:
+    """Random crop (zero padding ``pad``, same output size) and random horizontal flip (p=0.5).
+
+    ``images``: uint8 (N, C, H, W) on any device; returns uint8 of the same
+    shape on the same device. Random numbers come from ``generator`` (a CPU
+    ``torch.Generator``) in this order: ``top = randint(0, 2*pad+1, (N,))``,
+    ``left = randint(0, 2*pad+1, (N,))``, then (if ``flip``) ``rand(N) < 0.5``;
+    so a seeded generator reproduces the batch on CPU and GPU alike.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"augment_batch expects (N, C, H, W), got shape {tuple(images.shape)}")
+    n = images.shape[0]
+    pad = int(pad)
+    if pad > 0:
+        top = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        left = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    else:
+        top = left = torch.zeros(n, dtype=torch.int64)
+    mask = (torch.rand(n, generator=generator) < 0.5) if flip else None
+    if pad == 0 and mask is None:
+        return images
+    return crop_flip(images, top, left, mask, pad=pad)
+
+
+def batch_augments(policy) -> bool:
+    """Whether the training loop augments whole batches (cifar; ``True``/``auto`` from older callers)."""
+    return policy is True or policy in ("cifar", "auto")
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 ``(x/255 - mean) / std`` per channel, on the same device."""
+    c = images.shape[-3]
+    if len(mean) != c or len(std) != c:
+        raise CompressError(f"normalisation mean/std have {len(mean)}/{len(std)} values but the images have "
+                            f"{c} channels; give one value per channel")
+    mean_t = torch.tensor([float(m) for m in mean], dtype=torch.float32, device=images.device).view(c, 1, 1)
+    std_t = torch.tensor([float(s) for s in std], dtype=torch.float32, device=images.device).view(c, 1, 1)
+    x = images.to(torch.float32)
+    return x.div_(255.0).sub_(mean_t).div_(std_t)

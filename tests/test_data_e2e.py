@@ -1,0 +1,87 @@
+"""Any image size end to end: train -> (distill) -> export -> eval (ONNX) -> bench on generated folders."""
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from compressor.checkpoint import read_checkpoint
+from compressor.cli import main
+
+from data_folders import write_mixed_folder, write_uniform_folder
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out + captured.err
+
+
+def onnx_input_shape(path) -> list:
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+
+
+def test_image_size_48_train_distill_export_eval(in_tmp, capsys):
+    ds = write_mixed_folder(in_tmp / "mixed")
+    code, out = run_cli(["train", "--arch", "resnet14", "--data", ds, "--image-size", 48, "--epochs", 1,
+                         "--batch-size", 8, "--out", "t.safetensors"], capsys)
+    assert code == 2 and "broken.jpg" in out and "broken.png" in out  # both bad files in one report
+    code, out = run_cli(["train", "--arch", "resnet14", "--data", ds, "--image-size", 48, "--epochs", 1,
+                         "--batch-size", 8, "--skip-bad-images", "--out", "t.safetensors"], capsys)
+    assert code == 0, out
+    assert "skipped 2 undecodable image files" in out and "normalisation estimated" in out
+    _, tmeta = read_checkpoint("t.safetensors")
+    assert tmeta.input_size == (3, 48, 48) and tmeta.metrics["skipped_images"] == 2
+    assert tmeta.mean != (0.4914, 0.4822, 0.4465)  # estimated on this data, not CIFAR's
+    code, out = run_cli(["distill", "--teacher", "t.safetensors", "--target", "resnet8", "--assistants", 0,
+                         "--method", "kd", "--data", ds, "--epochs", 1, "--batch-size", 8, "--skip-bad-images",
+                         "--data-mode", "stream", "--data-workers", 0, "--latency-backend", "none", "--out", "runs/r"], capsys)
+    assert code == 0, out
+    assert "image size" not in out or "48" in out
+    _, smeta = read_checkpoint(in_tmp / "runs" / "r" / "student.safetensors")
+    assert smeta.input_size == (3, 48, 48) and smeta.metrics["data_mode"] == "stream"
+    code, out = run_cli(["export", "runs/r", "--out", "s.onnx"], capsys)
+    assert code == 0, out
+    assert onnx_input_shape("s.onnx")[1:] == [3, 48, 48]
+    code, out = run_cli(["eval", "s.onnx", "--data", ds, "--json", "e.json"], capsys)
+    assert code == 0, out
+    assert json.loads((in_tmp / "e.json").read_text())["n"] == 18  # val/ only; the broken train files unread
+    assert "resized to 48x48" in out or "image size: 48x48" in out
+
+
+@pytest.mark.parametrize("size,mode,chw", [(28, "L", [1, 28, 28]), (96, "RGB", [3, 96, 96])])
+def test_folder_train_export_eval_bench_with_only_data(in_tmp, capsys, size, mode, chw):
+    ds = write_uniform_folder(in_tmp / "ds", size, mode)
+    code, out = run_cli(["train", "--arch", "resnet8", "--data", ds, "--epochs", 1, "--out", "m.safetensors"],
+                        capsys)
+    assert code == 0, out
+    assert f"image size: {size}x{size} (the native size" in out
+    _, meta = read_checkpoint("m.safetensors")
+    assert list(meta.input_size) == chw and meta.in_chans == chw[0]
+    assert meta.metrics["augment"] == ("imagenet" if size >= 64 else "cifar")
+    code, out = run_cli(["export", "m.safetensors"], capsys)
+    assert code == 0, out
+    assert onnx_input_shape("m.onnx")[1:] == chw
+    code, out = run_cli(["eval", "m.onnx", "--data", ds], capsys)
+    assert code == 0 and "(6 images, onnxruntime)" in out, out
+    code, torch_out = run_cli(["eval", "m.safetensors", "--data", ds], capsys)
+    assert code == 0 and "(6 images, torch)" in torch_out
+    # the same top-1 from both paths (same size, channels and evaluation transform)
+    assert out.split("top-1 ")[1].split("%")[0] == torch_out.split("top-1 ")[1].split("%")[0]
+    code, out = run_cli(["bench", "m.onnx", "--warmup", 1, "--iters", 3, "--json", "b.json"], capsys)
+    assert code == 0, out
+    assert json.loads((in_tmp / "b.json").read_text())["models"][0]["input_shape"] == chw
+
+
+def test_eval_resizes_other_sized_data_to_the_model(in_tmp, capsys):
+    ds = write_uniform_folder(in_tmp / "ds", 40, "RGB", per_class=2)
+    assert run_cli(["train", "--arch", "resnet8", "--data", ds, "--epochs", 1, "--out", "m.safetensors"],
+                   capsys)[0] == 0
+    other = write_uniform_folder(in_tmp / "big", 72, "RGB", per_class=2)
+    assert run_cli(["export", "m.safetensors"], capsys)[0] == 0
+    for model in ("m.safetensors", "m.onnx"):
+        code, out = run_cli(["eval", model, "--data", other], capsys)
+        assert code == 0 and "images are 72x72, resized to 40x40" in out, out
