@@ -54,8 +54,15 @@ RESUME_IGNORED_KEYS = ("log_with", "precision")
 def make_accelerator(cfg, project_dir: str | None = None):
     from accelerate import Accelerator
 
+    from accelerate.state import AcceleratorState
+
     if cfg.mixed_precision == "auto":
         cfg = resolve_precision(cfg.mixed_precision, cfg.channels_last).apply(cfg)
+    # Accelerate keeps one state per process and refuses a second precision: a later run in the
+    # same process (a notebook, the tests) with another precision starts from a fresh state.
+    previous = AcceleratorState._shared_state.get("_mixed_precision")
+    if previous is not None and previous != cfg.mixed_precision:
+        AcceleratorState._reset_state()
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise CompressError("--mixed-precision fp16 needs a GPU; use bf16 or no on CPU")
     kwargs = dict(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)

@@ -41,6 +41,11 @@ def main(out: Path, seconds: str | None) -> None:
                  f"{p50('model', 1):.3f}" if p50("model", 1) else "-"])
     held_out = ("4,500 train + 500 val held out" if split == "val" else "5,000 train (no val split)")
     print(f"RESULTS (demo data: {held_out} / 1,000 test CIFAR-10 JPEG images)")
+    precision = dgkd.get("precision")
+    if precision:  # what --mixed-precision (default auto) resolved to
+        mode = "fp32" if precision["mixed_precision"] == "no" else precision["mixed_precision"] + " autocast"
+        print(f"training precision: {mode}{' + channels_last' if precision['channels_last'] else ''} "
+              f"(--mixed-precision {precision['requested']}: {precision['reason']})")
     print(format_table(["model", "arch", "final test top-1 %", f"best {split} top-1 %", "params",
                         "batch-1 p50 ms"], rows))
     speed = [c for c in bench.get("comparisons", []) if c["baseline"] == "torch"]

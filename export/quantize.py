@@ -14,6 +14,8 @@ layers in float until the top-1 drop is within budget (see its docstring).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -154,13 +156,14 @@ def quantize_static_int8(onnx_path, out_path, calibration, *, per_channel: bool 
         calibrate_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                             "percentile": CalibrationMethod.Percentile}[method]
         try:
-            quantize_static(
-                str(src), str(q), _Reader(fp32.input_name, batches),
-                quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=calibrate_method, nodes_to_exclude=exclude,
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-            )
+            with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
+                quantize_static(
+                    str(src), str(q), _Reader(fp32.input_name, batches),
+                    quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=calibrate_method, nodes_to_exclude=exclude,
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+                )
         except Exception as exc:
             raise CompressError(f"INT8 quantisation failed: {type(exc).__name__}: {exc}") from exc
         model = onnx.load(str(q))

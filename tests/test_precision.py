@@ -62,3 +62,18 @@ def test_auto_is_the_default_and_choices_are_checked():
     assert cfg.mixed_precision == "auto" and cfg.channels_last is None
     with pytest.raises(CompressError, match="mixed_precision must be one of auto, no, bf16, fp16; got 'fp8'"):
         resolve_config(DistillConfig, None, {"teacher": "t", "target": "resnet8", "mixed_precision": "fp8"})
+
+
+def test_runs_with_different_precisions_in_one_process():
+    # Accelerate's process-wide state would refuse the second precision ("cannot be changed")
+    from compressor.pipeline import make_accelerator
+
+    fp32 = make_accelerator(resolve_config(TrainConfig, None, {"arch": "resnet8", "out": "x.safetensors",
+                                                               "mixed_precision": "no"}))
+    assert fp32.mixed_precision == "no"
+    bf16 = make_accelerator(resolve_config(TrainConfig, None, {"arch": "resnet8", "out": "x.safetensors",
+                                                               "mixed_precision": "bf16"}))
+    assert bf16.mixed_precision == "bf16"
+    again = make_accelerator(resolve_config(TrainConfig, None, {"arch": "resnet8", "out": "x.safetensors",
+                                                                "mixed_precision": "no"}))
+    assert again.mixed_precision == "no"
