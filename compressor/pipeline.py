@@ -46,7 +46,7 @@ from .report import format_summary, write_report
 from .trainer import LossSettings, evaluate, fit, stable_seed
 
 # Keys that may differ between a run and its resumption.
-RESUME_IGNORED_KEYS = ("log_with",)
+RESUME_IGNORED_KEYS = ("log_with", "trust_code")
 
 
 def make_accelerator(cfg, project_dir: str | None = None):

@@ -93,3 +93,18 @@ def test_cross_family_chain_plans_and_trains_a_step(tmp_path, monkeypatch):
     assert meta.model_kwargs == {"stem": "cifar"} and meta.input_size == (3, 32, 32)
     assert student(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert json.loads((tmp_path / "run" / "plan.json").read_text())["chain"][1]["model_kwargs"] == {"stem": "cifar"}
+
+
+def test_train_picks_the_stem_from_the_image_size_and_records_it(tmp_path, capsys):
+    from compressor.config import TrainConfig
+    from compressor.pipeline import train_model
+
+    cfg = resolve_config(TrainConfig, None, {"arch": "shufflenetv2_x0_5", "out": str(tmp_path / "g.safetensors"),
+                                             "epochs": 1, "batch_size": 8, "augment": False})
+    gray = synthetic_data(num_classes=3, input_size=(1, 32, 32), n_train=8, n_test=8)
+    train_model(cfg, data=gray, show_progress=False)
+    assert "stem: cifar for 32 px images" in capsys.readouterr().out
+    model, meta = load_model(tmp_path / "g.safetensors")
+    assert meta.model_kwargs == {"stem": "cifar"} and meta.input_size == (1, 32, 32) and meta.in_chans == 1
+    assert model.conv1[0].in_channels == 1 and model.conv1[0].stride == (1, 1)
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
