@@ -187,7 +187,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
 def _resolve_target(cfg: DistillConfig, tmeta) -> str:
     if cfg.target:
         return get_entry(cfg.target).name
-    family = get_entry(tmeta.arch).family
+    family = cfg.target_family or get_entry(tmeta.arch).family
     arch, measured = pick_student_by_latency(family, cfg.target_latency_ms, tmeta.arch, tmeta.num_classes,
                                              cfg.model_kwargs, input_size=tmeta.input_size,
                                              teacher_kwargs=tmeta.model_kwargs)
