@@ -237,6 +237,8 @@ def _plan_options(fn):
                      help="student: a zoo name (e.g. resnet8) or your code, path/to/file.py:NAME"),
         click.option("--target-latency", "target_latency_ms", default=None,
                      help="instead of --target: largest student under this batch-1 latency, e.g. 0.2ms"),
+        click.option("--target-family", default=None,
+                     help="with --target-latency: the family to pick from, e.g. mobilenetv3 [default: the teacher's]"),
         click.option("--recipe", default=None, help="YAML recipe (keys = DistillConfig fields)"),
         click.option("--option", "options", multiple=True, help="student/assistant option KEY=VALUE"),
     ]):

@@ -111,6 +111,7 @@ class DistillConfig(OptimConfig):
     teacher: str = ""
     target: typing.Optional[str] = None              # student arch, e.g. resnet8
     target_latency_ms: typing.Optional[float] = None  # or: largest student under this latency
+    target_family: typing.Optional[str] = None        # with target_latency_ms: pick from this family
     method: str = "dgkd"                              # dgkd | takd | kd | ce
     assistants: str = "auto"                          # auto | N | name,name
     by: str = "macs"                                  # spacing metric: macs | params | latency
@@ -136,6 +137,8 @@ class DistillConfig(OptimConfig):
             raise CompressError("no student given; pass --target NAME (e.g. resnet8) or --target-latency MS")
         if self.target and self.target_latency_ms is not None:
             raise CompressError("give either --target or --target-latency, not both")
+        if self.target_family and self.target_latency_ms is None:
+            raise CompressError("--target-family only applies with --target-latency (it picks the student's family)")
         if self.target_latency_ms is not None and self.target_latency_ms <= 0:
             raise CompressError(f"target latency must be > 0 ms, got {self.target_latency_ms}")
         _choice(self, "method", METHODS)

@@ -38,9 +38,9 @@ from .data import DataBundle, channel_stats, load_data, make_loader, resolve_pol
 from .errors import CompressError
 from .fileio import check_output_path, write_json, write_yaml
 from .models import create_model, get_entry
-from .precision import resolve_precision
 from .models.stems import CIFAR_STEM_MAX_PX, with_auto_stem
 from .models.user import arch_slug, is_user_ref
+from .precision import resolve_precision
 from .planning import Plan, format_plan, guides_for_stage, pick_student_by_latency, plan_chain
 from .progress import Progress
 from .report import format_summary, write_report
@@ -48,7 +48,7 @@ from .trainer import LossSettings, evaluate, fit, stable_seed
 
 # Keys that may differ between a run and its resumption.
 # ``precision`` is what ``auto`` resolved to on the machine of the session that wrote config.yaml.
-RESUME_IGNORED_KEYS = ("log_with", "precision")
+RESUME_IGNORED_KEYS = ("log_with", "precision", "trust_code")
 
 
 def make_accelerator(cfg, project_dir: str | None = None):
@@ -298,7 +298,7 @@ def _data_metrics(bundle: DataBundle) -> dict:
 def _resolve_target(cfg: DistillConfig, tmeta) -> str:
     if cfg.target:
         return get_entry(cfg.target).name
-    family = get_entry(tmeta.arch).family
+    family = cfg.target_family or get_entry(tmeta.arch).family
     arch, measured = pick_student_by_latency(family, cfg.target_latency_ms, tmeta.arch, tmeta.num_classes,
                                              cfg.model_kwargs, input_size=tmeta.input_size,
                                              teacher_kwargs=tmeta.model_kwargs)

@@ -93,3 +93,46 @@ def test_cross_family_chain_plans_and_trains_a_step(tmp_path, monkeypatch):
     assert meta.model_kwargs == {"stem": "cifar"} and meta.input_size == (3, 32, 32)
     assert student(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert json.loads((tmp_path / "run" / "plan.json").read_text())["chain"][1]["model_kwargs"] == {"stem": "cifar"}
+
+
+def test_train_picks_the_stem_from_the_image_size_and_records_it(tmp_path, capsys):
+    from compressor.config import TrainConfig
+    from compressor.pipeline import train_model
+
+    cfg = resolve_config(TrainConfig, None, {"arch": "shufflenetv2_x0_5", "out": str(tmp_path / "g.safetensors"),
+                                             "epochs": 1, "batch_size": 8, "augment": False})
+    gray = synthetic_data(num_classes=3, input_size=(1, 32, 32), n_train=8, n_test=8)
+    train_model(cfg, data=gray, show_progress=False)
+    assert "stem: cifar for 32 px images" in capsys.readouterr().out
+    model, meta = load_model(tmp_path / "g.safetensors")
+    assert meta.model_kwargs == {"stem": "cifar"} and meta.input_size == (1, 32, 32) and meta.in_chans == 1
+    assert model.conv1[0].in_channels == 1 and model.conv1[0].stride == (1, 1)
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
+
+
+def test_target_latency_picks_from_another_family(monkeypatch):
+    """--target-latency --target-family: the largest member of that family (smaller than the teacher) that fits."""
+    from compressor.checkpoint import CheckpointMeta
+    from compressor.pipeline import _resolve_target
+
+    measured = []
+
+    def fake_latency(arch, backend="torch", num_classes=10, model_kwargs=None, input_size=None):
+        from compressor.planning import profile_arch
+
+        measured.append((arch, dict(model_kwargs or {}), tuple(input_size)))
+        return profile_arch(arch, num_classes, model_kwargs, input_size)[1] / 1e8  # 10 M MACs = 0.1 ms
+
+    monkeypatch.setattr("compressor.latency.latency_ms", fake_latency)
+    tmeta = CheckpointMeta(arch="resnet56", num_classes=10, input_size=(3, 32, 32))
+    cfg = resolve_config(DistillConfig, None, {"teacher": "t.safetensors", "target_latency_ms": 0.2,
+                                               "target_family": "mobilenetv3"})
+    # every candidate is measured at the teacher's 32 px with the cifar stem; the fake latency grows with MACs
+    arch = _resolve_target(cfg, tmeta)
+    assert arch.startswith("mobilenetv3_")
+    assert all(kw == {"stem": "cifar"} and size == (3, 32, 32) for _, kw, size in measured)
+    calls = list(measured)
+    fits = [a for a, kw, size in calls if fake_latency(a, model_kwargs=kw, input_size=size) <= 0.2]
+    assert arch == fits[-1] and len(fits) < len(calls)
+    with pytest.raises(Exception, match="only applies with --target-latency"):
+        resolve_config(DistillConfig, None, {"teacher": "t", "target": "resnet8", "target_family": "mobilenetv3"})

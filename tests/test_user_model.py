@@ -170,3 +170,28 @@ def test_a_checkpoint_never_imports_the_code_it_names(in_tmp, capsys):
     model, meta = load_model(in_tmp / "ckpt.safetensors", trust_code=True)
     assert marker.exists() and meta.arch == "evil.py:TinyCNN"
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_package_module_reference(in_tmp, monkeypatch):
+    from compressor.checkpoint import meta_for
+
+    (in_tmp / "mypkg").mkdir()
+    (in_tmp / "mypkg" / "__init__.py").write_text("")
+    (in_tmp / "mypkg" / "nets.py").write_text(MODEL_FILE)
+    monkeypatch.syspath_prepend(str(in_tmp))
+    model = create_model("mypkg.nets:TinyCNN", num_classes=4, width=2)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+    meta = meta_for("mypkg.nets:TinyCNN", num_classes=4, model_kwargs={"width": 2})
+    assert meta.arch == "mypkg.nets:TinyCNN" and meta.code_sha256 == file_sha256(in_tmp / "mypkg" / "nets.py")
+    with pytest.raises(CompressError, match="module 'mypkg.nope' .* cannot be found"):
+        create_model("mypkg.nope:TinyCNN")
+
+
+def test_the_readme_example_file_plans_its_ladder():
+    from pathlib import Path
+
+    ref = f"{Path(__file__).resolve().parents[1] / 'examples' / 'my_model.py'}:SmallCNN"
+    plan = plan_chain("resnet20", 10, ref, model_kwargs={"width": 8}, measure_latency=False)
+    assert [m.model_kwargs.get("width") for m in plan.members[1:]] == [64, 32, 16, 8]
+    # convs 216 + 1,152 + 4,608, BatchNorms 16 + 32 + 64, linear 32*10+10 = 330
+    assert plan.members[-1].params == 6_418
