@@ -161,3 +161,27 @@ def test_eval_reads_only_the_test_split(tmp_path):
     root = write_mixed_folder(tmp_path / "ds", broken=True)  # the broken files are in train/
     b = load_data(str(root), image_size=20, splits=("test",))
     assert b.train is None and len(b.test) == 18 and b.input_size == (3, 20, 20)
+
+
+def test_stream_shards_are_disjoint_per_process(mixed, monkeypatch):
+    """Under Accelerate with 2 processes each process decodes only its own batches, and together all."""
+    from accelerate.data_loader import prepare_data_loader
+
+    from compressor.data.stream import StreamDataset
+
+    st = load_data(str(mixed), image_size=16, mode="stream", skip_bad_images=True)
+    decoded: list[int] = []
+    original = StreamDataset._one
+    monkeypatch.setattr(StreamDataset, "_one", lambda self, key: (decoded.append(key), original(self, key))[1])
+    per_process = []
+    for rank in (0, 1):
+        decoded.clear()
+        loader = prepare_data_loader(make_loader(st.train, 3, shuffle=True, seed=2, workers=0),
+                                     num_processes=2, process_index=rank, put_on_device=False)
+        loader.set_epoch(1)
+        labels = torch.cat([y for _, y in loader])
+        per_process.append(list(decoded))
+        assert labels.tolist() == st.train.labels[decoded].tolist()
+    assert len(per_process[0]) == len(per_process[1]) == 9  # 18 images, 6 batches of 3, 3 per process
+    assert set(per_process[0]).isdisjoint(per_process[1])
+    assert sorted(per_process[0] + per_process[1]) == list(range(18))
