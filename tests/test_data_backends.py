@@ -185,3 +185,20 @@ def test_stream_shards_are_disjoint_per_process(mixed, monkeypatch):
     assert len(per_process[0]) == len(per_process[1]) == 9  # 18 images, 6 batches of 3, 3 per process
     assert set(per_process[0]).isdisjoint(per_process[1])
     assert sorted(per_process[0] + per_process[1]) == list(range(18))
+
+
+def test_stream_pixel_failure_is_one_line_from_a_worker(tmp_path):
+    import io
+
+    for split in ("train", "val"):
+        for k in range(2):
+            d = tmp_path / split / f"c{k}"
+            d.mkdir(parents=True)
+            Image.new("RGB", (16, 16), (10, 200, 30)).save(d / "ok.png")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    (tmp_path / "train" / "c1" / "cut.png").write_bytes(buf.getvalue()[:300])  # header intact, pixels cut
+    b = load_data(str(tmp_path), mode="stream")  # headers only: passes
+    with pytest.raises(CompressError) as e:
+        list(make_loader(b.train, 4, shuffle=False, workers=1))
+    assert "cut.png" in str(e.value) and "\n" not in str(e.value) and "pixels do not" in str(e.value)
