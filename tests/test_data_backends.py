@@ -202,3 +202,4 @@ def test_stream_pixel_failure_is_one_line_from_a_worker(tmp_path):
     with pytest.raises(CompressError) as e:
         list(make_loader(b.train, 4, shuffle=False, workers=1))
     assert "cut.png" in str(e.value) and "\n" not in str(e.value) and "pixels do not" in str(e.value)
+
