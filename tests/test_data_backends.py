@@ -161,3 +161,45 @@ def test_eval_reads_only_the_test_split(tmp_path):
     root = write_mixed_folder(tmp_path / "ds", broken=True)  # the broken files are in train/
     b = load_data(str(root), image_size=20, splits=("test",))
     assert b.train is None and len(b.test) == 18 and b.input_size == (3, 20, 20)
+
+
+def test_stream_shards_are_disjoint_per_process(mixed, monkeypatch):
+    """Under Accelerate with 2 processes each process decodes only its own batches, and together all."""
+    from accelerate.data_loader import prepare_data_loader
+
+    from compressor.data.stream import StreamDataset
+
+    st = load_data(str(mixed), image_size=16, mode="stream", skip_bad_images=True)
+    decoded: list[int] = []
+    original = StreamDataset._one
+    monkeypatch.setattr(StreamDataset, "_one", lambda self, key: (decoded.append(key), original(self, key))[1])
+    per_process = []
+    for rank in (0, 1):
+        decoded.clear()
+        loader = prepare_data_loader(make_loader(st.train, 3, shuffle=True, seed=2, workers=0),
+                                     num_processes=2, process_index=rank, put_on_device=False)
+        loader.set_epoch(1)
+        labels = torch.cat([y for _, y in loader])
+        per_process.append(list(decoded))
+        assert labels.tolist() == st.train.labels[decoded].tolist()
+    assert len(per_process[0]) == len(per_process[1]) == 9  # 18 images, 6 batches of 3, 3 per process
+    assert set(per_process[0]).isdisjoint(per_process[1])
+    assert sorted(per_process[0] + per_process[1]) == list(range(18))
+
+
+def test_stream_pixel_failure_is_one_line_from_a_worker(tmp_path):
+    import io
+
+    for split in ("train", "val"):
+        for k in range(2):
+            d = tmp_path / split / f"c{k}"
+            d.mkdir(parents=True)
+            Image.new("RGB", (16, 16), (10, 200, 30)).save(d / "ok.png")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    (tmp_path / "train" / "c1" / "cut.png").write_bytes(buf.getvalue()[:300])  # header intact, pixels cut
+    b = load_data(str(tmp_path), mode="stream")  # headers only: passes
+    with pytest.raises(CompressError) as e:
+        list(make_loader(b.train, 4, shuffle=False, workers=1))
+    assert "cut.png" in str(e.value) and "\n" not in str(e.value) and "pixels do not" in str(e.value)
+

@@ -64,6 +64,20 @@ def subset_files(split: FileSplit, idx: torch.Tensor) -> FileSplit:
                      split.size, split.channels, split.crop)
 
 
+class UnreadableImage(CompressError):
+    """A file whose header read but whose pixels do not decode, met while streaming.
+
+    The DataLoader re-raises a worker's exception as ``type(message)`` with the
+    worker's traceback in the message; keep only our one line.
+    """
+
+    def __init__(self, message: str):
+        if message.startswith("Caught "):
+            last = message.strip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
+
+
 class StreamDataset(torch.utils.data.Dataset):
     """Decodes a batch of files per call. Keys are indices, or ``(epoch, index)`` pairs when
     it augments (``policy="imagenet"``, training)."""
@@ -82,8 +96,8 @@ class StreamDataset(torch.utils.data.Dataset):
         try:
             img = decode_file(s.files[i], s.channels)
         except ValueError as exc:
-            raise CompressError(f"cannot decode image file {s.files[i]!r} ({exc}) while streaming; remove or "
-                                f"replace it (or rerun with --skip-bad-images after removing it)") from None
+            raise UnreadableImage(f"cannot decode image file {s.files[i]!r} ({exc}) while streaming: its header "
+                                  f"reads but its pixels do not; remove or replace it") from None
         if self.augments:
             return imagenet_train(img, s.size, sample_seed(self.seed, key[0], i))
         return fit_image(img, s.size, s.crop)
