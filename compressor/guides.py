@@ -270,12 +270,17 @@ class GuideLogitCache:
 
 
 def augmentation_policy(augment) -> dict:
-    """The training augmentation as the key sees it: on/off plus ``augment_batch``'s defaults."""
-    if not augment:
-        return {"on": False}
+    """The training augmentation as the key sees it: the policy (``cifar``, ``imagenet``,
+    ``none``; the old booleans and an unresolved ``auto`` count as cifar/none as the
+    training loop treats them), plus ``augment_batch``'s defaults for cifar."""
+    if augment in (False, None, "none"):
+        return {"policy": "none"}
+    policy = "cifar" if augment in (True, "auto") else str(augment)
+    if policy != "cifar":
+        return {"policy": policy}
     defaults = {name: p.default for name, p in inspect.signature(augment_batch).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    return {"on": augment, **defaults}
+    return {"policy": policy, **defaults}
 
 
 def cache_settings(cfg, train_split, input_size, mean, std, num_classes: int) -> dict:

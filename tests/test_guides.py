@@ -202,7 +202,7 @@ def test_regenerated_data_with_one_changed_image_misses(tmp_path, monkeypatch):
     (no_aug,) = _caches_for(data, tmp_path, monkeypatch, augment=False)
     assert no_aug.get(0, 0) is None
     settings = json.loads((again.directory / "settings.json").read_text())
-    assert settings["image_size"] == [3, 32, 32] and settings["augment"] == {"on": True, "pad": 4, "flip": True}
+    assert settings["image_size"] == [3, 32, 32] and settings["augment"] == {"policy": "cifar", "pad": 4, "flip": True}
     assert settings["batch_code"] == guides_mod.BATCH_CODE_VERSION and settings["storage"] == {"format": "dense"}
 
 
