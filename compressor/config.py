@@ -243,12 +243,36 @@ def read_recipe(path) -> dict:
 def resolve_config(cls, recipe: str | None = None, cli: dict | None = None):
     """defaults < recipe < CLI flags (``None`` CLI values mean "not given")."""
     cfg = cls()
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
     if recipe:
-        apply_overrides(cfg, read_recipe(recipe), f"recipe {recipe}")
+        values = read_recipe(recipe)
+        _check_recipe_code_refs(recipe, values, cli)
+        apply_overrides(cfg, values, f"recipe {recipe}")
     if cli:
-        apply_overrides(cfg, {k: v for k, v in cli.items() if v is not None}, "command line")
+        apply_overrides(cfg, cli, "command line")
     cfg.validate()
     return cfg
+
+
+# Recipe keys whose value may name code (``file.py:NAME`` / ``package.module:NAME``).
+CODE_REF_KEYS = ("arch", "target", "assistants")
+
+
+def _check_recipe_code_refs(recipe, values: dict, cli: dict) -> None:
+    """A recipe is an input file: it may not make compress import code on its own.
+
+    A user-code reference in a recipe is accepted only when the command line
+    names the same value or passes ``--trust-code`` (zoo names never contain ``:``).
+    """
+    if cli.get("trust_code"):
+        return
+    for key in CODE_REF_KEYS:
+        value = values.get(key)
+        if isinstance(value, str) and ":" in value and cli.get(key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise CompressError(f"recipe {str(recipe)!r} names code ({key}: {value}); compress does not run code "
+                                f"because a file names it: pass {flag} {value} on the command line"
+                                + (" or --trust-code" if key != "arch" else "") + " if you trust that code")
 
 
 def config_to_dict(cfg) -> dict:

@@ -192,6 +192,15 @@ def test_yaml_recipe_tag_never_runs(in_tmp, capsys, pretrained_teacher):
     assert not (in_tmp / "runs").exists()
 
 
+def test_recipe_naming_code_needs_the_command_line_to_agree(in_tmp, capsys, pretrained_teacher):
+    marker = in_tmp / "PWNED"
+    (in_tmp / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\nimport torch\nNet = torch.nn.Linear\n")
+    recipe = in_tmp / "r.yaml"
+    recipe.write_text("target: evil.py:Net\nepochs: 1\n")
+    code, _, err = run_cli(["plan", "--recipe", recipe, "--teacher", pretrained_teacher], capsys)
+    assert_refused(code, err, marker, "r.yaml", "names code (target: evil.py:Net)", "--trust-code")
+
+
 def test_run_directory_files_never_run_code(in_tmp, capsys, pretrained_teacher):
     marker = in_tmp / "PWNED"
     run = in_tmp / "runs" / "r"
