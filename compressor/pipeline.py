@@ -496,7 +496,8 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
                        "data": bundle.name, **_data_metrics(bundle)}
             if main:
                 meta = meta_for(member.arch, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
-                                input_size=bundle.input_size, mean=mean, std=std, class_names=bundle.class_names or tmeta.class_names,
+                                input_size=bundle.input_size, mean=mean, std=std,
+                                class_names=bundle.class_names or tmeta.class_names,
                                 model_kwargs=member.model_kwargs, metrics=metrics,
                                 source=f"compress distill ({plan.method}) stage {k + 1} of {run_dir.name}")
                 save_checkpoint(model_path, model, meta)
