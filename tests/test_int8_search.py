@@ -82,7 +82,7 @@ def test_cli_exit_1_names_the_written_best(setup, monkeypatch):
     import export.runtime
 
     tmp, ckpt, _, data = setup
-    monkeypatch.setattr(export.runtime, "load_bundle", lambda spec: data)
+    monkeypatch.setattr(export.runtime, "load_bundle", lambda spec, *args, **kwargs: data)
     res = run_export_cli("export", ckpt, "--out", tmp / "cli.onnx", "--data", "relabelled", "--no-validate",
                          "--quantize", "int8", "--calibration-size", "32", "--max-accuracy-drop", "0",
                          "--threads", "1")
