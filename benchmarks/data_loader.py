@@ -20,6 +20,9 @@ distinct files, the rest hard links to them), and a second root with the first
 * ``train``: img/s of SGD steps of torchvision-size ResNet-18 at 224 px
   (batch 16, fp32) on this machine. Target: loader img/s (best worker count)
   >= 1.5 x train img/s.
+* ``multiprocess_stream``: torchrun with 2 CPU processes (gloo), stream mode,
+  10 batches of 32 per process: images each process decoded (disjoint sets)
+  and its peak RSS.
 * ``auto``: what ``--data-mode auto`` chooses here for the demo set, a
   CIFAR-10-sized set, this 224-px folder and ImageNet-1k (decoded bytes).
 
@@ -124,6 +127,51 @@ def child(root: Path | str, mode: str, batches: int) -> dict:
     if out.returncode:
         raise SystemExit(f"{mode} load of {root} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+MP_CHILD = r"""
+import json, sys
+import torch
+from accelerate import Accelerator
+from compressor.data import load_data, make_loader
+from compressor.data.stream import StreamDataset
+root, batches = sys.argv[1], int(sys.argv[2])
+acc = Accelerator(cpu=True)
+seen = []
+original = StreamDataset._one
+StreamDataset._one = lambda self, key: (seen.append(key), original(self, key))[1]
+b = load_data(root, mode="stream")
+loader = acc.prepare(make_loader(b.train, 32, shuffle=True, seed=0, workers=0))
+loader.set_epoch(0)
+for k, _ in enumerate(loader):
+    if k + 1 == batches:
+        break
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+print("MP " + json.dumps({"rank": acc.process_index, "world": acc.num_processes, "decoded": len(seen),
+                          "peak_rss_mb": round(hwm, 1), "indices": sorted(seen)}), flush=True)
+"""
+
+
+def multiprocess(root: Path, batches: int = 10) -> dict:
+    """torchrun, 2 CPU processes (gloo): each decodes its own batches; per-process peak RSS."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
+        fh.write(MP_CHILD)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port), fh.name, str(root), str(batches)], env=env, capture_output=True, text=True)
+    os.unlink(fh.name)
+    if out.returncode:
+        raise SystemExit(f"torchrun failed:\n{out.stderr[-3000:]}")
+    ranks = sorted((json.loads(line[3:]) for line in out.stdout.splitlines() if line.startswith("MP ")),
+                   key=lambda r: r["rank"])
+    a, b = (set(r.pop("indices")) for r in ranks)
+    return {"processes": ranks, "disjoint": not (a & b), "decoded_total": len(a) + len(b)}
 
 
 def decode_rates(files: list[Path]) -> dict:
@@ -243,6 +291,7 @@ def main(argv=None) -> int:
     decode = decode_rates(sorted(small.rglob("*.jpg"))[:300])
     loader = loader_rates(small)
     train_img_s = train_rate()
+    mp = multiprocess(small)
     best_loader = max(loader.values())
     result = {
         "benchmark": "data_loader", "cpu_count": os.cpu_count(), "torch": torch.__version__,
@@ -256,6 +305,7 @@ def main(argv=None) -> int:
         },
         "decode": decode, "stream_loader_img_s_by_workers": loader,
         "train_resnet18_224_img_s": round(train_img_s, 2), "auto": auto_choices(args.large),
+        "multiprocess_stream": mp,
     }
     print(json.dumps(result))
     e = sys.stderr
@@ -268,6 +318,9 @@ def main(argv=None) -> int:
     print("stream loader img/s (imagenet policy) by workers: "
           + ", ".join(f"{w}: {v:.0f}" for w, v in loader.items()), file=e)
     print(f"resnet18 @224 training img/s: {train_img_s:.1f}", file=e)
+    print("torchrun 2 CPU processes, stream, 10 batches of 32 each: "
+          + "; ".join(f"rank {r['rank']} decoded {r['decoded']} images, peak RSS {r['peak_rss_mb']:.0f} MB"
+                      for r in mp["processes"]) + f"; disjoint: {mp['disjoint']}", file=e)
     for k, v in result["targets"].items():
         print(f"  {k}: {v}", file=e)
     for k, v in result["auto"].items():

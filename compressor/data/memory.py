@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .formats import BadFiles, decode_file, io_threads, quiet_torchvision
+from .formats import BadFiles, decode_file, io_threads, one_intra_op_thread, quiet_torchvision
 from .transforms import fit_image, imagenet_train, sample_seed
 
 
@@ -77,7 +77,7 @@ def decode_into(files: list[str], size: tuple[int, int], channels: int, crop: fl
     workers = io_threads()
     step = max(1, min(512, -(-len(files) // (4 * workers))))
     ranges = [(i, min(i + step, len(files))) for i in range(0, len(files), step)]
-    with quiet_torchvision():
+    with quiet_torchvision(), one_intra_op_thread():
         if workers == 1 or len(ranges) == 1:
             results = [work(a, b) for a, b in ranges]
         else:

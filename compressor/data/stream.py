@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CompressError
-from .formats import decode_file, quiet_torchvision
+from .formats import decode_file, one_intra_op_thread, quiet_torchvision
 from .transforms import fit_image, imagenet_train, sample_seed
 
 
@@ -106,7 +106,7 @@ class StreamDataset(torch.utils.data.Dataset):
         return self.__getitems__([key])
 
     def __getitems__(self, keys):
-        with quiet_torchvision():
+        with quiet_torchvision(), one_intra_op_thread():
             images = torch.stack([self._one(k) for k in keys])
         idx = torch.as_tensor([k[1] if self.augments else k for k in keys], dtype=torch.int64)
         return images, self.split.labels.index_select(0, idx)
