@@ -88,7 +88,7 @@ def weights_fingerprint(model: nn.Module) -> str:
 def data_fingerprint(split) -> str:
     """A content fingerprint of a data split: its own ``fingerprint()`` when it has one,
     else the sha256 of its in-memory ``images`` and ``labels`` (dtype, shape and bytes;
-    about 0.1 s for 50,000 CIFAR images)."""
+    0.15-0.5 s for 50,000 CIFAR images, benchmarks/guide_cache.py)."""
     own = getattr(split, "fingerprint", None)
     if callable(own):
         return str(own())
