@@ -67,7 +67,7 @@ from .fileio import atomic_write, write_json
 
 # Bump when the code that makes a batch from the data changes (sampler order,
 # augment_batch, normalize, make_loader): cached logits of old batches then miss.
-BATCH_CODE_VERSION = 1
+BATCH_CODE_VERSION = 2
 
 # Top-k sparse soft labels above this many classes (CIFAR-100 stays dense and exact).
 TOPK_ABOVE_CLASSES = 100

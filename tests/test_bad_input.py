@@ -42,12 +42,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli_inprocess
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
 from compressor.checkpoint import meta_for, save_checkpoint
-from compressor.cli import main
 from compressor.config import DistillConfig, config_to_dict, resolve_config
 from compressor.fileio import write_yaml
 from compressor.models import create_model
@@ -129,12 +129,7 @@ def snapshot(root: Path) -> dict:
     return out
 
 
-def run_inprocess(args, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
+run_inprocess = run_cli_inprocess
 
 
 def run_subprocess(args, cwd: Path) -> tuple[int, str, str]:

@@ -14,21 +14,14 @@ from compressor.models import create_model
 from compressor.pipeline import run_distillation
 from compressor.planning import plan_chain
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
+
 # The smallest member of each family: depthwise convs, hardswish, SiLU, squeeze-excitation, channel shuffle.
 # The default (dynamo) exporter takes 5-15 s per model on 2 cores, so it runs for the two families with the
 # rarest operators (hardswish + SE, channel shuffle); the others use the TorchScript exporter (--legacy).
 # All six pass with both exporters (checked by hand: see the models note in README.md).
 SMALLEST = {"mobilenetv2_035": True, "mobilenetv3_small_050": False, "efficientnet_b0": True,
             "shufflenetv2_x0_5": False, "regnety_400mf": True, "resnet10": True}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids spinning against other jobs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("name", sorted(SMALLEST))

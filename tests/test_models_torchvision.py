@@ -9,6 +9,8 @@ from torch import nn
 from compressor.models import count_macs, count_params, create_model, family_ladder, get_entry, list_models
 from compressor.models.stems import auto_stem, with_auto_stem
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
+
 # zoo name -> the torchvision builder call it must equal (1000 classes, ImageNet stem, 3 channels)
 TORCHVISION = {
     "mobilenetv2_035": (tvm.mobilenet_v2, {"width_mult": 0.35}),
@@ -51,15 +53,6 @@ PUBLISHED = {
 SMALLEST = {"mobilenetv2": "mobilenetv2_035", "mobilenetv3": "mobilenetv3_small_050",
             "efficientnet": "efficientnet_b0", "shufflenetv2": "shufflenetv2_x0_5", "regnety": "regnety_400mf",
             "imagenet_resnet": "resnet10"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids spinning against other jobs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _tv(name, num_classes=1000):

@@ -21,6 +21,8 @@ from compressor.models import count_macs, count_params, create_model, get_entry
 from compressor.models.registry import profile_arch
 from compressor.pipeline import run_distillation
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 # recipe -> teacher arch, classes, teacher options, trained chain (assistants..., student),
@@ -55,15 +57,6 @@ def test_meta_profile_is_exact(arch, num_classes, kwargs):
     model = create_model(arch, num_classes=num_classes, **kwargs)
     real = (count_params(model), count_macs(model, get_entry(arch).input_size))
     assert profile_arch(arch, num_classes, json.dumps(kwargs, sort_keys=True)) == real
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids spinning against other jobs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _validate(path: Path, teacher: str = "teacher.safetensors") -> DistillConfig:

@@ -14,11 +14,11 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import run_cli_inprocess
 import torch
 import yaml
 
 from compressor.checkpoint import load_foreign_state_dict, meta_for, save_checkpoint
-from compressor.cli import main
 from compressor.errors import CompressError
 from compressor.models import create_model
 
@@ -33,12 +33,7 @@ class TouchMarker:
         return (os.system, (f"touch {self.marker}",))
 
 
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
+run_cli = run_cli_inprocess
 
 
 def snapshot(folder: Path) -> dict:

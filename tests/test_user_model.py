@@ -12,6 +12,8 @@ from compressor.errors import CompressError
 from compressor.models import count_macs, count_params, create_model
 from compressor.planning import plan_chain
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
+
 MODEL_FILE = textwrap.dedent('''
     from torch import nn
 
@@ -41,15 +43,6 @@ MODEL_FILE = textwrap.dedent('''
         def forward(self, x):
             return self.conv(x).mean((2, 3))   # (N, 3), not (N, num_classes)
 ''')
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids spinning against other jobs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def cli(capsys, *args):
