@@ -15,9 +15,9 @@ on the same CPU machine.
 Ctrl-C (single process): the first one is deferred to the end of the running
 step; :func:`fit` then saves the state *inside* the epoch (the step reached and
 the epoch's running sums) and raises ``KeyboardInterrupt``. A resume skips the
-steps already done (the batches are index gathers over in-memory tensors, so
-skipping them costs nothing and keeps the step numbers that seed augmentation),
-so nothing but the running step is lost. A second Ctrl-C stops at once; with
+steps already done in the batch sampler (Accelerate's ``skip_first_batches``: a
+streamed split does not decode them) and keeps the step numbers that seed
+augmentation, so nothing but the running step is lost. A second Ctrl-C stops at once; with
 several processes the state is saved after every epoch only.
 """
 from __future__ import annotations
@@ -272,9 +272,10 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
     check_every = divergence_check_interval(device)
     bad = torch.tensor([-1.0, 0.0], device=device)  # [first step with a non-finite loss, its value]
     step = start_step - 1
-    for step, (images, labels) in enumerate(loader):
-        if step < start_step:
-            continue  # done before an interruption (see the module docstring)
+    batches = loader
+    if start_step:  # resumed mid-epoch: skip the finished batches in the sampler, without loading them
+        batches = accelerator.skip_first_batches(loader, start_step)
+    for step, (images, labels) in enumerate(batches, start=start_step):
         if warmup_steps:  # warmup raises the lr every step, not every epoch
             for group in optimizer.param_groups:
                 group["lr"] = lr_at_epoch(cfg, epoch + step / warmup_steps, epoch + 1)

@@ -203,3 +203,35 @@ def test_stream_pixel_failure_is_one_line_from_a_worker(tmp_path):
         list(make_loader(b.train, 4, shuffle=False, workers=1))
     assert "cut.png" in str(e.value) and "\n" not in str(e.value) and "pixels do not" in str(e.value)
 
+
+
+def test_mid_epoch_resume_in_stream_mode_decodes_only_the_remaining_batches(mixed, monkeypatch):
+    """The trainer skips finished steps in the batch sampler: a streamed split decodes nothing for them,
+    and the remaining steps keep their numbers (they seed augmentation and guide dropping)."""
+    from compressor.config import OptimConfig
+    from compressor.data.stream import StreamDataset
+    from compressor.guides import GuideSet
+    from compressor.models import create_model
+    from compressor.pipeline import make_accelerator
+    from compressor.trainer import LossSettings, train_one_epoch
+
+    st = load_data(str(mixed), image_size=24, mode="stream", augment="imagenet", skip_bad_images=True)
+    cfg = OptimConfig(mixed_precision="no", channels_last=False, augment="imagenet", lr=0.01)
+    accelerator = make_accelerator(cfg)
+    decoded = []
+    real_one = StreamDataset._one
+    monkeypatch.setattr(StreamDataset, "_one", lambda self, key: decoded.append(key) or real_one(self, key))
+    loader = make_loader(st.train, 4, shuffle=True, seed=5, policy="imagenet", workers=0)
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=st.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    loader.set_epoch(1)
+    steps = len(loader)
+    assert steps >= 3
+    out = train_one_epoch(accelerator, model, GuideSet([]), loader, optimizer, cfg=cfg, loss_cfg=LossSettings(),
+                          mean=[0.5] * 3, std=[0.25] * 3, epoch=1, stage_seed=3, start_step=2,
+                          partial={"sums": {"loss": 0.0, "ce": 0.0, "kd": 0.0}, "correct": 0.0, "seen": 8})
+    remaining = len(st.train) - 2 * 4
+    assert len(decoded) == remaining  # nothing decoded for steps 1 and 2
+    assert out["steps"] == steps
