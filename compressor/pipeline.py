@@ -355,6 +355,11 @@ def _check_resume_config(run_dir: Path, resolved: dict) -> None:
     old = _read_run_file(path) or {}
     if not isinstance(old, dict):
         raise CompressError(f"{path} is damaged (not a mapping); start a new run with another --out")
+    if isinstance(old.get("augment"), bool):  # written before augmentation policies: true = cifar
+        old["augment"] = "cifar" if old["augment"] else "none"
+    # A key an older version did not write counts as its default (num_processes: unknown, not compared).
+    defaults = {**config_to_dict(DistillConfig()), "num_processes": resolved.get("num_processes")}
+    old = {**{k: defaults[k] for k in defaults if k not in old}, **old}
     diffs = [f"{k}: {old.get(k)!r} -> {resolved.get(k)!r}" for k in sorted(set(old) | set(resolved))
              if k not in RESUME_IGNORED_KEYS and old.get(k) != resolved.get(k)]
     if diffs:

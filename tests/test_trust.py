@@ -323,3 +323,19 @@ def test_recipes_stay_plain_mappings():
     # every shipped recipe loads with the safe loader (no tags)
     for recipe in (Path(__file__).parents[1] / "recipes").glob("*.yaml"):
         assert isinstance(yaml.safe_load(recipe.read_text()), dict), recipe
+
+
+def test_resume_of_a_run_written_by_an_older_version_compares_missing_keys_as_defaults(tmp_path):
+    from compressor.config import DistillConfig, config_to_dict
+    from compressor.pipeline import _check_resume_config
+
+    resolved = {**config_to_dict(DistillConfig(teacher="t", target="resnet8")), "target": "resnet8",
+                "num_processes": 1}
+    old = {k: v for k, v in resolved.items() if k not in ("ignore_class_names", "num_processes", "image_size")}
+    old["augment"] = True  # before augmentation policies
+    resolved["augment"] = "cifar"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    _check_resume_config(tmp_path, resolved)  # nothing differs
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**old, "seed": 99}))
+    with pytest.raises(CompressError, match="seed: 99 -> 20"):
+        _check_resume_config(tmp_path, resolved)
