@@ -53,15 +53,23 @@ def test_image_size_48_train_distill_export_eval(in_tmp, capsys):
 
 
 @pytest.mark.parametrize("size,mode,chw", [(28, "L", [1, 28, 28]), (96, "RGB", [3, 96, 96])])
-def test_folder_train_export_eval_bench_with_only_data(in_tmp, capsys, size, mode, chw):
+def test_folder_train_distill_export_eval_bench_with_only_data(in_tmp, capsys, size, mode, chw):
     ds = write_uniform_folder(in_tmp / "ds", size, mode)
-    code, out = run_cli(["train", "--arch", "resnet8", "--data", ds, "--epochs", 1, "--out", "m.safetensors"],
+    code, out = run_cli(["train", "--arch", "resnet14", "--data", ds, "--epochs", 1, "--out", "t.safetensors"],
                         capsys)
     assert code == 0, out
     assert f"image size: {size}x{size} (the native size" in out
-    _, meta = read_checkpoint("m.safetensors")
+    _, meta = read_checkpoint("t.safetensors")
     assert list(meta.input_size) == chw and meta.in_chans == chw[0]
     assert meta.metrics["augment"] == ("imagenet" if size >= 64 else "cifar")
+    # distill with nothing about the data but --data: size, channels and policy follow the teacher
+    code, out = run_cli(["distill", "--teacher", "t.safetensors", "--target", "resnet8", "--assistants", 0,
+                         "--method", "kd", "--data", ds, "--epochs", 1, "--latency-backend", "none",
+                         "--out", "runs/r"], capsys)
+    assert code == 0, out
+    (in_tmp / "m.safetensors").write_bytes((in_tmp / "runs" / "r" / "student.safetensors").read_bytes())
+    _, meta = read_checkpoint("m.safetensors")
+    assert meta.arch == "resnet8" and list(meta.input_size) == chw and meta.in_chans == chw[0]
     code, out = run_cli(["export", "m.safetensors"], capsys)
     assert code == 0, out
     assert onnx_input_shape("m.onnx")[1:] == chw
