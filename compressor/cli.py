@@ -6,6 +6,7 @@ floor); 2 bad input (one line on stderr, no traceback); 130 interrupted.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 import sys
 import typing
@@ -407,6 +408,18 @@ def _add_export_commands() -> None:
 _add_export_commands()
 
 
+def _exit(code: int) -> typing.NoReturn:
+    """``sys.exit``, except in a multi-process run that failed: there the live process group's
+    C++ threads abort the interpreter's shutdown ("terminate called without an active
+    exception", exit -6) once the peer is gone, so the process leaves at once with ``code``."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv=None) -> None:
     """Console entry point: map our exceptions to exit codes without tracebacks."""
     try:
@@ -415,10 +428,10 @@ def main(argv=None) -> None:
                  obj={"argv": list(sys.argv[1:] if argv is None else argv)})
     except CompressError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _exit(2)
     except CheckFailed as exc:
         click.echo(f"check failed: {exc}", err=True)
-        sys.exit(1)
+        _exit(1)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
