@@ -24,7 +24,7 @@ inside the package so ``compress ... --data demo`` works offline:
 
 Usage::
 
-    python tools/build_demo_data.py [--tar /work/shared/data/cifar10-jpeg.tar.gz] \
+    python tools/build_demo_data.py [--tar ../shared/data/cifar10-jpeg.tar.gz] \
         [--out compressor/assets/demo_cifar10.safetensors]
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TAR = Path("/work/shared/data/cifar10-jpeg.tar.gz")
+DEFAULT_TAR = Path("../shared/data/cifar10-jpeg.tar.gz")
 DEFAULT_OUT = ROOT / "compressor" / "assets" / "demo_cifar10.safetensors"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
