@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TAR = Path("../shared/data/cifar10-jpeg.tar.gz")
+DEFAULT_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"  # ../shared beside the repo
 DEFAULT_OUT = ROOT / "compressor" / "assets" / "demo_cifar10.safetensors"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
