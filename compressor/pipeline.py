@@ -387,14 +387,15 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
     if resume and not (run_dir / "config.yaml").exists():
         raise CompressError(f"nothing to resume in {run_dir} (no config.yaml); drop --resume to start it")
     _check_run_dir_writable(run_dir)
+    requested = config_to_dict(cfg)  # as given (e.g. mixed_precision auto); what it resolved to is "precision"
+    precision = resolve_precision(cfg.mixed_precision, cfg.channels_last)
+    cfg = precision.apply(cfg)
     accelerator = make_accelerator(cfg, project_dir=str(run_dir))
     # The process count is part of the config: it changes the batches (refused on resume).
-    resolved = {**config_to_dict(cfg), "target": target, "num_processes": accelerator.num_processes}
+    resolved = {**requested, "target": target, "num_processes": accelerator.num_processes,
+                "precision": precision.to_dict()}
     if resume:
         _check_resume_config(run_dir, resolved)
-    precision = resolve_precision(cfg.mixed_precision, cfg.channels_last)
-    resolved["precision"] = precision.to_dict()  # requested and resolved, next to the requested fields
-    cfg = precision.apply(cfg)
     accelerator.wait_for_everyone()  # every process has checked the run directory before anything is written
     main = accelerator.is_main_process
     print_ = accelerator.print

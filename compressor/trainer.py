@@ -406,7 +406,6 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     guides = _prepare_guides(guides, accelerator.device, cfg.channels_last, guide_caches)
     resume_state = ResumeState(stage=stage_label, num_processes=accelerator.num_processes)
-    accelerator._custom_objects.clear()  # nothing pickled: the resume state is JSON (see ResumeState)
     metrics_path = stage_dir / "metrics.jsonl"
     state_path = find_state(stage_dir) if resume else None
     if state_path is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.checkpoint import CheckpointMeta, check_readable_file
+from compressor.checkpoint import CheckpointMeta, check_readable_file, file_sha256
 from compressor.errors import CompressError
 
 from .onnx_export import meta_from_onnx_props
@@ -365,10 +365,4 @@ def evaluate_onnx(path, data, batch_size: int = 256, *, threads: int | None = No
     if props.get("source_checkpoint"):
         source = (f"{source}; " if source else "") + (f"exported from {props['source_checkpoint']} "
                                                       f"(sha256 {props.get('source_sha256', '?')[:16]})")
-    return {**result, "sha256": _file_sha256(model.path), "source": source}
-
-
-def _file_sha256(path) -> str:
-    from compressor.checkpoint import file_sha256
-
-    return file_sha256(path)
+    return {**result, "sha256": file_sha256(model.path), "source": source}
