@@ -19,11 +19,13 @@ def evaluate_model(model, split, *, mean, std, batch_size: int = 256, device="cp
     return evaluate(None, model.to(device), make_loader(split, batch_size, shuffle=False), mean=mean, std=std)
 
 
-def load_test_split_for(meta, data: str, *, image_size=None, mode: str = "auto",
+def load_data_for_model(meta, data: str, *, splits=("test",), image_size=None, mode: str = "auto",
                         skip_bad_images: bool = False) -> DataBundle:
-    """The test split of ``data`` at the model's (C, H, W) (``image_size`` overrides H, W)."""
+    """``splits`` of ``data`` at the model's (C, H, W) (``image_size`` overrides H, W), with the
+    evaluation transform of the augmentation policy the model was trained with. One rule for the
+    torch path (:func:`evaluate_checkpoint`) and the ONNX path (``export.runtime.load_bundle``)."""
     size = image_size or tuple(int(v) for v in meta.input_size[1:])
-    return load_data(data, image_size=size, channels=int(meta.input_size[0]), splits=("test",), mode=mode,
+    return load_data(str(data), image_size=size, channels=int(meta.input_size[0]), splits=splits, mode=mode,
                      augment=(meta.metrics or {}).get("augment", "cifar"), skip_bad_images=skip_bad_images)
 
 
@@ -36,7 +38,7 @@ def evaluate_checkpoint(path, data: str, *, batch_size: int = 256, arch: str | N
     from .pipeline import check_class_names
 
     model, meta = load_model(path, arch=arch, trust_code=trust_code)
-    bundle = load_test_split_for(meta, data, image_size=image_size, mode=mode, skip_bad_images=skip_bad_images)
+    bundle = load_data_for_model(meta, data, image_size=image_size, mode=mode, skip_bad_images=skip_bad_images)
     if meta.num_classes != bundle.num_classes:
         raise CompressError(f"{path} predicts {meta.num_classes} classes but {data} has {bundle.num_classes}; "
                             f"evaluate on matching data")

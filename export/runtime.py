@@ -252,15 +252,13 @@ def load_bundle(data, meta: CheckpointMeta | None = None, *, splits=("train", "t
     ``compress eval`` of a checkpoint. ``bundle.notes`` says what was done.
     """
     if isinstance(data, (str, os.PathLike)):
-        try:
-            from compressor.data import load_data  # type: ignore
-        except ImportError:
-            raise CompressError("data loading is not available in this installation (compressor.data missing)") from None
+        from compressor.data import load_data
+        from compressor.evaluation import load_data_for_model
+
         if meta is None:
             return load_data(str(data), splits=splits, mode=mode, skip_bad_images=skip_bad_images)
-        size = image_size or tuple(int(v) for v in meta.input_size[1:])
-        return load_data(str(data), image_size=size, channels=int(meta.input_size[0]), splits=splits, mode=mode,
-                         augment=(meta.metrics or {}).get("augment", "cifar"), skip_bad_images=skip_bad_images)
+        return load_data_for_model(meta, data, splits=splits, image_size=image_size, mode=mode,
+                                   skip_bad_images=skip_bad_images)
     if not hasattr(data, "test"):
         raise CompressError(f"expected a data spec or a DataBundle, got {type(data).__name__}")
     return data
