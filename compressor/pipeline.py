@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from .checkpoint import file_sha256, load_model, load_state_strict, meta_for, read_checkpoint, save_checkpoint
+from .checkpoint import (CIFAR_MEAN, CIFAR_STD, file_sha256, load_model, load_state_strict, meta_for,
+                         read_checkpoint, save_checkpoint)
 from .config import DistillConfig, TrainConfig, config_to_dict
 from .data import DataBundle, channel_stats, load_data, make_loader, resolve_policy, subset
 from .errors import CompressError
@@ -105,8 +106,8 @@ def _loaders(cfg, splits: Splits, seed: int):
 
 
 # Normalisation of the data sets whose statistics are known (demo: the CIFAR-10 slice).
-KNOWN_STATS = {"demo": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-               "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+KNOWN_STATS = {"demo": (CIFAR_MEAN, CIFAR_STD),
+               "cifar10": (CIFAR_MEAN, CIFAR_STD),
                "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
 
 
@@ -143,7 +144,7 @@ def _normalisation(cfg, bundle: DataBundle, c: int):
     if bundle.name in KNOWN_STATS and c == 3:
         mean, std = KNOWN_STATS[bundle.name]
     elif bundle.name == "synthetic":  # test data: the historical defaults
-        mean, std = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]) if c == 3 else ([0.5] * c, [0.25] * c)
+        mean, std = (CIFAR_MEAN, CIFAR_STD) if c == 3 else ([0.5] * c, [0.25] * c)
     else:
         mean, std = channel_stats(bundle.train, seed=stable_seed(cfg.seed, "stats"), workers=cfg.data_workers)
         _say(f"data: normalisation estimated on {min(2000, len(bundle.train))} training images: "
