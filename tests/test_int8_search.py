@@ -6,7 +6,6 @@ model's logits are close together, so some do change with every candidate.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

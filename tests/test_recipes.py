@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 
 from compressor.checkpoint import load_model, meta_for, save_checkpoint
