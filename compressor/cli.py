@@ -87,6 +87,8 @@ OPTIM_HELP = {
     "data_mode": "memory | stream | auto (memory when the decoded images fit half the free RAM per process)",
     "data_workers": "stream mode: DataLoader worker processes (default: cores - 1, at most 8)",
     "skip_bad_images": "leave undecodable image files out (counted in the run) instead of stopping",
+    "compile": "torch.compile the trained model and its guides (costs tens of seconds per model and stage; "
+               "pays off on long runs, see the README's Performance section)",
 }
 OPTIM_FIELDS = list(OPTIM_HELP)
 

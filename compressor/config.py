@@ -52,6 +52,7 @@ class OptimConfig:
     data_workers: typing.Optional[int] = None  # stream mode: loader worker processes (default: cores - 1)
     skip_bad_images: bool = False              # drop undecodable image files (counted) instead of exit 2
     log_with: typing.Optional[str] = None      # an Accelerate tracker: tensorboard, wandb, ...
+    compile: bool = False                      # torch.compile the trained model and its guides (trainer.compile_for_training)
 
     def validate(self) -> None:
         _positive(self, "epochs", "batch_size", "grad_accum", "eval_every")

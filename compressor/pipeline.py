@@ -47,9 +47,9 @@ from .progress import Progress
 from .report import format_summary, write_report
 from .trainer import LossSettings, evaluate, fit, stable_seed
 
-# Keys that may differ between a run and its resumption.
+# Keys that may differ between a run and its resumption (they do not change what is computed).
 # ``precision`` is what ``auto`` resolved to on the machine of the session that wrote config.yaml.
-RESUME_IGNORED_KEYS = ("log_with", "precision", "trust_code")
+RESUME_IGNORED_KEYS = ("log_with", "precision", "trust_code", "compile")
 
 
 def make_accelerator(cfg, project_dir: str | None = None):
