@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from compressor.fileio import write_text
+
 
 def _steps_per_second(fn, batches, repeats: int) -> float:
     best = float("inf")
@@ -82,6 +84,15 @@ def measure(name: str, kwargs: dict, batches, autocast, memfmt, repeats: int) ->
     return out
 
 
+def _print_summary(rows: list[dict]) -> None:
+    for r in rows:
+        for role in ("train", "guide"):
+            m = r[role]
+            print(f"{r['model']:18} {role:5} eager {m['eager_img_s']:>8} img/s  compiled {m['compiled_img_s']:>8} "
+                  f"img/s  x{m['speedup']}  compile {m['compile_seconds']} s  break-even "
+                  f"{m['break_even_images']} images", file=sys.stderr)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet14,resnet8", help="comma-separated zoo names")
@@ -120,17 +131,10 @@ def main(argv=None) -> dict:
     report = {"benchmark": "compile_gain", "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "precision": precision.to_dict(),
               "compile_cache": "warm" if args.warm_cache else "cold", "batch_size": args.batch_size, "image_size": args.image_size, "models": rows}
-    for r in rows:
-        for role in ("train", "guide"):
-            m = r[role]
-            print(f"{r['model']:18} {role:5} eager {m['eager_img_s']:>8} img/s  compiled {m['compiled_img_s']:>8} "
-                  f"img/s  x{m['speedup']}  compile {m['compile_seconds']} s  break-even "
-                  f"{m['break_even_images']} images", file=sys.stderr)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
+    _print_summary(rows)
+    print(json.dumps(report, indent=2))
+    if args.json:  # atomic: a half-written report never replaces a good one
+        write_text(args.json, json.dumps(report, indent=2) + "\n")
     return report
 
 
