@@ -224,7 +224,9 @@ DISTILL_HELP = {
     "method": "dgkd | takd | kd | ce", "assistants": "auto | N | comma-separated names",
     "by": "assistant spacing metric: macs | params | latency", "max_assistants": "cap for --assistants auto",
     "spacing": "auto: max compute ratio between neighbours", "temperature": "KD temperature T",
-    "kd_weight": "λ in (1-λ)·CE + λ·Σ KD", "drop_guides": "stochastic teaching: guides dropped per batch",
+    "kd_weight": "λ in (1-λ)·CE + λ·Σ KD",
+    "kd_reduction": "sum: add the kept guides' KD terms (the paper); mean: average them, so the KD gradient "
+                    "does not grow with the number of guides", "drop_guides": "stochastic teaching: guides dropped per batch",
     "assistant_epochs": "epochs for each assistant (default: --epochs)", "name": "run name (runs/NAME)",
     "latency_backend": "plan table latency: torch | onnxruntime | none",
     "cache_guides": "store guide logits per (epoch, step) on disk and reuse them across stages and runs",
@@ -306,7 +308,7 @@ def plan_cmd(teacher, target, target_latency_ms, recipe, options, json_out, **fl
 @click.option("--resume", is_flag=True, help="continue an interrupted run (same config)")
 @config_options(DistillConfig,
                 ["method", "assistants", "by", "max_assistants", "spacing", "temperature", "kd_weight",
-                 "drop_guides", "assistant_epochs", "name", "latency_backend", "cache_guides",
+                 "kd_reduction", "drop_guides", "assistant_epochs", "name", "latency_backend", "cache_guides",
                  "ignore_class_names", "trust_code"] + OPTIM_FIELDS,
                 {**DISTILL_HELP, **OPTIM_HELP})
 def distill_cmd(teacher, target, target_latency_ms, recipe, options, out, resume, **flags):

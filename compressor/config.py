@@ -17,6 +17,7 @@ import yaml
 from .errors import CompressError
 
 METHODS = ("dgkd", "takd", "kd", "ce")
+KD_REDUCTIONS = ("sum", "mean")
 SCHEDULES = ("step", "cosine", "constant")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 PLAN_METRICS = ("macs", "params", "latency")
@@ -120,6 +121,7 @@ class DistillConfig(OptimConfig):
     spacing: float = 2.5                              # auto: at most this compute ratio between neighbours
     temperature: float = 5.0
     kd_weight: float = 1.0                            # λ: (1-λ)·CE + λ·Σ KD
+    kd_reduction: str = "sum"                         # sum (paper, official code) | mean over the kept guides
     drop_guides: int = 1                              # stochastic teaching: guides dropped per batch
     model_kwargs: dict = field(default_factory=dict)  # options for student/assistants, e.g. {shortcut: B}
     assistant_epochs: typing.Optional[int] = None     # default: epochs
@@ -149,6 +151,7 @@ class DistillConfig(OptimConfig):
             raise CompressError(f"temperature must be > 0, got {self.temperature}; the paper uses 5")
         if not 0.0 <= self.kd_weight <= 1.0:
             raise CompressError(f"kd_weight (λ) must be in [0, 1], got {self.kd_weight}")
+        _choice(self, "kd_reduction", KD_REDUCTIONS)
         if self.drop_guides < 0:
             raise CompressError(f"drop_guides must be >= 0, got {self.drop_guides}")
         if self.max_assistants < 0:

@@ -11,7 +11,8 @@ Notation: ``z_s`` student logits, ``z_g`` a guide's logits, ``T`` temperature,
   code: ``L = (1−λ)·CE(z_s, y) + λ·Σ_{g∈G'} KD_g`` with CE counted once and the
   KD terms *summed* over the kept guides G'. With no guide at all (plain
   training) the loss is ``CE``. With λ=1 (the paper's setting) this equals the
-  paper's "sum of TAKD losses".
+  paper's "sum of TAKD losses". ``reduction="mean"`` (``--kd-reduction mean``)
+  averages the KD terms instead: λ·(1/|G'|)·Σ KD_g.
 * :func:`kept_guides` -- stochastic teaching: drop ``drop`` guides per batch,
   uniformly, never all of them (a single guide is never dropped).
 """
@@ -33,11 +34,13 @@ def kd_loss(student_logits: torch.Tensor, guide_logits: torch.Tensor, *, tempera
 
 
 def dgkd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor], labels: torch.Tensor, *,
-              temperature: float, kd_weight: float) -> dict[str, torch.Tensor]:
+              temperature: float, kd_weight: float, reduction: str = "sum") -> dict[str, torch.Tensor]:
     """DGKD objective; returns named terms ``loss``, ``ce``, ``kd`` and ``kd_<i>`` per guide.
 
     ``guide_logits`` holds the logits of the guides kept for this batch (after
-    stochastic dropping). ``kd`` is their summed KD term (0 without guides).
+    stochastic dropping). ``kd`` is their summed KD term (0 without guides), or
+    with ``reduction="mean"`` their average: then the KD gradient keeps the size
+    of one guide's however many guides are kept.
     """
     ce = F.cross_entropy(student_logits.float(), labels)
     terms: dict[str, torch.Tensor] = {"ce": ce}
@@ -48,7 +51,9 @@ def dgkd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor]
     kd_terms = [kd_loss(student_logits, g, temperature=temperature) for g in guide_logits]
     for i, term in enumerate(kd_terms):
         terms[f"kd_{i}"] = term
-    kd = torch.stack(kd_terms).sum()
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    kd = torch.stack(kd_terms).sum() if reduction == "sum" else torch.stack(kd_terms).mean()
     terms["kd"] = kd
     terms["loss"] = (1.0 - kd_weight) * ce + kd_weight * kd
     return terms

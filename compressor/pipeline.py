@@ -431,7 +431,8 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
 
     mean, std = list(tmeta.mean), list(tmeta.std)
     splits = prepare_splits(cfg, bundle)
-    loss_cfg = LossSettings(temperature=cfg.temperature, kd_weight=cfg.kd_weight, drop_guides=cfg.drop_guides)
+    loss_cfg = LossSettings(temperature=cfg.temperature, kd_weight=cfg.kd_weight, drop_guides=cfg.drop_guides,
+                            kd_reduction=cfg.kd_reduction)
     teacher_eval_path = run_dir / "teacher_eval.json"
     if teacher_eval_path.exists():
         teacher_test = _read_run_file(teacher_eval_path)
@@ -523,7 +524,7 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
         "name": run_dir.name, "method": plan.method, "data": bundle.name, "per_epoch_split": splits.eval_name,
         "teacher": str(cfg.teacher), "teacher_sha256": teacher_sha256, "teacher_source": tmeta.source,
         "epochs": epochs, "assistant_epochs": assistant_epochs, "seed": cfg.seed,
-        "temperature": cfg.temperature, "kd_weight": cfg.kd_weight, "drop_guides": cfg.drop_guides,
+        "temperature": cfg.temperature, "kd_weight": cfg.kd_weight, "kd_reduction": cfg.kd_reduction, "drop_guides": cfg.drop_guides,
         "latency_backend": plan.latency_backend, "relative_cost": plan.relative_cost,
         "total_seconds": round(sum(r["train_seconds"] or 0 for r in rows), 1),
         "wall_seconds_this_session": round(time.perf_counter() - total_start, 1),

@@ -128,6 +128,7 @@ def write_report(run_dir) -> Path:
              f"- method: **{summary['method']}**, data: `{summary['data']}`, "
              f"epochs: {summary['epochs']}, seed: {summary['seed']}",
              f"- temperature {summary['temperature']}, λ (kd_weight) {summary['kd_weight']}, "
+             f"KD terms: {summary.get('kd_reduction', 'sum')} over the kept guides, "
              f"guides dropped per batch: {summary['drop_guides']}",
              f"- total training time: {summary['total_seconds']:.0f} s",
              f"- teacher: `{summary.get('teacher', '?')}` (sha256 `{summary.get('teacher_sha256', '?')}`)",

@@ -217,6 +217,7 @@ class LossSettings:
     temperature: float = 5.0
     kd_weight: float = 1.0
     drop_guides: int = 0
+    kd_reduction: str = "sum"
 
 
 @dataclass
@@ -316,7 +317,7 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
             with accelerator.autocast():
                 logits = model(x)
             terms = dgkd_loss(logits, guide_logits, labels, temperature=loss_cfg.temperature,
-                              kd_weight=loss_cfg.kd_weight)
+                              kd_weight=loss_cfg.kd_weight, reduction=loss_cfg.kd_reduction)
             loss = terms["loss"]
             if _test_nan_hook(accelerator, epoch, step):
                 loss = loss * float("nan")

@@ -12,6 +12,7 @@ T = 2: p = [e, e^½, 1]/(e + e^½ + 1) = [0.506480, 0.307196, 0.186324]
 CE with labels [2, 0]: row1 = log(e+e²+e³) - 3 = 0.407606; row2 = log 3 = 1.098612;
        mean = 0.753109
 """
+import pytest
 import torch
 
 from compressor.losses import dgkd_loss, kd_loss, kept_guides
@@ -61,6 +62,18 @@ def test_dgkd_loss_two_equal_guides_double_the_kd_term():
     assert abs(terms["loss"].item() - 2 * KD_T2) < 1e-5
 
 
+def test_dgkd_loss_mean_reduction_averages_the_kept_guides():
+    # KD_0 = KD_T1 (0.575210), KD_1 = 0 (guide = student): mean 0.287605; loss 0.5·CE + 0.5·0.287605 = 0.520357
+    terms = dgkd_loss(S, [G, S.clone()], Y, temperature=1.0, kd_weight=0.5, reduction="mean")
+    assert abs(terms["kd"].item() - 0.287605) < 1e-5
+    assert abs(terms["loss"].item() - 0.520357) < 1e-5
+    one = dgkd_loss(S, [G], Y, temperature=2.0, kd_weight=1.0, reduction="mean")
+    two = dgkd_loss(S, [G, G], Y, temperature=2.0, kd_weight=1.0, reduction="mean")
+    assert abs(one["loss"].item() - KD_T2) < 1e-5 and abs(two["loss"].item() - KD_T2) < 1e-5
+    with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean'"):
+        dgkd_loss(S, [G], Y, temperature=2.0, kd_weight=1.0, reduction="max")
+
+
 def test_dgkd_loss_lambda_edges():
     assert abs(dgkd_loss(S, [G], Y, temperature=1.0, kd_weight=0.0)["loss"].item() - CE) < 1e-5
     assert abs(dgkd_loss(S, [G], Y, temperature=1.0, kd_weight=1.0)["loss"].item() - KD_T1) < 1e-5
@@ -104,3 +117,14 @@ def test_kept_guides_seeded_is_reproducible():
     a = [kept_guides(5, 2, torch.Generator().manual_seed(s)) for s in range(20)]
     b = [kept_guides(5, 2, torch.Generator().manual_seed(s)) for s in range(20)]
     assert a == b
+
+
+def test_kd_reduction_is_a_checked_distill_setting():
+    from compressor.config import DistillConfig, resolve_config
+    from compressor.errors import CompressError
+
+    base = {"teacher": "t.safetensors", "target": "resnet8"}
+    assert resolve_config(DistillConfig, None, base).kd_reduction == "sum"  # the paper's form stays the default
+    assert resolve_config(DistillConfig, None, {**base, "kd_reduction": "mean"}).kd_reduction == "mean"
+    with pytest.raises(CompressError, match="kd_reduction must be one of sum, mean; got 'max'"):
+        resolve_config(DistillConfig, None, {**base, "kd_reduction": "max"})
