@@ -45,7 +45,7 @@ from .precision import resolve_precision
 from .planning import Plan, format_plan, guides_for_stage, pick_student_by_latency, plan_chain
 from .progress import Progress
 from .report import format_summary, write_report
-from .trainer import LossSettings, evaluate, fit, stable_seed
+from .trainer import LossSettings, check_compile_available, evaluate, fit, stable_seed
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 # ``precision`` is what ``auto`` resolved to on the machine of the session that wrote config.yaml.
@@ -69,7 +69,10 @@ def make_accelerator(cfg, project_dir: str | None = None):
     kwargs = dict(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
     if cfg.log_with:
         kwargs.update(log_with=cfg.log_with, project_dir=project_dir)
-    return Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs)
+    if cfg.compile:  # once per run, before anything is written
+        check_compile_available(accelerator.device)
+    return accelerator
 
 
 @dataclass

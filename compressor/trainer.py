@@ -431,8 +431,6 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    if cfg.compile:
-        check_compile_available(accelerator.device)
     guides = _prepare_guides(guides, accelerator.device, cfg.channels_last, guide_caches, compile=cfg.compile)
     step_model = compile_for_training(model) if cfg.compile else model
     resume_state = ResumeState(stage=stage_label, num_processes=accelerator.num_processes)
