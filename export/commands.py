@@ -242,6 +242,7 @@ def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warm
     from compressor.fileio import check_output_path
 
     from .bench import benchmark_onnx, check_baseline, check_budget, format_table, load_baseline, parse_ratio, write_report
+    from .providers import check_precision
 
     sizes = _parse_batch_sizes(batch_sizes)
     if iters is not None and seconds is not None:
@@ -254,8 +255,7 @@ def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warm
             raise CompressError("--provider all prints the provider table only; --compare/--torch and the gates "
                                 "need one --provider")
         return _bench_all_providers(model, batch_sizes, sizes, threads, warmup, iters, seconds, data, json_out)
-    if precision != "f32" and provider != "openvino":
-        raise CompressError(f"--precision {precision} is an OpenVINO hint; add --provider openvino")
+    check_precision(provider, precision)
     if max_regression is not None and baseline is None:
         raise CompressError("--max-regression needs --baseline OLD.json")
     if checkpoint and not with_torch:

@@ -59,7 +59,7 @@ def provider_table(model, *, int8=None, batch_sizes=(1, 64), threads: int | None
     int8 = Path(int8) if int8 is not None else None
     labels = None
     if data is not None:
-        bundle = load_bundle(data)
+        bundle = load_bundle(data, splits=("test",))
         images, labels = _split_arrays(bundle.test)
         check_fits_data(reference, bundle, images)
         n = parity_images or DATA_PARITY_IMAGES

@@ -57,15 +57,13 @@ def unavailable_reason(name: str) -> str | None:
         return None
     if name == "openvino":
         return _openvino_devices()[1]
-    import onnxruntime as ort
+    from .runtime import resolve_providers
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return "the CUDA execution provider is not available; install onnxruntime-gpu and run on a machine with a CUDA GPU"
+    try:
+        resolve_providers(name)  # one availability rule and install hint for onnxruntime's built-in providers
+    except CompressError as exc:
+        return str(exc)
     return None
-
-
-def available_providers() -> list[str]:
-    return [p for p in PROVIDERS if unavailable_reason(p) is None]
 
 
 def check_precision(provider: str, precision: str) -> str:
@@ -73,7 +71,7 @@ def check_precision(provider: str, precision: str) -> str:
     if precision not in PRECISIONS:
         raise CompressError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if precision != "f32" and str(provider).lower() != "openvino":
-        raise CompressError(f"precision {precision} is an OpenVINO hint; use --provider openvino, or f32")
+        raise CompressError(f"--precision {precision} is an OpenVINO hint; add --provider openvino, or use f32")
     return precision
 
 

@@ -187,7 +187,7 @@ def int8_report(fp32_path, int8_path_, data, *, threads: int | None = None, batc
     from .bench import benchmark_onnx
     from .runtime import evaluate_onnx
 
-    bundle = load_bundle(data)
+    bundle = load_bundle(data, splits=("test",))
     fp32_acc = evaluate_onnx(fp32_path, bundle, batch_size=batch_size, threads=threads)
     int8_acc = evaluate_onnx(int8_path_, bundle, batch_size=batch_size, threads=threads)
     bench = benchmark_onnx(int8_path_, compare=fp32_path, batch_sizes=batch_sizes, threads=threads,
