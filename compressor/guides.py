@@ -298,10 +298,11 @@ def cache_key(guide_fingerprint: str, settings: dict) -> str:
 
 
 def open_guide_cache(root: Path, guide: nn.Module, settings: dict, *, epochs: int, steps: int,
-                     batch_size: int, num_classes: int) -> GuideLogitCache:
+                     batch_size: int, num_classes: int, fingerprint: str | None = None) -> GuideLogitCache:
     """The cache of ``guide`` under ``root/<key>/`` (``settings`` from :func:`cache_settings`);
-    writes ``settings.json`` there the first time."""
-    fingerprint = weights_fingerprint(guide)
+    writes ``settings.json`` there the first time. ``fingerprint``: ``weights_fingerprint(guide)``
+    if the caller already has it."""
+    fingerprint = fingerprint or weights_fingerprint(guide)
     folder = Path(root) / cache_key(fingerprint, settings)
     if not (folder / "settings.json").exists():
         write_json(folder / "settings.json", {"guide": fingerprint, **settings})

@@ -312,20 +312,38 @@ def _resolve_target(cfg: DistillConfig, tmeta) -> str:
     return arch
 
 
-def _guide_caches(cfg: DistillConfig, accelerator, splits: Splits, guides, epochs: int, steps: int,
-                  num_classes: int, mean, std):
-    """One logit cache per guide when ``cache_guides`` is on (single process only)."""
-    if not cfg.cache_guides or not guides:
+def _guide_cache_opener(cfg: DistillConfig, accelerator, splits: Splits, num_classes: int, mean, std):
+    """``open(guides, epochs, steps)`` -> one logit cache per guide, when ``cache_guides`` is on
+    (single process only; else ``None``).
+
+    The key's inputs that do not change between stages -- the settings, with a fingerprint of
+    the whole training split, and each guide's weight fingerprint (the teacher guides every
+    stage) -- are computed once per run, at the first stage that needs them.
+    """
+    if not cfg.cache_guides:
         return None
     if accelerator.num_processes > 1:
         accelerator.print("note: --cache-guides is off with several processes (each sees other batches)")
         return None
-    from .guides import cache_settings, open_guide_cache
+    from .guides import cache_settings, open_guide_cache, weights_fingerprint
     from .latency import cache_dir
 
-    settings = cache_settings(cfg, splits.train, splits.bundle.input_size, mean, std, num_classes)
-    return [open_guide_cache(cache_dir() / "guides", g, settings, epochs=epochs, steps=steps,
-                             batch_size=cfg.batch_size, num_classes=num_classes) for g in guides]
+    settings: dict = {}
+    fingerprints: dict[int, str] = {}
+
+    def open_caches(guides, epochs: int, steps: int):
+        if not guides:
+            return None
+        if not settings:
+            settings.update(cache_settings(cfg, splits.train, splits.bundle.input_size, mean, std, num_classes))
+        for g in guides:
+            if id(g) not in fingerprints:
+                fingerprints[id(g)] = weights_fingerprint(g)
+        return [open_guide_cache(cache_dir() / "guides", g, settings, epochs=epochs, steps=steps,
+                                 batch_size=cfg.batch_size, num_classes=num_classes, fingerprint=fingerprints[id(g)])
+                for g in guides]
+
+    return open_caches
 
 
 def default_run_dir(cfg: DistillConfig, target: str) -> Path:
@@ -452,6 +470,7 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
     progress = Progress(enabled=main and show_progress)
     total_start = time.perf_counter()
     trained = plan.members[1:]
+    open_guide_caches = _guide_cache_opener(cfg, accelerator, splits, tmeta.num_classes, mean, std)
     for k, member in enumerate(trained):
         label = f"stage {k + 1}/{len(trained)} {member.arch}"
         stage_dir = run_dir / "stages" / f"{k + 1}-{arch_slug(member.arch)}"
@@ -487,8 +506,8 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
             # method sees the same batches; the init depends on the model, not its position.
             train_loader, eval_loader = _loaders(cfg, splits, stable_seed(cfg.seed, "data"))
             progress.start_stage(label, stage_epochs, 0, len(splits.train))
-            caches = _guide_caches(cfg, accelerator, splits, [chain_models[i] for i in guide_idx],
-                                   stage_epochs, len(train_loader), tmeta.num_classes, mean, std)
+            caches = open_guide_caches([chain_models[i] for i in guide_idx], stage_epochs,
+                                       len(train_loader)) if open_guide_caches else None
             try:
                 result = fit(accelerator, model, [chain_models[i] for i in guide_idx], train_loader, eval_loader,
                              cfg=cfg, loss_cfg=loss_cfg, epochs=stage_epochs, mean=mean, std=std,

@@ -14,7 +14,7 @@ from compressor.data import ImageSplit, synthetic_data
 from compressor.guides import (GuideLogitCache, GuideSet, cache_key, cache_settings, data_fingerprint, densify,
                                sparsify, top_k_for, weights_fingerprint)
 from compressor.models import create_model
-from compressor.pipeline import _guide_caches, prepare_splits, run_distillation
+from compressor.pipeline import _guide_cache_opener, prepare_splits, run_distillation
 
 
 def test_guide_set_runs_only_kept_guides_in_eval_mode():
@@ -184,8 +184,9 @@ def _caches_for(data, tmp_path, monkeypatch, **overrides):
     guide = torch.nn.Linear(3, 10)
     torch.manual_seed(0)
     guide.reset_parameters()
-    return _guide_caches(cfg, SimpleNamespace(num_processes=1), prepare_splits(cfg, data), [guide],
-                         1, 4, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    open_caches = _guide_cache_opener(cfg, SimpleNamespace(num_processes=1), prepare_splits(cfg, data), 10,
+                                      (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    return open_caches([guide], 1, 4)
 
 
 def test_regenerated_data_with_one_changed_image_misses(tmp_path, monkeypatch):
