@@ -72,3 +72,24 @@ def first_strided(blocks) -> nn.Module:
         if any(isinstance(m, nn.Conv2d) and m.stride != (1, 1) for m in block.modules()):
             return block
     raise ValueError("no strided block")  # not reachable for the registered families
+
+
+def adapt_stem(model: nn.Module, stem_parent: nn.Module, stem_attr: str, in_chans: int, stem: str,
+               early_blocks=None, pool_owner: nn.Module | None = None, cifar_kernel_size: int | None = None) -> nn.Module:
+    """Apply ``in_chans`` and the stem choice to a torchvision model.
+
+    ``stem_parent.<stem_attr>`` is the stem convolution. The cifar stem runs it
+    at stride 1 and removes the next downsampling: ``pool_owner.maxpool``
+    when given, else every stride-2 conv of the first strided block in ``early_blocks``;
+    ``cifar_kernel_size`` also shrinks the stem's kernel then (ResNet: 7x7 -> 3x3).
+    """
+    cifar = check_stem(stem) == "cifar"
+    if in_chans != 3 or cifar:
+        replace_conv(stem_parent, stem_attr, in_chans=in_chans, stride=1 if cifar else None,
+                     kernel_size=cifar_kernel_size if cifar else None)
+    if cifar:
+        if pool_owner is not None:
+            pool_owner.maxpool = nn.Identity()
+        else:
+            unstride(first_strided(early_blocks))
+    return model

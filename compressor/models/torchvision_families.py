@@ -26,40 +26,20 @@ from functools import partial
 
 import torch
 import torchvision.models as tvm
-from torch import nn
 
 from .registry import register_model
-from .stems import check_stem, first_strided, replace_conv, unstride
-
-
-def _adapt(model: nn.Module, stem_parent: nn.Module, stem_attr: str, in_chans: int, stem: str,
-           early_blocks=None, pool_owner: nn.Module | None = None) -> nn.Module:
-    """Apply ``in_chans`` and the stem choice to a torchvision model.
-
-    ``stem_parent.<stem_attr>`` is the stem convolution. The cifar stem runs it
-    at stride 1 and removes the next downsampling: ``pool_owner.maxpool``
-    when given, else every stride-2 conv of the first strided block in ``early_blocks``.
-    """
-    cifar = check_stem(stem) == "cifar"
-    if in_chans != 3 or cifar:
-        replace_conv(stem_parent, stem_attr, in_chans=in_chans, stride=1 if cifar else None)
-    if cifar:
-        if pool_owner is not None:
-            pool_owner.maxpool = nn.Identity()
-        else:
-            unstride(first_strided(early_blocks))
-    return model
+from .stems import adapt_stem
 
 
 def _features_family(builder, num_classes, in_chans, stem, **kwargs):
     """MobileNetV2/V3 and EfficientNet: ``features[0][0]`` is the stem conv, ``features[1:]`` the blocks."""
     model = builder(weights=None, num_classes=num_classes, **kwargs)
-    return _adapt(model, model.features[0], "0", in_chans, stem, early_blocks=list(model.features)[1:])
+    return adapt_stem(model, model.features[0], "0", in_chans, stem, early_blocks=list(model.features)[1:])
 
 
 def _shufflenet(builder, num_classes, in_chans, stem):
     model = builder(weights=None, num_classes=num_classes)
-    return _adapt(model, model.conv1, "0", in_chans, stem, pool_owner=model)
+    return adapt_stem(model, model.conv1, "0", in_chans, stem, pool_owner=model)
 
 
 def _regnet(builder, num_classes, in_chans, stem):
@@ -67,7 +47,7 @@ def _regnet(builder, num_classes, in_chans, stem):
     with torch.device("cpu"):  # torchvision computes RegNet's block widths with tensor ops
         model = builder(weights=None, num_classes=num_classes)
     model = model.to(device)
-    return _adapt(model, model.stem, "0", in_chans, stem, early_blocks=list(model.trunk_output.block1))
+    return adapt_stem(model, model.stem, "0", in_chans, stem, early_blocks=list(model.trunk_output.block1))
 
 
 # name -> (family, constructor(num_classes, in_chans, stem), default input px, description)

@@ -26,7 +26,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .registry import register_model
-from .stems import check_stem, replace_conv
+from .stems import adapt_stem
 
 LAYOUTS = {
     10: (BasicBlock, (1, 1, 1, 1)),
@@ -42,12 +42,7 @@ LAYOUTS = {
 def build_resnet(depth: int, num_classes: int = 1000, in_chans: int = 3, stem: str = "imagenet") -> nn.Module:
     block, layers = LAYOUTS[depth]
     model = ResNet(block, list(layers), num_classes=num_classes)
-    if check_stem(stem) == "cifar":
-        replace_conv(model, "conv1", in_chans=in_chans, kernel_size=3, stride=1)
-        model.maxpool = nn.Identity()
-    elif in_chans != 3:
-        replace_conv(model, "conv1", in_chans=in_chans)
-    return model
+    return adapt_stem(model, model, "conv1", in_chans, stem, pool_owner=model, cifar_kernel_size=3)
 
 
 def _register(depth: int):

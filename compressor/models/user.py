@@ -103,9 +103,11 @@ def code_sha256(ref: str) -> str:
 
 
 def _import(ref: str):
+    from ..checkpoint import file_sha256
+
     target, _ = split_ref(ref)
     path = code_file(ref)
-    sha = code_sha256(ref)
+    sha = file_sha256(path)  # every time: an edited file is imported again (and refused where a checkpoint pins it)
     key = (str(path.resolve()) if target.endswith(".py") else target, sha)
     if key in _loaded:
         return _loaded[key]
