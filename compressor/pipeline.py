@@ -257,6 +257,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     if model_kwargs.get("stem") != cfg.model_kwargs.get("stem"):
         accelerator.print(f"stem: {model_kwargs['stem']} for {bundle.input_size[-1]} px images (default: cifar up "
                           f"to {CIFAR_STEM_MAX_PX} px, else imagenet; --option stem=imagenet|cifar)")
+    check_trains_at(entry.name, model_kwargs, num_classes, bundle.input_size)
     torch.manual_seed(stable_seed(cfg.seed, "init", entry.name))
     model = create_model(entry.name, num_classes=num_classes, in_chans=c, **model_kwargs)
     if cfg.init:
@@ -310,6 +311,22 @@ def _resolve_target(cfg: DistillConfig, tmeta) -> str:
     print(f"target latency {cfg.target_latency_ms} ms: picked {arch}, the largest {family} model "
           f"that fits (onnxruntime batch-1 on this machine: {listing})")
     return arch
+
+
+def check_trains_at(arch: str, model_kwargs: dict, num_classes: int, input_size) -> None:
+    """Build ``arch`` on the meta device (shapes only) and run a batch of 2 at the training size.
+
+    A model whose head is sized for another input (the plain CNNs flatten a 32-px map)
+    then fails here with one line, before anything trains, instead of at its first step.
+    """
+    from .models.user import check_output
+
+    c, h, w = (int(v) for v in input_size)
+    with torch.device("meta"):
+        model = create_model(arch, num_classes=num_classes, in_chans=c, **model_kwargs)
+    check_output(model, arch, (c, h, w), num_classes,
+                 fix=f"the data is {h}x{w} px: train at the size the model takes (--image-size), pass its size "
+                     f"option if it has one (plain CNNs: --option input_hw={h}), or pick another model")
 
 
 def _guide_cache_opener(cfg: DistillConfig, accelerator, splits: Splits, num_classes: int, mean, std):
@@ -470,6 +487,8 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
     progress = Progress(enabled=main and show_progress)
     total_start = time.perf_counter()
     trained = plan.members[1:]
+    for member in trained:  # every model of the chain takes the data's size, before the first stage trains
+        check_trains_at(member.arch, member.model_kwargs, tmeta.num_classes, splits.bundle.input_size)
     open_guide_caches = _guide_cache_opener(cfg, accelerator, splits, tmeta.num_classes, mean, std)
     for k, member in enumerate(trained):
         label = f"stage {k + 1}/{len(trained)} {member.arch}"

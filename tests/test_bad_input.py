@@ -266,3 +266,21 @@ def test_foreign_safetensors_load_with_arch(work, capsys, monkeypatch):
     code, out, err = run_inprocess(["eval", "plain.safetensors", "--arch", "resnet8", "--data", "demo"], capsys)
     assert code == 0, err
     assert "top-1" in out and "1000 images" in out
+
+
+def test_model_sized_for_another_input_is_refused_before_training(in_tmp, capsys):
+    """cnn4's head flattens a 32-px map: on 28-px data it is one line, exit 2, nothing written;
+    its size option makes it train there."""
+    from conftest import run_cli_inprocess
+    from data_folders import write_uniform_folder
+
+    write_uniform_folder(in_tmp / "gray28", 28, mode="L", per_class=8, classes=2)
+    code, _, err = run_cli_inprocess(["train", "--arch", "cnn4", "--data", "gray28", "--epochs", "1",
+                                      "--out", "t.safetensors"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: cnn4 fails on a (2, 1, 28, 28) input")
+    assert "--option input_hw=28" in err and not (in_tmp / "t.safetensors").exists()
+    code, out, err = run_cli_inprocess(["train", "--arch", "cnn4", "--option", "input_hw=28", "--data", "gray28",
+                                        "--epochs", "1", "--batch-size", "8", "--out", "t.safetensors"], capsys)
+    assert code == 0, err
+    assert (in_tmp / "t.safetensors").exists()

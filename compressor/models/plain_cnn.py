@@ -63,12 +63,12 @@ class PlainCNN(nn.Module):
 
 def _register(depth: int):
     @register_model(f"cnn{depth}", family="plain_cnn", description=f"TAKD plain CNN-{depth}")
-    def build(num_classes=10, in_chans=3, book="auto"):
+    def build(num_classes=10, in_chans=3, book="auto", input_hw=32):
         if book == "auto":
             book = "cifar100" if num_classes > 10 else "cifar10"
         if book not in BOOKS:
             raise ValueError(f"book must be one of {sorted(BOOKS)} or 'auto'")
-        return PlainCNN(BOOKS[book][depth], num_classes=num_classes, in_chans=in_chans)
+        return PlainCNN(BOOKS[book][depth], num_classes=num_classes, in_chans=in_chans, input_hw=int(input_hw))
 
     return build
 

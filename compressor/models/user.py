@@ -200,7 +200,8 @@ def build_user_model(entry: ModelEntry, *, num_classes: int, in_chans: int, **kw
 
 
 @torch.no_grad()
-def check_output(model: nn.Module, name: str, input_size, num_classes: int) -> None:
+def check_output(model: nn.Module, name: str, input_size, num_classes: int,
+                 fix: str = "fix forward() or set INPUT_SIZE on it") -> None:
     """A classifier's output for a batch of 2 must be a ``(2, num_classes)`` tensor."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else "cpu"
@@ -212,7 +213,7 @@ def check_output(model: nn.Module, name: str, input_size, num_classes: int) -> N
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise CompressError(f"{name} fails on a {tuple(shape)} input ({type(exc).__name__}: {reason}); "
-                            f"fix forward() or set INPUT_SIZE on it") from None
+                            f"{fix}") from None
     finally:
         model.train(was_training)
     got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
