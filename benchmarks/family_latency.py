@@ -15,6 +15,7 @@ import os
 import platform
 
 from compressor.latency import onnx_latency_ms
+from export.bench import onnx_model_latency_ms
 from compressor.planning import profile_arch
 
 
@@ -38,7 +39,8 @@ def main() -> None:
         for spec in args.models:
             arch, kwargs = parse(spec)
             rows[spec]["ms"].append(round(onnx_latency_ms(arch, model_kwargs=kwargs, threads=args.threads, warmup=20,
-                                                          iters=args.iters, use_cache=False, input_size=size), 4))
+                                                          iters=args.iters, use_cache=False, input_size=size,
+                                                          timer=onnx_model_latency_ms), 4))
     for spec in args.models:
         arch, kwargs = parse(spec)
         rows[spec]["params"], rows[spec]["macs"] = profile_arch(arch, 10, kwargs, size)

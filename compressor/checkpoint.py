@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,8 +39,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import CompressError
-from .fileio import atomic_write
+from .fileio import atomic_write, shorten
 from .models import create_model, get_entry
+from .trust import Trust, check_checkpoint_code, is_code_ref, same_code_ref
 
 FORMAT_VERSION = "1"
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -51,6 +53,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_CLASSES = 1_000_000
 MAX_CHANNELS = 16
 MAX_SIDE = 8192
+MAX_INPUT_ELEMENTS = 4 * 2048 * 2048  # C*H*W of one example input: 64 MB as float32 (3x2048x2048 fits)
 
 
 @dataclass
@@ -78,7 +81,8 @@ class CheckpointMeta:
         if "arch" not in meta or "num_classes" not in meta:
             raise CompressError(
                 f"{path}: safetensors file has no compress metadata (arch, num_classes); "
-                f"pass --arch NAME (and --num-classes) to load it, or convert it with 'compress import'"
+                f"convert it with 'compress import FILE --arch NAME --out OUT.safetensors' (eval and export also "
+                f"take --arch NAME and --num-classes)"
             )
         try:
             parsed = cls(
@@ -95,11 +99,13 @@ class CheckpointMeta:
                 code_sha256=meta.get("code_sha256", ""),
                 format_version=meta.get("format_version", FORMAT_VERSION),
             )
-        except (ValueError, TypeError) as exc:
-            raise CompressError(f"{path}: checkpoint metadata is malformed ({exc}); re-export the checkpoint") from None
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise CompressError(f"{shorten(path)}: checkpoint metadata is malformed ({shorten(exc)}); "
+                                f"re-export the checkpoint") from None
         problem = parsed.problem()
         if problem:
-            raise CompressError(f"{path}: checkpoint metadata is malformed ({problem}); re-export the checkpoint")
+            raise CompressError(f"{shorten(path)}: checkpoint metadata is malformed ({shorten(problem)}); "
+                                f"re-export the checkpoint")
         return parsed
 
     def problem(self) -> str:
@@ -113,10 +119,16 @@ class CheckpointMeta:
             return f"input_size {list(size)} does not match in_chans {self.in_chans} (1..{MAX_CHANNELS})"
         if max(size[1:]) > MAX_SIDE:
             return f"input_size {list(size)} is larger than {MAX_SIDE} px"
+        if size[0] * size[1] * size[2] > MAX_INPUT_ELEMENTS:
+            return (f"input_size {list(size)} has {size[0] * size[1] * size[2]:,} values per image, more than "
+                    f"{MAX_INPUT_ELEMENTS:,} (e.g. 3x2048x2048)")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             return f"mean/std have {len(self.mean)}/{len(self.std)} values for {self.in_chans} channels"
-        if not all(isinstance(v, (int, float)) for v in (*self.mean, *self.std)) or min(self.std) <= 0:
-            return "mean/std must be numbers and std > 0"
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   for v in (*self.mean, *self.std)) or min(self.std) <= 0:
+            return "mean/std must be finite numbers and std > 0"
+        if not isinstance(self.arch, str) or not self.arch or len(self.arch) > 1000:
+            return "arch must be a model name or a file.py:NAME reference (at most 1000 characters)"
         if self.class_names and (len(self.class_names) != self.num_classes
                                  or not all(isinstance(c, str) for c in self.class_names)):
             return f"class_names has {len(self.class_names)} entries for {self.num_classes} classes"
@@ -137,6 +149,8 @@ def check_readable_file(path, what: str = "file") -> Path:
         raise CompressError(f"{what} {str(p)!r} does not exist; check the path")
     if p.is_dir():
         raise CompressError(f"{what} {str(p)!r} is a directory, expected a file")
+    if not p.is_file():  # a FIFO or a device would block the reader or never end
+        raise CompressError(f"{what} {str(p)!r} is not a regular file (a pipe or a device?); pass a file")
     if p.stat().st_size == 0:
         raise CompressError(f"{what} {str(p)!r} is empty (0 bytes); was it fully written?")
     return p
@@ -146,7 +160,8 @@ def save_checkpoint(path, model: nn.Module, meta: CheckpointMeta) -> Path:
     """Write ``model``'s weights with ``meta`` atomically to ``path``."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_write(path, suffix=".safetensors") as tmp:
-        save_file(state, str(tmp), metadata=meta.to_strings())
+        # "format: pt" is what safetensors' own torch helpers write; other tools look for it
+        save_file(state, str(tmp), metadata={**meta.to_strings(), "format": "pt"})
     return Path(path)
 
 
@@ -163,16 +178,28 @@ def read_checkpoint(path, *, arch: str | None = None, num_classes: int | None = 
                else "convert PyTorch .pth/.th files with 'compress import'")
         raise CompressError(f"{p}: not a readable safetensors checkpoint ({reason}); {fix}") from None
     if arch is not None:
-        from .models.user import is_user_ref, same_ref
-
-        recorded = raw_meta.get("arch", "")
-        if not (is_user_ref(arch) and is_user_ref(recorded) and same_ref(arch, recorded)):
+        if not same_code_ref(arch, raw_meta.get("arch", "")):
             raw_meta = {k: v for k, v in raw_meta.items() if k != "code_sha256"}  # it was another file's
         raw_meta = {**raw_meta, "arch": arch}
         if "num_classes" not in raw_meta:
             raw_meta["num_classes"] = str(num_classes or _infer_num_classes(state))
     meta = CheckpointMeta.from_strings(raw_meta, str(p))
+    check_state_fits_meta(state, meta, p)
     return state, meta
+
+
+def check_state_fits_meta(state: dict, meta: CheckpointMeta, path) -> None:
+    """The tensors in the file can hold the model the metadata describes, checked before building it.
+
+    A 300-byte file claiming a million classes would otherwise make us allocate the
+    whole classifier first: some tensor (the classifier's weight or bias) must have
+    ``num_classes`` along one of its dimensions."""
+    if not state:
+        raise CompressError(f"{shorten(path)}: checkpoint holds no tensors; re-create or re-download it")
+    if not any(meta.num_classes in tuple(t.shape) for t in state.values()):
+        raise CompressError(f"{shorten(path)}: metadata says {meta.num_classes} classes but no tensor in the file "
+                            f"has {meta.num_classes} outputs (a classifier of that size); the file is damaged "
+                            f"or its metadata is wrong: re-export it (or pass --num-classes)")
 
 
 def _infer_num_classes(state: dict) -> int:
@@ -183,30 +210,26 @@ def _infer_num_classes(state: dict) -> int:
     raise CompressError("cannot infer num_classes from the checkpoint; pass --num-classes")
 
 
-def ensure_code_trusted(meta: CheckpointMeta, path, *, arch: str | None = None, trust_code: bool = False) -> None:
-    """Refuse to run the user code a checkpoint names unless the caller asked for it.
+def ensure_code_trusted(meta: CheckpointMeta, path, *, arch: str | None = None, trust_code: bool = False,
+                        accept_code_change: bool = False) -> None:
+    """Refuse to run the user code a checkpoint names unless the command line asked for it.
 
-    A checkpoint is an input file from possibly untrusted people. When its arch
-    is a reference to code (``file.py:NAME``), the code is imported only if the
-    caller passed that reference itself (``arch``) or ``trust_code``; and the
-    file must still have the sha256 recorded at save time.
+    ``arch`` (the reference as the command line spelled it), ``trust_code``
+    (``--trust-code``) and ``accept_code_change`` are the command line's word; the gate
+    itself is :func:`compressor.trust.check_checkpoint_code`. The code file must still have
+    the sha256 recorded at save time, unless ``accept_code_change``: then the change is
+    printed on stderr and recorded in ``meta.metrics["code_change_accepted"]`` (an export of
+    the model carries it on).
     """
-    from .models.user import code_sha256, is_user_ref, same_ref
+    trust = Trust(trust_code=trust_code, named=(arch,) if is_code_ref(arch) else (),
+                  accept_code_change=accept_code_change)
+    change = check_checkpoint_code(meta, path, trust)
+    if change:
+        import sys
 
-    if not is_user_ref(meta.arch):
-        return
-    if not trust_code and not (arch is not None and is_user_ref(arch) and same_ref(arch, meta.arch)):
-        raise CompressError(
-            f"{path} names user code {meta.arch}; compress does not run code because a checkpoint names it: "
-            f"pass --arch {meta.arch} (the same reference) or --trust-code if you trust that file"
-        )
-    if meta.code_sha256:
-        current = code_sha256(meta.arch)
-        if current != meta.code_sha256:
-            raise CompressError(
-                f"{meta.arch.rpartition(':')[0]} changed since {path} was saved (sha256 {current[:12]}, recorded "
-                f"{meta.code_sha256[:12]}); restore the file the checkpoint was made with, or retrain"
-            )
+        print(f"note: {meta.arch} changed since {path} was saved (sha256 {change['current'][:12]}, recorded "
+              f"{change['recorded'][:12]}); loading it anyway (--accept-code-change)", file=sys.stderr)
+        meta.metrics = {**meta.metrics, "code_change_accepted": change}
 
 
 def build_model(meta: CheckpointMeta) -> nn.Module:
@@ -216,9 +239,13 @@ def build_model(meta: CheckpointMeta) -> nn.Module:
 def load_state_strict(model: nn.Module, state: dict, arch: str, source: str) -> None:
     """Load ``state`` into ``model``, failing with the list of mismatched keys."""
     own = model.state_dict()
-    # BatchNorm's step counter is absent from checkpoints saved before torch 0.4.1;
-    # it does not affect inference, so take the model's own value.
-    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
+    # BatchNorm's step counter is absent from checkpoints saved before torch 0.4.1, and the
+    # small-image-stem marker from checkpoints of earlier compress versions (and from torchvision's
+    # weights imported into a cifar-stem model); neither affects inference: take the model's own.
+    from .models.stems import SMALL_IMAGE_STEM_KEY
+
+    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked") or k == SMALL_IMAGE_STEM_KEY},
+             **state}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
@@ -239,15 +266,16 @@ def load_state_strict(model: nn.Module, state: dict, arch: str, source: str) -> 
 
 
 def load_model(path, *, arch: str | None = None, num_classes: int | None = None, map_location="cpu",
-               trust_code: bool = False):
+               trust_code: bool = False, accept_code_change: bool = False):
     """Rebuild the model stored in ``path``; returns ``(model, meta)`` in eval mode.
 
     ``arch`` names the architecture (for files without compress metadata, or the
     same user-code reference the checkpoint records); ``trust_code`` allows
-    importing the user code the checkpoint names (see :func:`ensure_code_trusted`).
+    importing the user code the checkpoint names, ``accept_code_change`` a code file
+    edited since (see :func:`ensure_code_trusted`).
     """
     state, meta = read_checkpoint(path, arch=arch, num_classes=num_classes)
-    ensure_code_trusted(meta, path, arch=arch, trust_code=trust_code)
+    ensure_code_trusted(meta, path, arch=arch, trust_code=trust_code, accept_code_change=accept_code_change)
     get_entry(meta.arch)  # unknown arch -> CompressError with suggestions
     model = build_model(meta)
     load_state_strict(model, state, meta.arch, str(path))

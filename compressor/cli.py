@@ -26,20 +26,36 @@ def _csv_floats(value):
         raise CompressError(f"expected comma-separated numbers, got {value!r} (e.g. 0.485,0.456,0.406)") from None
 
 
+def parse_option_value(text: str):
+    """An ``--option`` value, typed: ``true``/``false`` (any case) -> bool, ``none``/``null`` -> None,
+    integers and finite floats -> numbers, anything else stays a string (so ``pretrained=False`` is
+    ``False``, not the truthy string ``'False'``)."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            value = cast(text)
+        except ValueError:
+            continue
+        if cast is float and value != value or value in (float("inf"), float("-inf")):
+            raise CompressError(f"--option value {text!r} is not a finite number; give a finite value")
+        return value
+    return text
+
+
 def _parse_options(pairs) -> dict:
-    """``--option shortcut=B`` -> {"shortcut": "B"} (ints/floats converted)."""
+    """``--option shortcut=B --option pretrained=false`` -> {"shortcut": "B", "pretrained": False}."""
     out = {}
     for pair in pairs or ():
         if "=" not in pair:
             raise CompressError(f"--option takes KEY=VALUE, got {pair!r} (e.g. --option shortcut=B)")
         key, value = pair.split("=", 1)
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                continue
-        out[key.strip()] = value
+        if not key.strip().isidentifier():
+            raise CompressError(f"--option key {key.strip()!r} is not a Python identifier (e.g. --option shortcut=B)")
+        out[key.strip()] = parse_option_value(value)
     return out
 
 
@@ -71,10 +87,17 @@ def config_options(cls, names: list[str], helps: dict[str, str]):
 
 OPTIM_HELP = {
     "data": "demo, a CIFAR-10/100 python dir, or an ImageFolder root",
-    "epochs": "training epochs", "batch_size": "images per step and process", "lr": "initial learning rate",
-    "momentum": "SGD momentum", "weight_decay": "SGD weight decay",
-    "schedule": "step | cosine | constant", "milestones": "step schedule: fractions of the epochs",
-    "gamma": "step schedule factor", "warmup_epochs": "linear warmup epochs",
+    "epochs": "training epochs", "batch_size": "images per step and process",
+    "lr": "peak learning rate [default: the model family's, scaled to the images per step]",
+    "momentum": "SGD momentum", "weight_decay": "SGD weight decay [default: the model family's]",
+    "schedule": "step | cosine | constant [default: the model family's (cosine)]",
+    "milestones": "step schedule: fractions of the epochs",
+    "gamma": "step schedule factor", "warmup_epochs": "linear warmup epochs, fractions allowed "
+                                                      "[default: the model family's, at most 1/5 of the run]",
+    "label_smoothing": "label smoothing of the cross-entropy term [default: the model family's: 0.1 for "
+                       "torchvision/ImageNet families, 0 for CIFAR families]",
+    "grad_clip": "clip the gradient norm to this (0: off) [default: the model family's: 5 for MobileNet, "
+                 "ShuffleNet, RegNet, EfficientNet and your own models, else off]",
     "augment": "cifar (pad-4 crop + flip) | imagenet (RandomResizedCrop + flip) | none | auto "
                "(imagenet from 64 px or for imagenet families, else cifar)", "seed": "random seed",
     "mixed_precision": "auto | no | bf16 | fp16 (auto: bf16 + channels_last where the CPU or GPU has native bf16)",
@@ -87,6 +110,8 @@ OPTIM_HELP = {
     "data_mode": "memory | stream | auto (memory when the decoded images fit half the free RAM per process)",
     "data_workers": "stream mode: DataLoader worker processes (default: cores - 1, at most 8)",
     "skip_bad_images": "leave undecodable image files out (counted in the run) instead of stopping",
+    "bn_recalibration_batches": "after training (each stage of distill), recompute BatchNorm statistics on this "
+                                "many training batches, unaugmented (precise BN; 0: off)",
     "compile": "torch.compile the trained model and its guides (costs tens of seconds per model and stage; "
                "pays off on long runs, see the README's Performance section)",
 }
@@ -144,15 +169,23 @@ def models_cmd(family):
                                           "or package.module:NAME")
 @click.option("--out", default=None, help="output checkpoint (.safetensors)")
 @click.option("--recipe", default=None, help="YAML recipe (keys = TrainConfig fields)")
-@click.option("--init", default=None, help="start from this checkpoint (fine-tuning)")
+@click.option("--init", default=None,
+              help="start from these weights: any file 'compress import' reads (e.g. torchvision ImageNet .pth); "
+                   "matching tensors are copied, the classifier is replaced for another class count, the "
+                   "normalisation the weights expect is kept; the file's sha256 is recorded")
 @click.option("--num-classes", type=int, default=None, help="default: from the data")
 @click.option("--mean", default=None, help="normalisation mean, comma-separated")
 @click.option("--std", default=None, help="normalisation std, comma-separated")
 @click.option("--option", "options", multiple=True, help="model option KEY=VALUE, e.g. shortcut=B")
-@click.option("--resume", is_flag=True, help="continue an interrupted training of --out")
+@click.option("--resume", is_flag=True, help="continue the interrupted training of --out (saved in OUT.train-state/; "
+                                            "same flags, a changed config is refused)")
 @config_options(TrainConfig, OPTIM_FIELDS, OPTIM_HELP)
 def train_cmd(arch, out, recipe, init, num_classes, mean, std, options, resume, **flags):
     """Train one model (e.g. a teacher) with cross-entropy.
+
+    The learning rate, schedule, warm-up, weight decay, label smoothing and gradient
+    clip default to the model family's (printed at the start, stored in the
+    checkpoint); a flag or a recipe key sets any of them.
 
     Example:  compress train --arch resnet20 --data demo --epochs 30 --out teacher.safetensors
     """
@@ -164,6 +197,9 @@ def train_cmd(arch, out, recipe, init, num_classes, mean, std, options, resume, 
                       mean=_csv_floats(mean), std=_csv_floats(std),
                       model_kwargs=_parse_options(options) or None)
     cfg = resolve_config(TrainConfig, recipe, cli_values)
+    from .fileio import check_output_path
+
+    check_output_path(cfg.out, inputs=[recipe, cfg.init])
     try:
         metrics = train_model(cfg, resume=resume)
     except KeyboardInterrupt:
@@ -182,9 +218,12 @@ def train_cmd(arch, out, recipe, init, num_classes, mean, std, options, resume, 
 @click.option("--std", default=None, help="normalisation std (default: the family's)")
 @click.option("--class-names", default=None, help="comma-separated class names")
 @click.option("--option", "options", multiple=True, help="model option KEY=VALUE, e.g. shortcut=A")
+@click.option("--image-size", type=int, default=None,
+              help="the NxN input the weights were trained at (default: what the model is built for with "
+                   "its options, e.g. 32 for --option stem=cifar, else the family's)")
 @click.option("--allow-pickle", is_flag=True,
               help="I trust whoever wrote this file: allow full unpickling (can run code from the file)")
-def import_cmd(file, arch, out, num_classes, mean, std, class_names, options, allow_pickle):
+def import_cmd(file, arch, out, num_classes, mean, std, class_names, options, image_size, allow_pickle):
     """Convert a PyTorch state dict (.pth/.th) into a compress checkpoint.
 
     Accepts a bare state dict or one under 'state_dict'/'model', with or without
@@ -198,22 +237,33 @@ def import_cmd(file, arch, out, num_classes, mean, std, class_names, options, al
     from .checkpoint import (_infer_num_classes, family_normalisation, file_sha256, load_foreign_state_dict,
                              load_state_strict, meta_for, save_checkpoint)
     from .fileio import check_output_path
-    from .models import count_params, create_model, get_entry
+    from .models import check_fits, count_params, create_model, get_entry, input_size_for
 
+    if image_size is not None and not 8 <= image_size <= 4096:
+        raise CompressError(f"--image-size must be in 8..4096 pixels, got {image_size}; e.g. --image-size 224")
     entry = get_entry(arch)
-    check_output_path(out)
+    check_output_path(out, inputs=[file])
     state = load_foreign_state_dict(file, allow_pickle=allow_pickle)
     n = num_classes or _infer_num_classes(state)
     kwargs = _parse_options(options)
     model = create_model(entry.name, num_classes=n, **kwargs)
     load_state_strict(model, state, entry.name, file)
+    # The size recorded is the size distill/eval/export feed the model: what it is built for.
+    size = input_size_for(entry.name, kwargs)
+    if image_size:
+        size = (size[0], image_size, image_size)
+    else:
+        click.echo(f"input size: {size[1]}x{size[2]} px, what {entry.name} is built for with these options "
+                   f"(--image-size N if the weights were trained at another size)")
+    check_fits(entry.name, kwargs, n, size, fix="state the size the weights were trained at with --image-size, "
+                                                "or the model option that sets it")
     names = [c.strip() for c in class_names.split(",")] if class_names else []
     norm_name, default_mean, default_std = family_normalisation(entry)
     if not (mean and std):
         click.echo(f"normalisation: {norm_name} mean/std, the default for {entry.family} "
                    f"(--mean/--std to override)")
     meta = meta_for(entry.name, num_classes=n, mean=_csv_floats(mean) or default_mean,
-                    std=_csv_floats(std) or default_std, class_names=names, model_kwargs=kwargs,
+                    std=_csv_floats(std) or default_std, class_names=names, model_kwargs=kwargs, input_size=size,
                     source=f"imported from {file} (sha256 {file_sha256(file)[:16]})")
     save_checkpoint(out, model, meta)
     click.echo(f"imported {len(state)} tensors into {entry.name} ({count_params(model):,} params, "
@@ -225,13 +275,19 @@ DISTILL_HELP = {
     "by": "assistant spacing metric: macs | params | latency", "max_assistants": "cap for --assistants auto",
     "spacing": "auto: max compute ratio between neighbours", "temperature": "KD temperature T",
     "kd_weight": "λ in (1-λ)·CE + λ·Σ KD",
-    "kd_reduction": "sum: add the kept guides' KD terms (the paper); mean: average them, so the KD gradient "
-                    "does not grow with the number of guides", "drop_guides": "stochastic teaching: guides dropped per batch",
+    "kd_reduction": "mean: average the kept guides' KD terms, so the KD gradient does not grow with the number "
+                    "of guides; sum: add them (the paper)", "drop_guides": "stochastic teaching: guides dropped per batch",
+    "kd_warmup_epochs": "ramp λ from 0 over these epochs of each stage, CE filling in (at most 1/4 of a stage; 0: off)",
+    "gate_guides": "keep an assistant that ends near chance out of the later stages' guides",
     "assistant_epochs": "epochs for each assistant (default: --epochs)", "name": "run name (runs/NAME)",
     "latency_backend": "plan table latency: torch | onnxruntime | none",
     "cache_guides": "store guide logits per (epoch, step) on disk and reuse them across stages and runs",
     "ignore_class_names": "run the teacher on data whose class names differ from the teacher's",
     "trust_code": "I trust the code the teacher checkpoint names (file.py:NAME): import it",
+    "init_student": "start the student from these weights (any file 'compress import' reads, e.g. a torchvision "
+                    "ImageNet .pth): matching tensors copied, classifier replaced for another class count",
+    "accept_code_change": "load a teacher whose code file changed since it was saved (the edit must leave its "
+                          "layers as they were; printed and recorded)",
 }
 
 
@@ -261,6 +317,19 @@ def _parse_ms(value):
         raise CompressError(f"--target-latency takes milliseconds, e.g. 0.2ms; got {value!r}") from None
 
 
+def _install_onnx_timer() -> None:
+    """Latency planning times models in onnxruntime with the deployment package; the CLI wires it in
+    (no module of the library but this one imports ``export``: see ``compressor.latency``)."""
+    from .latency import set_onnx_timer
+
+    def timer(model, meta, **kwargs) -> float:
+        from export.bench import onnx_model_latency_ms
+
+        return onnx_model_latency_ms(model, meta, **kwargs)
+
+    set_onnx_timer(timer)
+
+
 def _distill_config(teacher, target, target_latency_ms, recipe, options, flags):
     from .config import resolve_config
 
@@ -274,13 +343,14 @@ def _distill_config(teacher, target, target_latency_ms, recipe, options, flags):
 @_plan_options
 @config_options(DistillConfig,
                 ["method", "assistants", "by", "max_assistants", "spacing", "latency_backend", "epochs",
-                 "drop_guides", "data", "trust_code"], {**DISTILL_HELP, **OPTIM_HELP})
+                 "drop_guides", "data", "trust_code", "accept_code_change"], {**DISTILL_HELP, **OPTIM_HELP})
 @click.option("--json", "json_out", default=None, help="also write the plan as JSON here")
 def plan_cmd(teacher, target, target_latency_ms, recipe, options, json_out, **flags):
     """Pick the teacher assistants between a teacher and a target student.
 
     Example:  compress plan --teacher resnet110.safetensors --target resnet8 --assistants auto
     """
+    _install_onnx_timer()
     from .checkpoint import ensure_code_trusted, read_checkpoint
     from .fileio import check_output_path, write_json
     from .planning import format_plan, plan_chain
@@ -288,9 +358,9 @@ def plan_cmd(teacher, target, target_latency_ms, recipe, options, json_out, **fl
 
     cfg = _distill_config(teacher, target, target_latency_ms, recipe, options, flags)
     if json_out:
-        check_output_path(json_out)
+        check_output_path(json_out, inputs=[cfg.teacher, recipe])
     _, tmeta = read_checkpoint(cfg.teacher)
-    ensure_code_trusted(tmeta, cfg.teacher, trust_code=cfg.trust_code)
+    ensure_code_trusted(tmeta, cfg.teacher, trust_code=cfg.trust_code, accept_code_change=cfg.accept_code_change)
     arch = _resolve_target(cfg, tmeta)
     plan = plan_chain(tmeta.arch, tmeta.num_classes, arch, teacher_kwargs=tmeta.model_kwargs,
                       assistants=cfg.assistants, by=cfg.by, max_assistants=cfg.max_assistants,
@@ -308,17 +378,26 @@ def plan_cmd(teacher, target, target_latency_ms, recipe, options, json_out, **fl
 @click.option("--resume", is_flag=True, help="continue an interrupted run (same config)")
 @config_options(DistillConfig,
                 ["method", "assistants", "by", "max_assistants", "spacing", "temperature", "kd_weight",
-                 "kd_reduction", "drop_guides", "assistant_epochs", "name", "latency_backend", "cache_guides",
-                 "ignore_class_names", "trust_code"] + OPTIM_FIELDS,
+                 "kd_reduction", "kd_warmup_epochs", "gate_guides", "drop_guides",
+                 "assistant_epochs", "name", "latency_backend", "cache_guides",
+                 "ignore_class_names", "trust_code", "accept_code_change", "init_student"] + OPTIM_FIELDS,
                 {**DISTILL_HELP, **OPTIM_HELP})
-def distill_cmd(teacher, target, target_latency_ms, recipe, options, out, resume, **flags):
+@click.option("--init-assistant", "init_assistant", multiple=True,
+              help="ARCH=PATH: start that assistant from these weights (any file 'compress import' reads)")
+def distill_cmd(teacher, target, target_latency_ms, recipe, options, out, resume, init_assistant, **flags):
     """Train teacher -> assistants -> student with DGKD (or takd / kd / ce).
 
     Example:  compress distill --teacher resnet110.safetensors --target resnet8 --data demo --epochs 20
     """
     from .pipeline import run_distillation
 
-    cfg = _distill_config(teacher, target, target_latency_ms, recipe, options, dict(flags, out=out))
+    _install_onnx_timer()
+    pairs = [p.split("=", 1) for p in init_assistant]
+    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise CompressError(f"--init-assistant takes ARCH=PATH, got {init_assistant!r} "
+                            f"(e.g. --init-assistant resnet14=r14.safetensors)")
+    flags = dict(flags, out=out, init_assistants={k.strip(): v.strip() for k, v in pairs} or None)
+    cfg = _distill_config(teacher, target, target_latency_ms, recipe, options, flags)
     command = _command_line()
     try:
         run_distillation(cfg, resume=resume, command=command)
@@ -334,6 +413,8 @@ def distill_cmd(teacher, target, target_latency_ms, recipe, options, out, resume
 @click.option("--arch", default=None, help="for safetensors files without compress metadata, or the file.py:NAME "
                                           "the checkpoint names")
 @click.option("--trust-code", is_flag=True, help="I trust the code this checkpoint names (file.py:NAME): import it")
+@click.option("--accept-code-change", is_flag=True,
+              help="load a checkpoint whose code file changed since it was saved (printed and recorded)")
 @click.option("--json", "json_out", default=None, help="also write the metrics as JSON here")
 @click.option("--ignore-class-names", is_flag=True, help="evaluate even if the model's class names differ from the data's")
 @click.option("--image-size", type=int, default=None,
@@ -341,8 +422,8 @@ def distill_cmd(teacher, target, target_latency_ms, recipe, options, out, resume
 @click.option("--data-mode", type=click.Choice(["auto", "memory", "stream"]), default="auto", show_default=True,
               help="keep the test split in memory, or stream it from disk")
 @click.option("--skip-bad-images", is_flag=True, help="leave undecodable image files out instead of stopping")
-def eval_cmd(model, data, batch_size, min_accuracy, arch, trust_code, json_out, ignore_class_names, image_size,
-             data_mode, skip_bad_images):
+def eval_cmd(model, data, batch_size, min_accuracy, arch, trust_code, accept_code_change, json_out,
+             ignore_class_names, image_size, data_mode, skip_bad_images):
     """Top-1/top-5 accuracy and loss of a .safetensors or .onnx model.
 
     Only the test (or val) split is read, at the size and channels the model was
@@ -356,10 +437,14 @@ def eval_cmd(model, data, batch_size, min_accuracy, arch, trust_code, json_out, 
         raise CompressError(f"--batch-size must be > 0, got {batch_size}")
     if image_size is not None and image_size < 1:
         raise CompressError(f"--image-size must be > 0, got {image_size}")
+    from .config import MAX_IMAGE_SIZE
+
+    if image_size is not None and image_size > MAX_IMAGE_SIZE:
+        raise CompressError(f"--image-size must be at most {MAX_IMAGE_SIZE} pixels, got {image_size}")
     if json_out:
         from .fileio import check_output_path
 
-        check_output_path(json_out)
+        check_output_path(json_out, inputs=[model])
     notes: list = []
     if model.endswith(".onnx"):
         from export.runtime import evaluate_onnx
@@ -369,12 +454,15 @@ def eval_cmd(model, data, batch_size, min_accuracy, arch, trust_code, json_out, 
         backend = "onnxruntime"
     else:
         result = evaluate_checkpoint(model, data, batch_size=batch_size, arch=arch, trust_code=trust_code,
+                                     accept_code_change=accept_code_change,
                                      image_size=image_size, mode=data_mode, skip_bad_images=skip_bad_images,
                                      notes=notes, ignore_class_names=ignore_class_names)
         backend = "torch"
     for note in notes:
         click.echo(f"data: {note}")
-    click.echo(f"{model}: sha256 {result['sha256']}, source: {result['source'] or 'not recorded'}")
+    from .fileio import shorten
+
+    click.echo(f"{model}: sha256 {result['sha256']}, source: {shorten(result['source']) or 'not recorded'}")
     click.echo(f"{model} on {data} ({result['n']} images, {backend}): top-1 {result['top1']:.2f}%  "
                f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
     if json_out:
@@ -431,7 +519,9 @@ def main(argv=None) -> None:
         cli.main(args=argv, prog_name="compress", standalone_mode=False,
                  obj={"argv": list(sys.argv[1:] if argv is None else argv)})
     except CompressError as exc:
-        click.echo(f"error: {exc}", err=True)
+        from .fileio import shorten
+
+        click.echo(f"error: {shorten(str(exc), 4000)}", err=True)  # one line, whatever a file put in it
         _exit(2)
     except CheckFailed as exc:
         click.echo(f"check failed: {exc}", err=True)

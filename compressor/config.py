@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import yaml
 
 from .errors import CompressError
+from .fileio import shorten
+from .trust import check_recipe, without_trust_keys
 
 METHODS = ("dgkd", "takd", "kd", "ce")
 KD_REDUCTIONS = ("sum", "mean")
@@ -23,23 +26,32 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 PLAN_METRICS = ("macs", "params", "latency")
 AUGMENT = ("auto", "cifar", "imagenet", "none")
 DATA_MODES = ("auto", "memory", "stream")
+MAX_DATA_WORKERS = 64
+MAX_IMAGE_SIZE = 2048  # with 3 channels the largest input checkpoint.MAX_INPUT_ELEMENTS allows
 
 
 @dataclass
 class OptimConfig:
-    """Optimisation settings shared by ``train`` and ``distill`` (paper defaults)."""
+    """Optimisation settings shared by ``train`` and ``distill``.
+
+    ``None`` in lr, weight_decay, schedule, warmup_epochs, label_smoothing and grad_clip
+    means "the model family's default" (:mod:`compressor.training_defaults`); the paper
+    recipes pin the paper's values.
+    """
 
     data: str = "demo"
     epochs: int = 160
     batch_size: int = 128
-    lr: float = 0.1
+    lr: typing.Optional[float] = None            # None: the family's, scaled to the batch (training_defaults)
     momentum: float = 0.9
-    weight_decay: float = 1e-4
+    weight_decay: typing.Optional[float] = None  # None: the family's
     nesterov: bool = False
-    schedule: str = "step"           # step: lr x gamma at each milestone (fractions of epochs)
+    schedule: typing.Optional[str] = None        # step: lr x gamma at each milestone (fractions of epochs); None: family's
     milestones: list = field(default_factory=lambda: [0.5, 0.75])
     gamma: float = 0.1
-    warmup_epochs: int = 0
+    warmup_epochs: typing.Optional[float] = None  # linear, per step; None: the family's (at most 1/5 of the run)
+    label_smoothing: typing.Optional[float] = None  # of the cross-entropy term; None: the family's
+    grad_clip: typing.Optional[float] = None        # max global gradient norm, 0 = off; None: the family's
     augment: typing.Union[str, bool] = "auto"  # cifar | imagenet | none | auto (true/false: cifar/none)
     seed: int = 20
     mixed_precision: str = "auto"    # auto | no | bf16 | fp16; auto: bf16 where native (compressor.precision)
@@ -54,16 +66,24 @@ class OptimConfig:
     skip_bad_images: bool = False              # drop undecodable image files (counted) instead of exit 2
     log_with: typing.Optional[str] = None      # an Accelerate tracker: tensorboard, wandb, ...
     compile: bool = False                      # torch.compile the trained model and its guides (trainer.compile_for_training)
+    bn_recalibration_batches: int = 200        # precise BN after training (train) and after each stage (0: off)
 
     def validate(self) -> None:
         _positive(self, "epochs", "batch_size", "grad_accum", "eval_every")
-        if self.lr <= 0:
+        if self.bn_recalibration_batches < 0:
+            raise CompressError(f"bn_recalibration_batches must be >= 0 (0: off), got {self.bn_recalibration_batches}")
+        if self.lr is not None and self.lr <= 0:
             raise CompressError(f"lr must be > 0, got {self.lr}; e.g. --lr 0.1")
         if not 0 <= self.momentum < 1:
             raise CompressError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
+        if self.weight_decay is not None and self.weight_decay < 0:
             raise CompressError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        _choice(self, "schedule", SCHEDULES)
+        if self.schedule is not None:
+            _choice(self, "schedule", SCHEDULES)
+        if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:
+            raise CompressError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}; e.g. 0.1")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise CompressError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}; e.g. --grad-clip 5")
         _choice(self, "mixed_precision", MIXED_PRECISION)
         if any(not 0 < float(m) < 1 for m in self.milestones):
             raise CompressError(f"milestones are fractions of the epochs in (0, 1), got {self.milestones}")
@@ -71,17 +91,18 @@ class OptimConfig:
             raise CompressError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.train_subset is not None and self.train_subset <= 0:
             raise CompressError(f"train_subset must be > 0, got {self.train_subset}")
-        if self.warmup_epochs < 0:
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
             raise CompressError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         # Old recipes say `augment: true/false`: the CIFAR policy / none.
         self.augment = {True: "cifar", False: "none"}.get(self.augment, self.augment) \
             if isinstance(self.augment, bool) else self.augment
         _choice(self, "augment", AUGMENT)
         _choice(self, "data_mode", DATA_MODES)
-        if self.image_size is not None and not 8 <= self.image_size <= 4096:
-            raise CompressError(f"image_size must be in 8..4096 pixels, got {self.image_size}; e.g. --image-size 224")
-        if self.data_workers is not None and self.data_workers < 0:
-            raise CompressError(f"data_workers must be >= 0, got {self.data_workers}")
+        if self.image_size is not None and not 8 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise CompressError(f"image_size must be in 8..{MAX_IMAGE_SIZE} pixels, got {self.image_size}; e.g. --image-size 224")
+        if self.data_workers is not None and not 0 <= self.data_workers <= MAX_DATA_WORKERS:
+            raise CompressError(f"data_workers must be in 0..{MAX_DATA_WORKERS}, got {self.data_workers}")
+        _finite(self)
 
 
 @dataclass
@@ -96,7 +117,6 @@ class TrainConfig(OptimConfig):
     std: typing.Optional[list] = None
     init: typing.Optional[str] = None          # fine-tune from this checkpoint
     epochs: int = 30
-    weight_decay: float = 5e-4
 
     def validate(self) -> None:
         super().validate()
@@ -120,8 +140,10 @@ class DistillConfig(OptimConfig):
     max_assistants: int = 4
     spacing: float = 2.5                              # auto: at most this compute ratio between neighbours
     temperature: float = 5.0
-    kd_weight: float = 1.0                            # λ: (1-λ)·CE + λ·Σ KD
-    kd_reduction: str = "sum"                         # sum (paper, official code) | mean over the kept guides
+    kd_weight: float = 0.5                            # λ: (1-λ)·CE + λ·KD (KD: mean or sum over the kept guides); paper: 1
+    kd_reduction: str = "mean"                        # mean over the kept guides | sum (paper, official code)
+    kd_warmup_epochs: float = 1.0                     # λ ramps from 0 over these epochs (at most 1/4 of a stage)
+    gate_guides: bool = True                          # an assistant near chance guides no later stage
     drop_guides: int = 1                              # stochastic teaching: guides dropped per batch
     model_kwargs: dict = field(default_factory=dict)  # options for student/assistants, e.g. {shortcut: B}
     assistant_epochs: typing.Optional[int] = None     # default: epochs
@@ -129,13 +151,24 @@ class DistillConfig(OptimConfig):
     name: typing.Optional[str] = None
     latency_backend: str = "torch"                    # plan table latency: torch | onnxruntime | none
     cache_guides: bool = False                        # store guide logits per (epoch, step) and reuse them
+    init_student: typing.Optional[str] = None         # start the student from these weights (compressor.init_weights)
+    init_assistants: dict = field(default_factory=dict)  # assistant arch -> weights to start it from
     ignore_class_names: bool = False                  # run a teacher on data whose class names differ
     trust_code: bool = False                          # import the user code a teacher checkpoint names
+    accept_code_change: bool = False                  # load a teacher whose code file changed since it was saved
 
     def validate(self) -> None:
         super().validate()
         if not self.teacher:
             raise CompressError("no teacher given; pass --teacher T.safetensors")
+        from .checkpoint import check_readable_file
+
+        for what, path in [("--init-student", self.init_student), *(
+                (f"init_assistants[{k}]", v) for k, v in (self.init_assistants or {}).items())]:
+            if path is not None:
+                if not isinstance(path, str):
+                    raise CompressError(f"{what} must be a file path, got {path!r}")
+                check_readable_file(path, f"{what} weights")
         if not self.target and self.target_latency_ms is None:
             raise CompressError("no student given; pass --target NAME (e.g. resnet8) or --target-latency MS")
         if self.target and self.target_latency_ms is not None:
@@ -152,6 +185,8 @@ class DistillConfig(OptimConfig):
         if not 0.0 <= self.kd_weight <= 1.0:
             raise CompressError(f"kd_weight (λ) must be in [0, 1], got {self.kd_weight}")
         _choice(self, "kd_reduction", KD_REDUCTIONS)
+        if not 0 <= self.kd_warmup_epochs <= 1e6:
+            raise CompressError(f"kd_warmup_epochs must be >= 0, got {self.kd_warmup_epochs}; e.g. --kd-warmup-epochs 1")
         if self.drop_guides < 0:
             raise CompressError(f"drop_guides must be >= 0, got {self.drop_guides}")
         if self.max_assistants < 0:
@@ -162,7 +197,20 @@ class DistillConfig(OptimConfig):
             raise CompressError(f"assistant_epochs must be > 0, got {self.assistant_epochs}")
 
 
+# What a run written before these DistillConfig fields existed trained with: a resumed old run
+# whose config.yaml lacks them is compared against these (a change is refused, never applied silently).
+DISTILL_LEGACY = {"kd_warmup_epochs": 0.0, "gate_guides": False, "bn_recalibration_batches": 0}
+
+
 # ---------------------------------------------------------------- helpers
+def _finite(cfg) -> None:
+    """Every number of the config is finite (NaN passes every ``<=`` check and trains a NaN model)."""
+    for f in fields(cfg):
+        bad = _non_finite(getattr(cfg, f.name))
+        if bad is not None:
+            raise CompressError(f"{f.name} is {bad}; every number must be finite")
+
+
 def _positive(cfg, *names):
     for n in names:
         v = getattr(cfg, n)
@@ -202,18 +250,37 @@ def _coerce(value, annotation):
     return value
 
 
+def _non_finite(value):
+    """The first NaN/inf number inside ``value`` (lists and mappings searched), else ``None``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    if isinstance(value, (list, tuple)):
+        return next((v for v in map(_non_finite, value) if v is not None), None)
+    if isinstance(value, dict):
+        return next((v for v in map(_non_finite, value.values()) if v is not None), None)
+    return None
+
+
 def apply_overrides(cfg, values: dict, source: str):
-    """Set fields of ``cfg`` from ``values``; unknown keys / wrong types name the key."""
+    """Set fields of ``cfg`` from ``values``; unknown keys / wrong types / NaN or inf name the key."""
     hints = typing.get_type_hints(type(cfg))
     names = [f.name for f in fields(cfg)]
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise CompressError(f"{shorten(source)}: key {shorten(key)} is not a name; recipe keys are "
+                                f"config field names such as epochs")
         if key not in names:
             close = difflib.get_close_matches(key, names, n=2)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise CompressError(f"{source}: unknown key {key!r}{hint}; valid keys: {', '.join(sorted(names))}")
+            raise CompressError(f"{shorten(source)}: unknown key {shorten(key)!r}{hint}; "
+                                f"valid keys: {', '.join(sorted(names))}")
         value = _coerce(value, hints[key])
         if not _type_ok(value, hints[key]):
-            raise CompressError(f"{source}: key {key!r} must be {_type_name(hints[key])}, got {value!r}")
+            raise CompressError(f"{shorten(source)}: key {key!r} must be {_type_name(hints[key])}, "
+                                f"got {shorten(value)}")
+        bad = _non_finite(value)
+        if bad is not None:
+            raise CompressError(f"{shorten(source)}: key {key!r} is {bad}; every number must be finite")
         setattr(cfg, key, value)
     return cfg
 
@@ -224,12 +291,65 @@ def _type_name(annotation) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+MAX_RECIPE_BYTES = 1 << 20   # recipes are a few hundred bytes; a bigger file is not a recipe
+MAX_RECIPE_DEPTH = 8         # nesting: mapping -> model_kwargs -> a list ... never deeper
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors/aliases (a few lines of ``&a [*b, *b, ...]`` expand to
+    billions of nodes) and with bounded nesting (deep ``[[[[...`` would exhaust the stack)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise _RecipeRefused(f"uses a YAML alias (*) at line {mark.line + 1}; recipes are plain "
+                                 f"key: value mappings, write the value out")
+        event = self.peek_event()
+        if getattr(event, "anchor", None):
+            raise _RecipeRefused(f"uses a YAML anchor (&) at line {event.start_mark.line + 1}; recipes are "
+                                 f"plain key: value mappings, write the value out")
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_RECIPE_DEPTH:
+                raise _RecipeRefused(f"nests deeper than {MAX_RECIPE_DEPTH} levels (line "
+                                     f"{event.start_mark.line + 1}); recipes are flat key: value mappings")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _RecipeRefused(yaml.YAMLError):
+    pass
+
+
+def load_yaml(text: str):
+    """``yaml.safe_load`` for files compress reads (recipes, a run's config.yaml): no aliases or
+    anchors, at most :data:`MAX_RECIPE_DEPTH` levels; a refusal is a ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 -- a SafeLoader subclass
+
+
 def read_recipe(path) -> dict:
     p = Path(path)
+    if p.exists() and not p.is_file():
+        raise CompressError(f"recipe {shorten(str(p))!r} is not a regular file (a folder, a pipe?); "
+                            f"pass a YAML file")
     if not p.is_file():
-        raise CompressError(f"recipe {str(p)!r} does not exist; check the path (recipes live in recipes/)")
+        raise CompressError(f"recipe {shorten(str(p))!r} does not exist; check the path "
+                            f"(recipes live in recipes/)")
+    size = p.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise CompressError(f"recipe {str(p)!r} is {size:,} bytes (at most {MAX_RECIPE_BYTES:,}); "
+                            f"recipes are short key: value files")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CompressError(f"recipe {str(p)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    try:
+        data = load_yaml(text)
+    except _RecipeRefused as exc:
+        raise CompressError(f"recipe {str(p)!r} {exc}") from None
+    except RecursionError:
+        raise CompressError(f"recipe {str(p)!r} nests too deeply; recipes are flat key: value mappings") from None
     except yaml.YAMLError as exc:  # safe_load: tags such as !!python/object never construct anything
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -241,7 +361,16 @@ def read_recipe(path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise CompressError(f"recipe {str(p)!r} must be a mapping of key: value")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise CompressError(f"recipe {str(p)!r} has a key that is not a name ({shorten(bad[0])}); "
+                            f"recipe keys are config field names such as epochs")
     return data
+
+
+# Keys a run's config.yaml records beside the settings (what the run resolved to); a recipe may hold
+# them (so `--recipe runs/NAME/config.yaml` repeats a run) and they are ignored there.
+RUN_RECORD_KEYS = ("num_processes", "precision")
 
 
 def resolve_config(cls, recipe: str | None = None, cli: dict | None = None):
@@ -250,7 +379,9 @@ def resolve_config(cls, recipe: str | None = None, cli: dict | None = None):
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
     if recipe:
         values = read_recipe(recipe)
-        _check_recipe_code_refs(recipe, values, cli)
+        check_recipe(recipe, values, cli)  # trust comes from the command line only
+        # a run's own config.yaml is a recipe too: what it records about how the run ran is not a setting
+        values = {k: v for k, v in values.items() if k not in RUN_RECORD_KEYS}
         apply_overrides(cfg, values, f"recipe {recipe}")
     if cli:
         apply_overrides(cfg, cli, "command line")
@@ -258,26 +389,7 @@ def resolve_config(cls, recipe: str | None = None, cli: dict | None = None):
     return cfg
 
 
-# Recipe keys whose value may name code (``file.py:NAME`` / ``package.module:NAME``).
-CODE_REF_KEYS = ("arch", "target", "assistants")
-
-
-def _check_recipe_code_refs(recipe, values: dict, cli: dict) -> None:
-    """A recipe is an input file: it may not make compress import code on its own.
-
-    A user-code reference in a recipe is accepted only when the command line
-    names the same value or passes ``--trust-code`` (zoo names never contain ``:``).
-    """
-    if cli.get("trust_code"):
-        return
-    for key in CODE_REF_KEYS:
-        value = values.get(key)
-        if isinstance(value, str) and ":" in value and cli.get(key) != value:
-            flag = "--" + key.replace("_", "-")
-            raise CompressError(f"recipe {str(recipe)!r} names code ({key}: {value}); compress does not run code "
-                                f"because a file names it: pass {flag} {value} on the command line"
-                                + (" or --trust-code" if key != "arch" else "") + " if you trust that code")
-
-
 def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as recorded in a run (``config.yaml``): trust flags are left out, they are
+    the command line's business and no file may carry them (see :mod:`compressor.trust`)."""
+    return without_trust_keys(dataclasses.asdict(cfg))

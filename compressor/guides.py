@@ -40,7 +40,10 @@ rebuilt row equals the original on the top k classes (up to float16 rounding)
 and spreads the remaining probability uniformly over the others. ``T`` is
 therefore part of the key of a top-k cache.
 
-Key (:func:`cache_key`): the guide's weights (:func:`weights_fingerprint`), the
+Key (:func:`cache_key`): the guide's weights (:func:`weights_fingerprint`) and
+what it is besides them (:func:`compressor.models.model_identity`: architecture,
+options such as ``stem``, classes, channels and, for user code, the sha256 of its
+file -- the same weights under another stem give other logits), the
 content of the training split (:func:`data_fingerprint`), the image size, the
 augmentation policy, :data:`BATCH_CODE_VERSION`, and the other settings that
 change the batches or the logits (seed, batch size, normalisation, precision,
@@ -299,10 +302,13 @@ def cache_key(guide_fingerprint: str, settings: dict) -> str:
 
 def open_guide_cache(root: Path, guide: nn.Module, settings: dict, *, epochs: int, steps: int,
                      batch_size: int, num_classes: int, fingerprint: str | None = None) -> GuideLogitCache:
-    """The cache of ``guide`` under ``root/<key>/`` (``settings`` from :func:`cache_settings`);
-    writes ``settings.json`` there the first time. ``fingerprint``: ``weights_fingerprint(guide)``
-    if the caller already has it."""
+    """The cache of ``guide`` under ``root/<key>/`` (``settings`` from :func:`cache_settings`, plus
+    the guide's :func:`~compressor.models.model_identity`); writes ``settings.json`` there the first
+    time. ``fingerprint``: ``weights_fingerprint(guide)`` if the caller already has it."""
+    from .models import model_identity
+
     fingerprint = fingerprint or weights_fingerprint(guide)
+    settings = {**settings, "guide_model": model_identity(guide)}
     folder = Path(root) / cache_key(fingerprint, settings)
     if not (folder / "settings.json").exists():
         write_json(folder / "settings.json", {"guide": fingerprint, **settings})

@@ -4,21 +4,40 @@ Latency planning needs numbers from *this* machine, so onnxruntime latencies
 are cached per machine (CPU model, core count, thread count, versions) in
 ``$COMPRESS_CACHE`` (default ``~/.cache/compress``)/``latency.json``.
 Torch-eager figures are cheap and are not cached.
+
+Layers: planning (this library) must not depend on deployment. Timing a model
+in onnxruntime needs the ``export`` package, so the measurement is injected: an
+:data:`OnnxTimer` ``timer(model, meta, threads=, warmup=, iters=) -> ms`` passed
+as ``timer=`` or installed once with :func:`set_onnx_timer` (``compressor.cli``
+installs ``export.bench.onnx_model_latency_ms``). Nothing under ``compressor/``
+but the CLI imports ``export``.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
-import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from .errors import CompressError
 from .fileio import write_json
+from .machine import cpu_model, usable_cores
 from .models import create_model, get_entry
+
+OnnxTimer = Callable[..., float]
+_onnx_timer: OnnxTimer | None = None
+
+
+def set_onnx_timer(timer: OnnxTimer | None) -> OnnxTimer | None:
+    """Install the onnxruntime latency measurement (see the module docstring); returns the previous one."""
+    global _onnx_timer
+    previous, _onnx_timer = _onnx_timer, timer
+    return previous
 
 
 def cache_dir() -> Path:
@@ -26,17 +45,10 @@ def cache_dir() -> Path:
 
 
 def machine_key(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import onnxruntime
 
-    return f"{cpu}|cores={os.cpu_count()}|threads={threads}|ort={onnxruntime.__version__}|torch={torch.__version__}"
+    return (f"{cpu_model()}|cores={usable_cores()}|threads={threads}|ort={onnxruntime.__version__}"
+            f"|torch={torch.__version__}")
 
 
 def _time_fn(fn, warmup: int, iters: int) -> float:
@@ -51,7 +63,7 @@ def _time_fn(fn, warmup: int, iters: int) -> float:
 
 
 def _default_threads() -> int:
-    return max(1, min(os.cpu_count() or 1, 4))
+    return max(1, min(usable_cores(), 4))
 
 
 def torch_latency_ms(arch: str, num_classes: int = 10, model_kwargs: dict | None = None,
@@ -72,8 +84,10 @@ def torch_latency_ms(arch: str, num_classes: int = 10, model_kwargs: dict | None
 
 def onnx_latency_ms(arch: str, num_classes: int = 10, model_kwargs: dict | None = None,
                     threads: int | None = None, warmup: int = 10, iters: int = 50, use_cache: bool = True,
-                    input_size=None) -> float:
-    """Median batch-1 onnxruntime latency on this machine (cached per machine)."""
+                    input_size=None, timer: OnnxTimer | None = None) -> float:
+    """Median batch-1 onnxruntime latency on this machine (cached per machine).
+
+    A cache miss measures with ``timer`` (else the one of :func:`set_onnx_timer`)."""
     threads = threads or _default_threads()
     entry = get_entry(arch)
     size = tuple(input_size) if input_size else entry.input_size
@@ -91,19 +105,22 @@ def onnx_latency_ms(arch: str, num_classes: int = 10, model_kwargs: dict | None 
             cache = json.loads(cache_file.read_text())
         except (OSError, json.JSONDecodeError):
             cache = {}
-        if key in cache:
-            return float(cache[key])
-    from export import OnnxModel, export_onnx
-
+        cached = cache.get(key) if isinstance(cache, dict) else None
+        if isinstance(cached, (int, float)) and math.isfinite(cached) and cached > 0:
+            return float(cached)  # anything else (a damaged or edited cache) is measured again
+        if not isinstance(cache, dict):
+            cache = {}
+    timer = timer or _onnx_timer
+    if timer is None:
+        raise CompressError("onnxruntime latency needs the deployment package's timer (the compress CLI installs "
+                            "it); from Python call compressor.latency.set_onnx_timer(export.bench."
+                            "onnx_model_latency_ms), or use --latency-backend torch|none")
     from .checkpoint import meta_for
 
     model = create_model(arch, num_classes=num_classes, in_chans=size[0], **(model_kwargs or {})).eval()
     meta = meta_for(entry.name, num_classes=num_classes, in_chans=size[0], model_kwargs=model_kwargs or {},
                     input_size=size)
-    x = torch.randn(1, *size).numpy()
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_model = OnnxModel(export_onnx((model, meta), os.path.join(tmp, "model.onnx")), threads=threads)
-        ms = _time_fn(lambda: onnx_model.predict(x), warmup, iters)
+    ms = float(timer(model, meta, threads=threads, warmup=warmup, iters=iters))
     if use_cache:
         cache[key] = ms
         try:

@@ -13,6 +13,13 @@ Notation: ``z_s`` student logits, ``z_g`` a guide's logits, ``T`` temperature,
   training) the loss is ``CE``. With λ=1 (the paper's setting) this equals the
   paper's "sum of TAKD losses". ``reduction="mean"`` (``--kd-reduction mean``)
   averages the KD terms instead: λ·(1/|G'|)·Σ KD_g.
+* :func:`kd_weight_at` -- KD warm-up: the weight λ_t used at a (fractional)
+  epoch t ramps linearly from 0 to λ over the first ``warmup`` epochs,
+  ``λ_t = λ·min(1, t/warmup)``, and the loss is ``(1−λ_t)·CE + λ_t·KD``: a
+  student starts on the labels (its logits are random, the KD gradient of a
+  random student is large) and the KD share grows as CE fades -- with λ=1 the
+  loss is pure KD from the end of the warm-up on (mdistiller's DKD warms its
+  KD weight up the same way over 20 of 240 epochs).
 * :func:`kept_guides` -- stochastic teaching: drop ``drop`` guides per batch,
   uniformly, never all of them (a single guide is never dropped).
 """
@@ -34,15 +41,17 @@ def kd_loss(student_logits: torch.Tensor, guide_logits: torch.Tensor, *, tempera
 
 
 def dgkd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor], labels: torch.Tensor, *,
-              temperature: float, kd_weight: float, reduction: str = "sum") -> dict[str, torch.Tensor]:
+              temperature: float, kd_weight: float, reduction: str = "sum",
+              label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
     """DGKD objective; returns named terms ``loss``, ``ce``, ``kd`` and ``kd_<i>`` per guide.
 
     ``guide_logits`` holds the logits of the guides kept for this batch (after
     stochastic dropping). ``kd`` is their summed KD term (0 without guides), or
     with ``reduction="mean"`` their average: then the KD gradient keeps the size
-    of one guide's however many guides are kept.
+    of one guide's however many guides are kept. ``label_smoothing`` ε smooths the CE
+    target: ``(1−ε)·onehot(y) + ε/C`` (``F.cross_entropy``'s definition).
     """
-    ce = F.cross_entropy(student_logits.float(), labels)
+    ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=float(label_smoothing))
     terms: dict[str, torch.Tensor] = {"ce": ce}
     if not guide_logits:
         terms["kd"] = torch.zeros((), device=ce.device)
@@ -57,6 +66,14 @@ def dgkd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor]
     terms["kd"] = kd
     terms["loss"] = (1.0 - kd_weight) * ce + kd_weight * kd
     return terms
+
+
+def kd_weight_at(kd_weight: float, epoch: float, warmup_epochs: float) -> float:
+    """λ_t = λ·min(1, t/warmup) at fractional epoch ``t`` (``epoch + step/steps``);
+    ``warmup_epochs <= 0`` means no warm-up (λ throughout)."""
+    if warmup_epochs <= 0 or epoch >= warmup_epochs:
+        return float(kd_weight)
+    return float(kd_weight) * max(0.0, float(epoch)) / float(warmup_epochs)
 
 
 def kept_guides(num_guides: int, drop: int, generator: torch.Generator) -> list[int]:

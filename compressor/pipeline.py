@@ -26,30 +26,36 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import yaml
 
-from .checkpoint import (CIFAR_MEAN, CIFAR_STD, file_sha256, load_model, load_state_strict, meta_for,
-                         read_checkpoint, save_checkpoint)
-from .config import DistillConfig, TrainConfig, config_to_dict
-from .data import DataBundle, channel_stats, load_data, make_loader, resolve_policy, subset
+from .checkpoint import CIFAR_MEAN, CIFAR_STD, file_sha256, load_model, meta_for, save_checkpoint
+from .config import DISTILL_LEGACY, DistillConfig, TrainConfig, config_to_dict
+from .bn_recalibration import batchnorm_layers, recalibrate_bn
+from .data import DataBundle, as_eval, channel_stats, load_data, make_loader, normalize, resolve_policy, subset
 from .errors import CompressError
-from .fileio import check_output_path, write_json, write_yaml
-from .models import create_model, get_entry
+from .evaluation import check_data_fits
+from .fileio import check_output_path, shorten, write_json, write_yaml
+from .models import create_model, get_entry, input_size_for
 from .models.stems import CIFAR_STEM_MAX_PX, with_auto_stem
 from .models.user import arch_slug, is_user_ref
 from .precision import resolve_precision
 from .planning import Plan, format_plan, guides_for_stage, pick_student_by_latency, plan_chain
 from .progress import Progress
 from .report import format_summary, write_report
-from .trainer import LossSettings, check_compile_available, evaluate, fit, stable_seed
+from .stability import (NEAR_CHANCE_POINTS, chance_top1, gated_guides, guide_gate, kd_warmup_for_stage,
+                        student_warnings)
+from .init_weights import init_from_checkpoint, init_normalisation
+from .trust import check_plan_code, trust_from_config
+from .trainer import LossSettings, check_compile_available, evaluate, find_state, fit, stable_seed
+from .training_defaults import LEGACY, describe as describe_defaults, inherit_recorded, resolve_training_defaults
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 # ``precision`` is what ``auto`` resolved to on the machine of the session that wrote config.yaml.
-RESUME_IGNORED_KEYS = ("log_with", "precision", "trust_code", "compile")
+RESUME_IGNORED_KEYS = ("log_with", "precision", "trust_code", "accept_code_change", "compile", "training_defaults")
 
 
 def make_accelerator(cfg, project_dir: str | None = None):
@@ -69,7 +75,11 @@ def make_accelerator(cfg, project_dir: str | None = None):
     kwargs = dict(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
     if cfg.log_with:
         kwargs.update(log_with=cfg.log_with, project_dir=project_dir)
-    accelerator = Accelerator(**kwargs)
+    try:
+        accelerator = Accelerator(**kwargs)
+    except ValueError as exc:  # e.g. an unknown --log-with tracker
+        raise CompressError(f"Accelerate refuses the run's settings ({str(exc).splitlines()[0][:300]}); "
+                            f"fix --log-with (tensorboard, wandb, ...) or the flag it names") from None
     if cfg.compile:  # once per run, before anything is written
         check_compile_available(accelerator.device)
     return accelerator
@@ -96,7 +106,8 @@ def prepare_splits(cfg, bundle: DataBundle) -> Splits:
         if len(train_idx) == 0:
             raise CompressError("no training images left after val_fraction/train_subset; lower them")
         if n_val:
-            return Splits(bundle, subset(train, train_idx), subset(train, val_idx), bundle.test, "val")
+            # validation sees the evaluation view (the test split's), not the training one
+            return Splits(bundle, subset(train, train_idx), as_eval(subset(train, val_idx)), bundle.test, "val")
         train = subset(train, train_idx)
     return Splits(bundle, train, bundle.test, bundle.test, "test")
 
@@ -170,38 +181,11 @@ def accuracy_fields(test: dict, best: float | None, per_epoch_split: str) -> dic
             "best_test_top1": best if per_epoch_split == "test" else None}
 
 
-def check_class_names(meta, bundle, what: str, *, ignore: bool = False) -> None:
-    """``meta`` (a checkpoint's) and ``bundle`` must name the same classes in the same order.
-
-    Skipped when either side stores no names (imported weights without
-    ``--class-names``), for the placeholder names of ``synthetic_data``, or with
-    ``ignore`` (``--ignore-class-names``).
-    """
-    ours, theirs = list(getattr(meta, "class_names", []) or []), list(getattr(bundle, "class_names", []) or [])
-    if ignore or not ours or not theirs or ours == theirs or getattr(bundle, "name", "") == "synthetic":
-        return
-    if sorted(ours) == sorted(theirs):
-        diff = [f"#{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(ours, theirs)) if a != b][:3]
-        what_differs = "the same class names in another order (" + ", ".join(diff) + ")"
-    else:
-        only_model = [c for c in ours if c not in theirs][:3]
-        only_data = [c for c in theirs if c not in ours][:3]
-        what_differs = (f"other class names ({what} only: {', '.join(map(repr, only_model)) or '-'}; "
-                        f"data only: {', '.join(map(repr, only_data)) or '-'})")
-    raise CompressError(f"{what} and data have {what_differs}; use the data the {what} was trained on, "
-                        f"or pass --ignore-class-names if the names were never stored meaningfully")
-
-
 def _check_data_fits(meta, bundle: DataBundle, what: str, *, ignore_class_names: bool = False) -> None:
-    if meta.num_classes != bundle.num_classes:
-        raise CompressError(
-            f"{what} has {meta.num_classes} classes but the data has {bundle.num_classes}; "
-            f"use data with the same classes or a matching {what}"
-        )
-    if tuple(meta.input_size)[0] != bundle.input_size[0]:
-        raise CompressError(f"{what} takes {meta.input_size[0]}-channel images but the data has "
-                            f"{bundle.input_size[0]} channels")
-    check_class_names(meta, bundle, what, ignore=ignore_class_names)
+    """Classes, channels and class names of ``meta`` vs ``bundle``: the one fits-check of
+    :func:`compressor.evaluation.check_data_fits` (also used by ``eval`` and the ONNX paths)."""
+    check_data_fits(bundle, what=what, meta=meta, data_chw=bundle.input_size,
+                    ignore_class_names=ignore_class_names)
 
 
 def _test_metrics(accelerator, model, splits: Splits, cfg, mean, std) -> dict:
@@ -222,8 +206,11 @@ def _check_run_dir_writable(run_dir: Path) -> None:
                             f"choose another --out")
 
 
-def _link_latest(run_dir: Path) -> None:
+def _link_latest(run_dir: Path, echo=print) -> None:
     link = run_dir.parent / "latest"
+    if link.exists() and not link.is_symlink():  # the user's own file or folder: never replace it
+        echo(f"note: {link} is not a symlink, left as it is (runs/latest is only a convenience link)")
+        return
     tmp = run_dir.parent / f".latest.{os.getpid()}"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
@@ -237,10 +224,19 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     """Train one model with cross-entropy (``compress train``); returns its metrics.
 
     ``data`` replaces ``cfg.data`` with an in-memory bundle (notebooks, tests).
+
+    Resume contract (as ``distill``'s): the training state lives in ``<out>.train-state/``
+    with the resolved ``config.yaml`` (written before step 0, removed with the state when the
+    model is saved); ``resume`` continues it and refuses a changed config (see
+    :func:`check_resume_config`); without ``resume`` an existing state is refused, never
+    overwritten. ``--log-with`` trackers write under ``<out>.logs/``.
     """
-    out = check_output_path(cfg.out)
+    out = check_output_path(cfg.out, inputs=[cfg.init])
     entry = get_entry(cfg.arch)  # a misspelt name fails before the data is loaded
-    bundle = load_run_data(cfg, image_size=cfg.image_size, default_size=entry.input_size[-1],
+    work = train_state_dir(out)
+    _check_train_start(work, out, resume)
+    bundle = load_run_data(cfg, image_size=cfg.image_size,
+                           default_size=input_size_for(entry.name, cfg.model_kwargs)[-1],
                            family=entry.family, data=data)
     num_classes = cfg.num_classes or bundle.num_classes
     if num_classes != bundle.num_classes:
@@ -249,10 +245,18 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     mean, std = _normalisation(cfg, bundle, c)
     if len(mean) != c or len(std) != c:
         raise CompressError(f"--mean/--std need {c} values (one per channel)")
+    requested = config_to_dict(cfg)  # as given (e.g. mixed_precision auto); what it resolved to is "precision"
     precision = resolve_precision(cfg.mixed_precision, cfg.channels_last)
     cfg = precision.apply(cfg)
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, project_dir=str(out.with_name(out.name + ".logs")))
+    resolved = {**requested, "num_processes": accelerator.num_processes, "precision": precision.to_dict()}
+    if resume:
+        check_resume_config(work / "config.yaml", resolved, defaults=config_to_dict(TrainConfig()),
+                            what=f"the training of {out} ({work})",
+                            fix=f"resume with the same flags, or delete {work} to start again")
     accelerator.print(precision.describe())
+    cfg, defaults_record = resolve_training_defaults(cfg, entry.family, num_processes=accelerator.num_processes)
+    accelerator.print(describe_defaults(defaults_record))
     model_kwargs = with_auto_stem(entry.builder, cfg.model_kwargs, bundle.input_size)
     if model_kwargs.get("stem") != cfg.model_kwargs.get("stem"):
         accelerator.print(f"stem: {model_kwargs['stem']} for {bundle.input_size[-1]} px images (default: cifar up "
@@ -260,13 +264,26 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     check_trains_at(entry.name, model_kwargs, num_classes, bundle.input_size)
     torch.manual_seed(stable_seed(cfg.seed, "init", entry.name))
     model = create_model(entry.name, num_classes=num_classes, in_chans=c, **model_kwargs)
+    init_record = None
     if cfg.init:
-        state, init_meta = read_checkpoint(cfg.init)
-        load_state_strict(model, state, entry.name, cfg.init)
+        init = init_from_checkpoint(model, cfg.init)
+        accelerator.print(init.describe())
+        init_record = init.to_dict()
+        if not (cfg.mean and cfg.std):  # the weights expect the normalisation they were trained with
+            mean, std = init_normalisation(init, entry, c, mean, std)
+            accelerator.print(f"normalisation: mean {','.join(f'{v:g}' for v in mean)}  "
+                              f"std {','.join(f'{v:g}' for v in std)}, what the --init weights expect "
+                              f"(--mean/--std to override)")
     splits = prepare_splits(cfg, bundle)
-    work = out.with_name(out.name + ".train-state")
-    work.mkdir(exist_ok=True)
+    accelerator.wait_for_everyone()  # every process has checked the state folder before it is written
+    if accelerator.is_main_process:  # after every check: a refused start leaves nothing to resume
+        work.mkdir(exist_ok=True)
+        write_yaml(work / "config.yaml", resolved)
+    accelerator.wait_for_everyone()
     train_loader, eval_loader = _loaders(cfg, splits, stable_seed(cfg.seed, "data"))
+    if cfg.log_with:
+        accelerator.init_trackers(out.stem, config={k: v for k, v in resolved.items()
+                                                    if isinstance(v, (int, float, str, bool))})
     progress = Progress(enabled=accelerator.is_main_process and show_progress)
     progress.start_stage(entry.name, cfg.epochs, 0, len(splits.train))
     try:
@@ -274,11 +291,27 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
                      epochs=cfg.epochs, mean=mean, std=std, stage_seed=stable_seed(cfg.seed, entry.name),
                      stage_dir=work, stage_label=entry.name, resume=resume, progress=progress,
                      eval_split=splits.eval_name)
+    except CompressError:  # e.g. diverged in the first epoch: with no state saved there is nothing to resume
+        if accelerator.is_main_process and find_state(work) is None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:
         progress.close()
-    test = result.final if splits.eval_name == "test" else _test_metrics(accelerator, result.model, splits, cfg, mean, std)
+        if cfg.log_with:
+            accelerator.end_training()
+    # precise BN, as after every distill stage: short runs leave the running statistics stale
+    recalibrated, max_logit = precise_bn(accelerator, result.model, splits.train, cfg, mean, std)
+    test = result.final if splits.eval_name == "test" and not recalibrated else _test_metrics(
+        accelerator, result.model, splits, cfg, mean, std)
+    warnings = student_warnings(entry.name, top1=test["top1"], num_classes=num_classes, method="ce",
+                                train_losses=[r.get("train_loss") for r in result.history],
+                                max_abs_logit=max_logit, steps=sum(r.get("steps", 0) for r in result.history) or None)
+    for warning in warnings:
+        accelerator.print(f"WARNING: {warning}")
     metrics = {**accuracy_fields(test, result.best_top1, splits.eval_name),
+               "bn_recalibrated_batches": recalibrated, "warnings": warnings,
                "epochs": cfg.epochs, "train_seconds": round(result.seconds, 1), "data": bundle.name,
+               "training_defaults": defaults_record, **({"init": init_record} if init_record else {}),
                **_data_metrics(bundle)}
     if accelerator.is_main_process:
         meta = meta_for(entry.name, num_classes=num_classes, in_chans=c, mean=mean, std=std,
@@ -288,6 +321,24 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def train_state_dir(out: Path) -> Path:
+    """Where ``compress train --out FILE`` keeps its training state: ``FILE.train-state/``."""
+    return out.with_name(out.name + ".train-state")
+
+
+def _check_train_start(work: Path, out: Path, resume: bool) -> None:
+    """Without ``--resume`` a saved state is never overwritten; ``--resume`` needs one."""
+    saved = work.is_dir() and any(work.iterdir())
+    if saved and not resume:
+        raise CompressError(f"{work} holds an interrupted training of {out}; continue it with --resume, "
+                            f"or delete it (rm -r {work}) or choose another --out to start again")
+    if resume and not saved:
+        done = ", which is finished" if out.is_file() else ""
+        raise CompressError(f"nothing to resume for {out} (no {work}{done}); drop --resume to start the training")
+    if resume and not (work / "config.yaml").is_file():
+        _say(f"note: {work} was saved without config.yaml (an older version): its config is not compared")
 
 
 def _data_metrics(bundle: DataBundle) -> dict:
@@ -314,19 +365,18 @@ def _resolve_target(cfg: DistillConfig, tmeta) -> str:
 
 
 def check_trains_at(arch: str, model_kwargs: dict, num_classes: int, input_size) -> None:
-    """Build ``arch`` on the meta device (shapes only) and run a batch of 2 at the training size.
+    """The fits-check (:func:`compressor.models.check_fits`) at the data's size, with the fix for training.
 
     A model whose head is sized for another input (the plain CNNs flatten a 32-px map)
-    then fails here with one line, before anything trains, instead of at its first step.
+    then fails here with one line, before anything trains, instead of at its first step;
+    user models are checked here only, at the size they will run at.
     """
-    from .models.user import check_output
+    from .models import check_fits
 
-    c, h, w = (int(v) for v in input_size)
-    with torch.device("meta"):
-        model = create_model(arch, num_classes=num_classes, in_chans=c, **model_kwargs)
-    check_output(model, arch, (c, h, w), num_classes,
-                 fix=f"the data is {h}x{w} px: train at the size the model takes (--image-size), pass its size "
-                     f"option if it has one (plain CNNs: --option input_hw={h}), or pick another model")
+    h = int(input_size[1])
+    check_fits(arch, model_kwargs, num_classes, input_size,
+               fix=f"the data is {h}x{int(input_size[2])} px: train at the size the model takes (--image-size), "
+                   f"pass its size option if it has one (plain CNNs: --option input_hw={h}), or pick another model")
 
 
 def _guide_cache_opener(cfg: DistillConfig, accelerator, splits: Splits, num_classes: int, mean, std):
@@ -371,9 +421,11 @@ def default_run_dir(cfg: DistillConfig, target: str) -> Path:
 def _read_run_file(path: Path):
     """A JSON/YAML file an earlier session of the run wrote; damage is reported, not a traceback."""
     try:
-        return yaml.safe_load(path.read_text()) if path.suffix == ".yaml" else json.loads(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        from .config import load_yaml  # no aliases: a crafted config.yaml cannot expand in a message
+
+        return load_yaml(path.read_text()) if path.suffix == ".yaml" else json.loads(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as exc:
+        reason = shorten(str(exc)) if str(exc) else type(exc).__name__
         raise CompressError(f"{path} is damaged ({reason}); delete it and resume again, "
                             f"or start a new run with another --out") from None
 
@@ -387,45 +439,120 @@ def _test_pause(point: str) -> None:
         time.sleep(600)
 
 
-def _check_resume_config(run_dir: Path, resolved: dict) -> None:
-    path = run_dir / "config.yaml"
+def check_resume_config(path: Path, resolved: dict, *, defaults: dict, what: str, fix: str) -> None:
+    """The resume contract of ``train`` and ``distill``: ``resolved`` (this session's config) must
+    equal the config recorded at ``path`` in every key but :data:`RESUME_IGNORED_KEYS`; else one
+    line ``{what} was started with a different config (key: old -> new; ...); {fix}``. A key the
+    recorded file lacks (an older version) counts as its value in ``defaults``."""
     if not path.exists():
         return
     old = _read_run_file(path) or {}
     if not isinstance(old, dict):
-        raise CompressError(f"{path} is damaged (not a mapping); start a new run with another --out")
+        raise CompressError(f"{path} is damaged (not a mapping); start again with another --out")
     if isinstance(old.get("augment"), bool):  # written before augmentation policies: true = cifar
         old["augment"] = "cifar" if old["augment"] else "none"
     # A key an older version did not write counts as its default (num_processes: unknown, not compared).
-    defaults = {**config_to_dict(DistillConfig()), "num_processes": resolved.get("num_processes")}
+    defaults = {**defaults, "num_processes": resolved.get("num_processes")}
     old = {**{k: defaults[k] for k in defaults if k not in old}, **old}
     diffs = [f"{k}: {old.get(k)!r} -> {resolved.get(k)!r}" for k in sorted(set(old) | set(resolved))
              if k not in RESUME_IGNORED_KEYS and old.get(k) != resolved.get(k)]
     if diffs:
-        raise CompressError(f"{run_dir} was started with a different config ({'; '.join(diffs)}); "
-                            f"resume with the same flags, or start a new run with another --out")
+        raise CompressError(f"{what} was started with a different config ({'; '.join(diffs)}); {fix}")
+
+
+def _check_resume_config(run_dir: Path, resolved: dict) -> None:
+    check_resume_config(run_dir / "config.yaml", resolved,
+                        defaults={**config_to_dict(DistillConfig()), **LEGACY, **DISTILL_LEGACY},
+                        what=str(run_dir), fix="resume with the same flags, or start a new run with another --out")
+
+
+# ---------------------------------------------------------------- distill: the pipeline
+@dataclass
+class _Run:
+    """What the stages of one distillation run share (built once by :func:`_open_run`)."""
+
+    cfg: DistillConfig
+    accelerator: object
+    run_dir: Path
+    plan: Plan
+    tmeta: object
+    bundle: DataBundle
+    splits: Splits
+    mean: list
+    std: list
+    loss_cfg: LossSettings
+    stage_cfgs: dict
+    resume: bool
+    progress: Progress
+    open_guide_caches: object
+    epochs: int
+    assistant_epochs: int
+    precision: object
+    teacher_top1: float | None = None
+    dropped: dict = field(default_factory=dict)  # chain index -> its gate record (guide_gate), kept out of later stages
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def say(self, text: str) -> None:
+        self.accelerator.print(text)
 
 
 def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str | None = None,
                      show_progress: bool = True, data: DataBundle | None = None) -> dict:
     """Plan the chain and train every assistant, then the student. Returns the summary.
 
+    The pipeline: the teacher and the data (:func:`_load_teacher_and_data`); the run directory,
+    config and plan (:func:`_open_run`); the teacher's test score; one stage per trained model
+    (:func:`_run_stage`); the summary, the student and the report (:func:`_finish_run`).
     ``data`` replaces ``cfg.data`` with an in-memory bundle (notebooks, tests).
     """
-    teacher, tmeta = load_model(cfg.teacher, trust_code=cfg.trust_code)
+    teacher, tmeta, teacher_sha256, bundle = _load_teacher_and_data(cfg, data)
+    run = _open_run(cfg, tmeta, bundle, resume=resume, show_progress=show_progress)
+    teacher_row = _teacher_row(run, teacher, teacher_sha256)
+    run.teacher_top1 = teacher_row["final_test_top1"]
+    chain_models, rows = [teacher], [teacher_row]
+    total_start = time.perf_counter()
+    for k, member in enumerate(run.plan.members[1:]):
+        model, row = _run_stage(run, k, member, chain_models)
+        chain_models.append(model)
+        rows.append(row)
+    summary = _summary(run, rows, teacher_sha256=teacher_sha256, command=command,
+                       wall_seconds=time.perf_counter() - total_start)
+    _finish_run(run, summary)
+    return summary
+
+
+def _load_teacher_and_data(cfg: DistillConfig, data: DataBundle | None):
+    """The teacher, its metadata and sha256, and the data at the teacher's size (checked to fit it)."""
+    teacher, tmeta = load_model(cfg.teacher, trust_code=cfg.trust_code, accept_code_change=cfg.accept_code_change)
     teacher_sha256 = file_sha256(cfg.teacher)
     # The size the teacher was trained at, unless --image-size says otherwise.
     bundle = load_run_data(cfg, image_size=cfg.image_size or tuple(int(v) for v in tmeta.input_size[1:]),
                            channels=tmeta.in_chans, family=get_entry(tmeta.arch).family, data=data)
     _check_data_fits(tmeta, bundle, "teacher", ignore_class_names=cfg.ignore_class_names)
-    target = _resolve_target(cfg, tmeta)
-    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, target)
+    return teacher, tmeta, teacher_sha256, bundle
+
+
+def _check_run_dir_start(run_dir: Path, resume: bool) -> None:
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise CompressError(f"run directory {run_dir} already exists; continue it with --resume "
                             f"or choose a new one with --out/--name")
     if resume and not (run_dir / "config.yaml").exists():
         raise CompressError(f"nothing to resume in {run_dir} (no config.yaml); drop --resume to start it")
     _check_run_dir_writable(run_dir)
+
+
+def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, show_progress: bool) -> _Run:
+    """Run directory, accelerator, the resume contract, the plan and each stage's training settings;
+    ``config.yaml`` and ``plan.json`` are written (main process) and the run is announced."""
+    target = _resolve_target(cfg, tmeta)
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, target)
+    _check_run_dir_start(run_dir, resume)
+    if resume:  # unset per-family fields keep what the run recorded (training_defaults.inherit_recorded)
+        recorded = _read_run_file(run_dir / "config.yaml")
+        cfg = inherit_recorded(cfg, recorded if isinstance(recorded, dict) else {})
     requested = config_to_dict(cfg)  # as given (e.g. mixed_precision auto); what it resolved to is "precision"
     precision = resolve_precision(cfg.mixed_precision, cfg.channels_last)
     cfg = precision.apply(cfg)
@@ -436,29 +563,27 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
     if resume:
         _check_resume_config(run_dir, resolved)
     accelerator.wait_for_everyone()  # every process has checked the run directory before anything is written
-    main = accelerator.is_main_process
-    print_ = accelerator.print
     epochs, assistant_epochs = cfg.epochs, cfg.assistant_epochs or cfg.epochs
-    plan_path = run_dir / "plan.json"
-    if resume and plan_path.exists():
-        try:
-            plan = Plan.from_dict(_read_run_file(plan_path))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CompressError(f"{plan_path} is damaged ({type(exc).__name__}: {exc}); delete it and "
-                                f"resume again to plan anew") from None
-    else:
-        plan = plan_chain(tmeta.arch, tmeta.num_classes, target, teacher_kwargs=tmeta.model_kwargs,
-                          assistants=cfg.assistants, by=cfg.by, max_assistants=cfg.max_assistants,
-                          spacing=cfg.spacing, method=cfg.method, model_kwargs=cfg.model_kwargs,
-                          latency_backend=cfg.latency_backend, drop_guides=cfg.drop_guides,
-                          epochs=epochs, assistant_epochs=assistant_epochs, input_size=tmeta.input_size)
-    if main:
+    plan = _load_or_make_plan(cfg, tmeta, target, run_dir, resume=resume, epochs=epochs,
+                              assistant_epochs=assistant_epochs)
+    assistants = [m.arch for m in plan.members if m.role == "assistant"]
+    unknown = sorted(set(cfg.init_assistants or {}) - set(assistants))
+    if unknown:  # before anything is written
+        raise CompressError(f"init_assistants names {', '.join(unknown)}, not an assistant of this plan "
+                            f"({', '.join(assistants) or 'none'}); key it by the assistants the plan shows")
+    stage_cfgs, defaults_records = _stage_training_settings(cfg, plan, epochs, assistant_epochs,
+                                                            accelerator.num_processes)
+    resolved["training_defaults"] = defaults_records
+    if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_yaml(run_dir / "config.yaml", resolved)
-        write_json(plan_path, plan.to_dict())
+        write_json(run_dir / "plan.json", plan.to_dict())
     accelerator.wait_for_everyone()
+    print_ = accelerator.print
     print_(f"run directory: {run_dir}")
     print_(precision.describe())
+    for line in dict.fromkeys(describe_defaults(r) for r in defaults_records.values()):
+        print_(line)
     if accelerator.num_processes > 1:
         print_(f"data parallel: a world of {accelerator.num_processes} processes "
                f"({accelerator.distributed_type.value}); each step takes {cfg.batch_size} images per process")
@@ -466,126 +591,307 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
     if cfg.log_with:
         accelerator.init_trackers(run_dir.name, config={k: v for k, v in resolved.items()
                                                         if isinstance(v, (int, float, str, bool))})
-
     mean, std = list(tmeta.mean), list(tmeta.std)
     splits = prepare_splits(cfg, bundle)
+    for member in plan.members[1:]:  # every model of the chain takes the data's size, before the first stage trains
+        check_trains_at(member.arch, member.model_kwargs, tmeta.num_classes, splits.bundle.input_size)
     loss_cfg = LossSettings(temperature=cfg.temperature, kd_weight=cfg.kd_weight, drop_guides=cfg.drop_guides,
                             kd_reduction=cfg.kd_reduction)
-    teacher_eval_path = run_dir / "teacher_eval.json"
-    if teacher_eval_path.exists():
-        teacher_test = _read_run_file(teacher_eval_path)
+    return _Run(cfg=cfg, accelerator=accelerator, run_dir=run_dir, plan=plan, tmeta=tmeta, bundle=bundle,
+                splits=splits, mean=mean, std=std, loss_cfg=loss_cfg, stage_cfgs=stage_cfgs, resume=resume,
+                progress=Progress(enabled=accelerator.is_main_process and show_progress),
+                open_guide_caches=_guide_cache_opener(cfg, accelerator, splits, tmeta.num_classes, mean, std),
+                epochs=epochs, assistant_epochs=assistant_epochs, precision=precision)
+
+
+def _load_or_make_plan(cfg: DistillConfig, tmeta, target: str, run_dir: Path, *, resume: bool, epochs: int,
+                       assistant_epochs: int) -> Plan:
+    """A resumed run keeps its ``plan.json`` (checked before it can name any code); else a new plan."""
+    plan_path = run_dir / "plan.json"
+    if resume and plan_path.exists():
+        try:
+            plan = Plan.from_dict(_read_run_file(plan_path))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CompressError(f"{plan_path} is damaged ({type(exc).__name__}: {shorten(exc)}); delete it and "
+                                f"resume again to plan anew") from None
+        check_plan_code(plan, plan_path, trust_from_config(cfg), teacher_arch=tmeta.arch)  # before any import
+        return plan
+    return plan_chain(tmeta.arch, tmeta.num_classes, target, teacher_kwargs=tmeta.model_kwargs,
+                      assistants=cfg.assistants, by=cfg.by, max_assistants=cfg.max_assistants,
+                      spacing=cfg.spacing, method=cfg.method, model_kwargs=cfg.model_kwargs,
+                      latency_backend=cfg.latency_backend, drop_guides=cfg.drop_guides,
+                      epochs=epochs, assistant_epochs=assistant_epochs, input_size=tmeta.input_size)
+
+
+def _stage_training_settings(cfg: DistillConfig, plan: Plan, epochs: int, assistant_epochs: int,
+                             num_processes: int) -> tuple[dict, dict]:
+    """Per stage: every model trains with its own family's defaults (training_defaults)."""
+    stage_cfgs, records = {}, {}
+    for m in plan.members[1:]:
+        stage_cfgs[m.arch], records[m.arch] = resolve_training_defaults(
+            cfg, get_entry(m.arch).family, epochs=epochs if m.role == "student" else assistant_epochs,
+            num_processes=num_processes)
+    return stage_cfgs, records
+
+
+def _teacher_row(run: _Run, teacher, teacher_sha256: str) -> dict:
+    """The teacher's test metrics (measured once per run, kept in ``teacher_eval.json``) as a chain row."""
+    path = run.run_dir / "teacher_eval.json"
+    if path.exists():
+        teacher_test = _read_run_file(path)
+        if not isinstance(teacher_test, dict) or not all(isinstance(teacher_test.get(k), (int, float))
+                                                         for k in ("top1", "top5", "loss")):
+            raise CompressError(f"{path} is damaged (no top1/top5/loss numbers); delete it and resume again, "
+                                f"or start a new run with another --out")
     else:
-        teacher_test = _test_metrics(accelerator, teacher, splits, cfg, mean, std)
-        if main:
-            write_json(teacher_eval_path, teacher_test)
-    print_(f"teacher {tmeta.arch}: test top-1 {teacher_test['top1']:.2f}% on {bundle.name} "
-           f"(sha256 {teacher_sha256[:16]}, {tmeta.source or 'source not recorded'})")
+        teacher_test = _test_metrics(run.accelerator, teacher, run.splits, run.cfg, run.mean, run.std)
+        if run.main:
+            write_json(path, teacher_test)
+    run.say(f"teacher {run.tmeta.arch}: test top-1 {teacher_test['top1']:.2f}% on {run.bundle.name} "
+            f"(sha256 {teacher_sha256[:16]}, {shorten(run.tmeta.source) or 'source not recorded'})")
+    return {**run.plan.teacher.__dict__, **accuracy_fields(teacher_test, None, run.splits.eval_name),
+            "train_seconds": None, "stage_dir": None}
 
-    chain_models = [teacher]
-    rows = [{**plan.teacher.__dict__, **accuracy_fields(teacher_test, None, splits.eval_name),
-             "train_seconds": None, "stage_dir": None}]
-    progress = Progress(enabled=main and show_progress)
-    total_start = time.perf_counter()
-    trained = plan.members[1:]
-    for member in trained:  # every model of the chain takes the data's size, before the first stage trains
-        check_trains_at(member.arch, member.model_kwargs, tmeta.num_classes, splits.bundle.input_size)
-    open_guide_caches = _guide_cache_opener(cfg, accelerator, splits, tmeta.num_classes, mean, std)
-    for k, member in enumerate(trained):
-        label = f"stage {k + 1}/{len(trained)} {member.arch}"
-        stage_dir = run_dir / "stages" / f"{k + 1}-{arch_slug(member.arch)}"
-        model_path = stage_dir / "model.safetensors"
-        guide_idx = guides_for_stage(plan.method, k)
-        guide_names = [plan.members[i].arch for i in guide_idx]
-        stage_epochs = epochs if member.role == "student" else assistant_epochs
-        if model_path.exists():
-            try:
-                # the run's own plan names the code of a user-model stage
-                model, smeta = load_model(model_path, arch=member.arch if is_user_ref(member.arch) else None)
-            except CompressError as exc:
-                raise CompressError(f"{label}: its finished model does not load ({exc}); delete it to retrain "
-                                    f"the stage and resume again: rm {model_path}") from None
-            if main:  # a crash between saving the model and removing the state leaves it behind
-                for leftover in ("state", "state.old", "state.tmp"):
-                    shutil.rmtree(stage_dir / leftover, ignore_errors=True)
-            m = smeta.metrics
-            print_(f"{label}: finished earlier (final test top-1 {m.get('final_test_top1', float('nan')):.2f}%), "
-                   f"not retrained")
-            fields = {k: m.get(k) for k in ("final_test_top1", "final_test_top5", "final_test_loss",
-                                            "per_epoch_split", "best_val_top1", "best_test_top1")}
-            seconds = m.get("train_seconds")
-        else:
-            if main:
-                stage_dir.mkdir(parents=True, exist_ok=True)
-            accelerator.wait_for_everyone()
-            print_(f"{label}: guides {', '.join(guide_names) or 'none (cross-entropy only)'}, {stage_epochs} epochs")
-            torch.manual_seed(stable_seed(cfg.seed, "init", member.arch))
-            model = create_model(member.arch, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
-                                 **member.model_kwargs)
-            # Data order and augmentation depend on the seed alone: every stage and every
-            # method sees the same batches; the init depends on the model, not its position.
-            train_loader, eval_loader = _loaders(cfg, splits, stable_seed(cfg.seed, "data"))
-            progress.start_stage(label, stage_epochs, 0, len(splits.train))
-            caches = open_guide_caches([chain_models[i] for i in guide_idx], stage_epochs,
-                                       len(train_loader)) if open_guide_caches else None
-            try:
-                result = fit(accelerator, model, [chain_models[i] for i in guide_idx], train_loader, eval_loader,
-                             cfg=cfg, loss_cfg=loss_cfg, epochs=stage_epochs, mean=mean, std=std,
-                             stage_seed=stable_seed(cfg.seed, "stage", member.arch), stage_dir=stage_dir,
-                             stage_label=label, resume=resume, progress=progress,
-                             aug_seed=stable_seed(cfg.seed, "aug"), guide_caches=caches,
-                             eval_split=splits.eval_name)
-            finally:
-                progress.close()
-            model = result.model
-            test = result.final if splits.eval_name == "test" else _test_metrics(
-                accelerator, model, splits, cfg, mean, std)
-            fields, seconds = accuracy_fields(test, result.best_top1, splits.eval_name), result.seconds
-            metrics = {**fields, "epochs": stage_epochs,
-                       "train_seconds": round(seconds, 1), "method": plan.method, "guides": guide_names,
-                       "data": bundle.name, **_data_metrics(bundle)}
-            if main:
-                meta = meta_for(member.arch, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
-                                input_size=bundle.input_size, mean=mean, std=std,
-                                class_names=bundle.class_names or tmeta.class_names,
-                                model_kwargs=member.model_kwargs, metrics=metrics,
-                                source=f"compress distill ({plan.method}) stage {k + 1} of {run_dir.name}")
-                save_checkpoint(model_path, model, meta)
-                for leftover in ("state", "state.old", "state.tmp"):
-                    shutil.rmtree(stage_dir / leftover, ignore_errors=True)
-            accelerator.wait_for_everyone()
-            best_name = f"best_{splits.eval_name}_top1"
-            print_(f"{label}: final test top-1 {fields['final_test_top1']:.2f}% "
-                   f"(best {splits.eval_name} {fields[best_name]:.2f}%), {seconds:.0f} s")
-        model = model.to(accelerator.device).eval()
-        chain_models.append(model)
-        rows.append({**member.__dict__, **fields, "train_seconds": seconds,
-                     "stage_dir": str(Path("stages") / stage_dir.name)})
 
-    summary = {
-        "name": run_dir.name, "method": plan.method, "data": bundle.name, "per_epoch_split": splits.eval_name,
-        "teacher": str(cfg.teacher), "teacher_sha256": teacher_sha256, "teacher_source": tmeta.source,
-        "epochs": epochs, "assistant_epochs": assistant_epochs, "seed": cfg.seed,
-        "temperature": cfg.temperature, "kd_weight": cfg.kd_weight, "kd_reduction": cfg.kd_reduction, "drop_guides": cfg.drop_guides,
+def _stage_dir(run: _Run, k: int, arch: str) -> Path:
+    return run.run_dir / "stages" / f"{k + 1}-{arch_slug(arch)}"
+
+
+def _remove_stage_state(stage_dir: Path) -> None:
+    for leftover in ("state", "state.old", "state.tmp"):
+        shutil.rmtree(stage_dir / leftover, ignore_errors=True)
+
+
+def _run_stage(run: _Run, k: int, member, chain_models: list) -> tuple[object, dict]:
+    """Stage ``k`` (0-based) of the chain: loaded when finished earlier, else trained and saved.
+    Returns the model (eval mode, on the device: a guide of later stages) and its chain row."""
+    trained = run.plan.members[1:]
+    label = f"stage {k + 1}/{len(trained)} {member.arch}"
+    stage_dir = _stage_dir(run, k, member.arch)
+    if (stage_dir / "model.safetensors").exists():
+        model, fields, seconds = _load_finished_stage(run, label, member, stage_dir)
+    else:
+        model, fields, seconds = _train_stage(run, k, label, member, stage_dir, chain_models)
+    row = {**member.__dict__, **fields, "train_seconds": seconds, "stage_dir": str(Path("stages") / stage_dir.name)}
+    if member.role == "assistant" and run.cfg.gate_guides and run.plan.method in ("dgkd", "takd"):
+        row["guide_gate"] = _gate_assistant(run, k + 1, member.arch, fields)
+    return model.to(run.accelerator.device).eval(), row
+
+
+def _gate_assistant(run: _Run, index: int, arch: str, fields: dict) -> dict:
+    """Measure a finished assistant (its final score on the per-epoch split: val, or test under
+    the paper's protocol) and keep it out of later guide sets when it is near chance."""
+    score = fields.get("final_val_top1")
+    if score is None:
+        score = fields.get("final_test_top1")
+    gate = guide_gate(score, num_classes=run.tmeta.num_classes, teacher_top1=run.teacher_top1)
+    if not gate["kept"]:
+        run.dropped[index] = gate
+        run.say(f"guide {arch} dropped: {gate['top1']:.1f}% is near chance {gate['chance']:.1f}% (needs more "
+                f"than {gate['threshold']:.1f}%); later stages learn from the models before it (--no-gate-guides "
+                f"keeps it)")
+    return gate
+
+
+def _load_finished_stage(run: _Run, label: str, member, stage_dir: Path):
+    model_path = stage_dir / "model.safetensors"
+    try:
+        # the run's own plan names the code of a user-model stage
+        model, smeta = load_model(model_path, arch=member.arch if is_user_ref(member.arch) else None)
+    except CompressError as exc:
+        raise CompressError(f"{label}: its finished model does not load ({exc}); delete it to retrain "
+                            f"the stage and resume again: rm {model_path}") from None
+    if run.main:  # a crash between saving the model and removing the state leaves it behind
+        _remove_stage_state(stage_dir)
+    m = smeta.metrics
+    run.say(f"{label}: finished earlier (final test top-1 {m.get('final_test_top1', float('nan')):.2f}%), "
+            f"not retrained")
+    fields = {key: m.get(key) for key in ("final_test_top1", "final_test_top5", "final_test_loss",
+                                          "per_epoch_split", "best_val_top1", "best_test_top1")}
+    fields.update({key: m[key] for key in STAGE_EXTRA_FIELDS if key in m})
+    for line in m.get("warnings") or []:
+        run.say(f"WARNING: {line}")
+    return model, fields, m.get("train_seconds")
+
+
+# What a stage records beyond accuracy_fields (read back when a finished stage is resumed).
+STAGE_EXTRA_FIELDS = ("final_val_top1", "guides", "dropped_guides", "bn_recalibrated_batches", "kd_warmup_epochs",
+                      "warnings", "max_abs_logit")
+
+
+def _init_member(run: _Run, member, model):
+    """``--init-student`` / ``init_assistants``: start ``model`` from weights you have (printed; the
+    report goes into the stage's metrics). The chain keeps the teacher's normalisation."""
+    cfg = run.cfg
+    path = cfg.init_student if member.role == "student" else (cfg.init_assistants or {}).get(member.arch)
+    if not path:
+        return None
+    init = init_from_checkpoint(model, path)
+    run.say(f"{member.arch}: {init.describe()}")
+    return init
+
+
+def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_models: list):
+    """Train one model of the chain from its guides, recompute its BatchNorm statistics, score it
+    and save it (``model.safetensors``)."""
+    cfg, accelerator, splits, plan = run.cfg, run.accelerator, run.splits, run.plan
+    planned = guides_for_stage(plan.method, k)
+    guide_idx = gated_guides(planned, set(run.dropped)) if cfg.gate_guides else planned
+    guide_names = [plan.members[i].arch for i in guide_idx]
+    dropped_names = [plan.members[i].arch for i in planned if i not in guide_idx]
+    stage_epochs = run.epochs if member.role == "student" else run.assistant_epochs
+    loss_cfg = replace(run.loss_cfg, kd_warmup_epochs=kd_warmup_for_stage(cfg.kd_warmup_epochs, stage_epochs)
+                       if guide_idx else 0.0)
+    if run.main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    warm = f", KD weight warm-up {loss_cfg.kd_warmup_epochs:g} epochs" if loss_cfg.kd_warmup_epochs else ""
+    run.say(f"{label}: guides {', '.join(guide_names) or 'none (cross-entropy only)'}"
+            + (f" ({', '.join(dropped_names)} dropped: near chance)" if dropped_names else "")
+            + f", {stage_epochs} epochs{warm}")
+    torch.manual_seed(stable_seed(cfg.seed, "init", member.arch))
+    model = create_model(member.arch, num_classes=run.tmeta.num_classes, in_chans=run.tmeta.in_chans,
+                         **member.model_kwargs)
+    init = _init_member(run, member, model)
+    # Data order and augmentation depend on the seed alone: every stage and every
+    # method sees the same batches; the init depends on the model, not its position.
+    train_loader, eval_loader = _loaders(cfg, splits, stable_seed(cfg.seed, "data"))
+    guides = [chain_models[i] for i in guide_idx]
+    run.progress.start_stage(label, stage_epochs, 0, len(splits.train))
+    caches = run.open_guide_caches(guides, stage_epochs, len(train_loader)) if run.open_guide_caches else None
+    try:
+        result = fit(accelerator, model, guides, train_loader, eval_loader,
+                     cfg=run.stage_cfgs[member.arch], loss_cfg=loss_cfg, epochs=stage_epochs, mean=run.mean,
+                     std=run.std, stage_seed=stable_seed(cfg.seed, "stage", member.arch), stage_dir=stage_dir,
+                     stage_label=label, resume=run.resume, progress=run.progress,
+                     aug_seed=stable_seed(cfg.seed, "aug"), guide_caches=caches, eval_split=splits.eval_name)
+    finally:
+        run.progress.close()
+    model = result.model
+    recalibrated, max_logit = precise_bn(run.accelerator, model, run.splits.train, run.cfg, run.mean, run.std)
+    final_eval = result.final
+    if recalibrated:  # the per-epoch score was taken with the old statistics: score the final model again
+        final_eval = _split_metrics(run, model, splits.eval)
+    test = final_eval if splits.eval_name == "test" else _split_metrics(run, model, splits.test)
+    fields, seconds = accuracy_fields(test, result.best_top1, splits.eval_name), result.seconds
+    if splits.eval_name == "val":
+        fields["final_val_top1"] = round(final_eval["top1"], 3)
+    extra = {**({"init": init.to_dict()} if init else {}), "guides": guide_names, "dropped_guides": dropped_names, "bn_recalibrated_batches": recalibrated,
+             "kd_warmup_epochs": loss_cfg.kd_warmup_epochs,
+             "max_abs_logit": None if max_logit is None else round(max_logit, 3)}
+    if member.role == "student":
+        extra["warnings"] = student_warnings(
+            member.arch, top1=test["top1"], num_classes=run.tmeta.num_classes, method=plan.method,
+            train_losses=[r.get("train_loss") for r in result.history], max_abs_logit=max_logit,
+            steps=sum(r.get("steps", 0) for r in result.history) or None)
+    fields.update(extra)
+    metrics = {**fields, "epochs": stage_epochs, "train_seconds": round(seconds, 1), "method": plan.method,
+               "data": run.bundle.name, **_data_metrics(run.bundle)}
+    _save_stage(run, k, member, stage_dir, model, metrics)
+    best_name = f"best_{splits.eval_name}_top1"
+    bn_note = f", BN statistics recomputed on {recalibrated} batches" if recalibrated else ""
+    run.say(f"{label}: final test top-1 {fields['final_test_top1']:.2f}% "
+            f"(best {splits.eval_name} {fields[best_name]:.2f}%{bn_note}), {seconds:.0f} s")
+    for line in fields.get("warnings") or []:
+        run.say(f"WARNING: {line}")
+    return model, fields, seconds
+
+
+def _split_metrics(run: _Run, model, split) -> dict:
+    loader = run.accelerator.prepare(make_loader(split, max(run.cfg.batch_size, 256), shuffle=False,
+                                                 workers=run.cfg.data_workers))
+    return evaluate(run.accelerator, model.to(run.accelerator.device), loader, mean=run.mean, std=run.std)
+
+
+def precise_bn(accelerator, model, train_split, cfg, mean, std) -> tuple[int, float | None]:
+    """Precise BN (:mod:`compressor.bn_recalibration`) on up to ``cfg.bn_recalibration_batches``
+    training batches in the evaluation view (no augmentation; a seeded sample, the same in every
+    process), for ``train`` and every ``distill`` stage alike.
+    Returns (batches used, the largest |logit| of the final model on the first of them)."""
+    batches_max = getattr(cfg, "bn_recalibration_batches", 0)
+    if not batches_max:
+        return 0, None
+    n = min(len(train_split), batches_max * cfg.batch_size)
+    order = torch.randperm(len(train_split),
+                           generator=torch.Generator().manual_seed(stable_seed(cfg.seed, "precise-bn")))
+    loader = make_loader(as_eval(subset(train_split, order[:n])), cfg.batch_size, shuffle=False,
+                         workers=cfg.data_workers)
+    device = accelerator.device
+    model = model.to(device)
+    first: list = []
+
+    def batches():
+        for images, _ in loader:
+            x = normalize(images.to(device), mean, std)
+            if not first:
+                first.append(x)
+            yield x
+
+    used = recalibrate_bn(model, batches(), max_batches=batches_max,
+                          autocast=accelerator.autocast) if batchnorm_layers(model) else 0
+    if not first:  # no BN layer: one batch for the logit probe
+        images, _ = next(iter(loader))
+        first.append(normalize(images.to(device), mean, std))
+    model.eval()
+    with torch.inference_mode(), accelerator.autocast():
+        max_logit = float(model(first[0]).float().abs().max())
+    return used, max_logit
+
+
+def _save_stage(run: _Run, k: int, member, stage_dir: Path, model, metrics: dict) -> None:
+    """``model.safetensors`` (written last, atomically: the stage is finished), then its state goes."""
+    if run.main:
+        tmeta = run.tmeta
+        meta = meta_for(member.arch, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
+                        input_size=run.bundle.input_size, mean=run.mean, std=run.std,
+                        class_names=run.bundle.class_names or tmeta.class_names,
+                        model_kwargs=member.model_kwargs, metrics=metrics,
+                        source=f"compress distill ({run.plan.method}) stage {k + 1} of {run.run_dir.name}")
+        save_checkpoint(stage_dir / "model.safetensors", model, meta)
+        _remove_stage_state(stage_dir)
+    run.accelerator.wait_for_everyone()
+
+
+def _summary(run: _Run, rows: list[dict], *, teacher_sha256: str, command: str | None,
+             wall_seconds: float) -> dict:
+    cfg, plan, student = run.cfg, run.plan, rows[-1]
+    return {
+        "name": run.run_dir.name, "method": plan.method, "data": run.bundle.name,
+        "per_epoch_split": run.splits.eval_name,
+        "teacher": str(cfg.teacher), "teacher_sha256": teacher_sha256, "teacher_source": run.tmeta.source,
+        "epochs": run.epochs, "assistant_epochs": run.assistant_epochs, "seed": cfg.seed,
+        "temperature": cfg.temperature, "kd_weight": cfg.kd_weight, "kd_reduction": cfg.kd_reduction,
+        "kd_warmup_epochs": cfg.kd_warmup_epochs, "drop_guides": cfg.drop_guides, "gate_guides": cfg.gate_guides,
+        "bn_recalibration_batches": cfg.bn_recalibration_batches,
         "latency_backend": plan.latency_backend, "relative_cost": plan.relative_cost,
         "total_seconds": round(sum(r["train_seconds"] or 0 for r in rows), 1),
-        "wall_seconds_this_session": round(time.perf_counter() - total_start, 1),
-        "precision": precision.to_dict(), "command": command or "", "chain": rows,
+        "wall_seconds_this_session": round(wall_seconds, 1),
+        "precision": run.precision.to_dict(), "command": command or "",
+        # assistants kept out of later guide sets (guide_gate), and what each stage lost by it
+        "dropped_assistants": [plan.members[i].arch for i in sorted(run.dropped)],
+        "dropped_guides": {r["arch"]: r.get("dropped_guides", []) for r in rows[1:]},
+        "student_near_chance": student["final_test_top1"] is not None and student["final_test_top1"]
+        <= chance_top1(run.tmeta.num_classes) + NEAR_CHANCE_POINTS,
+        "warnings": list(student.get("warnings") or []), "chain": rows,
     }
-    if main:
-        shutil.copyfile(run_dir / "stages" / f"{len(trained)}-{arch_slug(plan.student.arch)}" / "model.safetensors",
-                        run_dir / ".student.safetensors.tmp")
+
+
+def _finish_run(run: _Run, summary: dict) -> None:
+    """``student.safetensors``, ``summary.json``, ``report.md`` and the plots, ``runs/latest``; the table."""
+    run_dir = run.run_dir
+    if run.main:
+        student_model = _stage_dir(run, len(run.plan.members) - 2, run.plan.student.arch) / "model.safetensors"
+        shutil.copyfile(student_model, run_dir / ".student.safetensors.tmp")
         os.replace(run_dir / ".student.safetensors.tmp", run_dir / "student.safetensors")
         write_json(run_dir / "summary.json", summary)
         _test_pause("report")
         write_report(run_dir)
-        _link_latest(run_dir)
-    if cfg.log_with:
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
-    print_("")
-    print_(format_summary(summary))
-    print_(f"\nstudent: {run_dir / 'student.safetensors'}   report: {run_dir / 'report.md'}")
-    return summary
-
+        _link_latest(run_dir, run.say)
+    if run.cfg.log_with:
+        run.accelerator.end_training()
+    run.accelerator.wait_for_everyone()
+    run.say("")
+    run.say(format_summary(summary))
+    run.say(f"\nstudent: {run_dir / 'student.safetensors'}   report: {run_dir / 'report.md'}")
 
 __all__ = ["run_distillation", "train_model", "make_accelerator", "prepare_splits"]

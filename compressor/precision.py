@@ -48,17 +48,40 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
     return set()
 
 
+LAUNCHER_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch` from its config / --mixed_precision
+
+
+def launcher_precision(environ=None) -> str | None:
+    """The precision an ``accelerate launch`` config asked for (``no``/``bf16``/``fp16``), or None."""
+    import os
+
+    value = (os.environ if environ is None else environ).get(LAUNCHER_ENV, "").strip().lower()
+    return value if value in ("no", "bf16", "fp16") else None
+
+
 def resolve_precision(requested: str, channels_last: bool | None = None, *, cuda: bool | None = None,
-                      cuda_bf16: bool | None = None, flags: set[str] | None = None) -> PrecisionChoice:
+                      cuda_bf16: bool | None = None, flags: set[str] | None = None,
+                      environ=None) -> PrecisionChoice:
     """Resolve ``requested`` (auto | no | bf16 | fp16) for this machine.
 
     ``channels_last`` None means "not given": on with bf16 chosen by ``auto``, off
     otherwise; an explicit True/False is kept. ``cuda``, ``cuda_bf16`` and ``flags``
     default to what this machine reports (tests pass them).
+
+    Under ``accelerate launch`` (its config's ``mixed_precision`` arrives as
+    ``ACCELERATE_MIXED_PRECISION``), ``auto`` follows the launch config; an explicit
+    ``--mixed-precision`` wins and the reason says it overrides the config.
     """
     explicit_cl = channels_last is not None
+    launcher = launcher_precision(environ)
     if requested != "auto":
-        return PrecisionChoice(requested, requested, bool(channels_last), "as requested")
+        reason = "as requested"
+        if launcher is not None and launcher != requested:
+            reason += f"; overrides the accelerate launch config's mixed_precision: {launcher}"
+        return PrecisionChoice(requested, requested, bool(channels_last), reason)
+    if launcher is not None:
+        return PrecisionChoice("auto", launcher, channels_last if explicit_cl else launcher == "bf16",
+                               f"the accelerate launch config says mixed_precision: {launcher}")
     if cuda is None or (cuda and cuda_bf16 is None):
         import torch
 

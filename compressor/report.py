@@ -47,7 +47,21 @@ def format_summary(summary: dict) -> str:
     if summary.get("per_epoch_split") == "test":
         table += ("\nnote: no validation split (val_fraction 0, the paper's protocol): the per-epoch 'best' "
                   "column was chosen on the test split")
+    for line in stability_notes(summary):
+        table += "\n" + line
     return table
+
+
+def stability_notes(summary: dict) -> list[str]:
+    """The assistants kept out of later guide sets, and the student's warnings (one line each)."""
+    lines = []
+    for m in summary.get("chain", []):
+        gate = m.get("guide_gate")
+        if gate and not gate.get("kept", True):
+            lines.append(f"guide {m['arch']} dropped: {gate['top1']:.1f}% is near chance {gate['chance']:.1f}% "
+                         f"(needed more than {gate['threshold']:.1f}%)")
+    lines += [f"WARNING: {w}" for w in summary.get("warnings") or []]
+    return lines
 
 
 def _plot_curves(run_dir: Path, summary: dict) -> str | None:
@@ -120,8 +134,11 @@ def write_report(run_dir) -> Path:
         raise CompressError(f"{run_dir}: no summary.json; is this a finished 'compress distill' run directory?")
     try:
         summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError, non-UTF-8 bytes, [[[[... nested too deep
         raise CompressError(f"{summary_path}: not valid JSON; re-run 'compress distill --resume'") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("chain"), list):
+        raise CompressError(f"{summary_path}: not a 'compress distill' summary (no 'chain' list); "
+                            f"re-run 'compress distill --resume'")
     curves = _plot_curves(run_dir, summary)
     tradeoff = _plot_tradeoff(run_dir, summary)
     lines = [f"# Distillation report: {summary.get('name', run_dir.name)}", "",
@@ -129,7 +146,13 @@ def write_report(run_dir) -> Path:
              f"epochs: {summary['epochs']}, seed: {summary['seed']}",
              f"- temperature {summary['temperature']}, λ (kd_weight) {summary['kd_weight']}, "
              f"KD terms: {summary.get('kd_reduction', 'sum')} over the kept guides, "
-             f"guides dropped per batch: {summary['drop_guides']}",
+             f"guides dropped per batch: {summary['drop_guides']}, "
+             f"KD weight warm-up: {summary.get('kd_warmup_epochs', 0)} epochs (at most 1/4 of a stage)",
+             f"- BatchNorm statistics recomputed after each stage on up to "
+             f"{summary.get('bn_recalibration_batches', 0)} training batches (0: off); assistants near chance "
+             f"kept out of later guide sets: {'on' if summary.get('gate_guides') else 'off'}"
+             + (f" (dropped: {', '.join(summary['dropped_assistants'])})" if summary.get("dropped_assistants")
+                else ""),
              f"- total training time: {summary['total_seconds']:.0f} s",
              f"- teacher: `{summary.get('teacher', '?')}` (sha256 `{summary.get('teacher_sha256', '?')}`)",
              f"- accuracies: *final test* = the test split, scored once per model at the end; *best "

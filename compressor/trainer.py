@@ -22,7 +22,6 @@ several processes the state is saved after every epoch only.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -44,7 +43,7 @@ from .data import augment_batch, batch_augments, normalize
 from .errors import CompressError
 from .fileio import append_jsonl, read_jsonl, write_text
 from .guides import GuideLogitCache, GuideSet
-from .losses import dgkd_loss, kept_guides
+from .losses import dgkd_loss, kd_weight_at, kept_guides
 from .progress import Progress
 
 
@@ -116,15 +115,21 @@ def seeded_generator(*parts) -> torch.Generator:
 
 
 def lr_at_epoch(cfg: OptimConfig, epoch: float, epochs: int) -> float:
-    """Learning rate at (fractional) ``epoch``: linear warmup per step, then the schedule."""
-    if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
-        return cfg.lr * min(1.0, (epoch + 1e-3) / cfg.warmup_epochs)
-    epoch = int(epoch)
+    """Learning rate at (fractional) ``epoch``: linear warmup per step, then the schedule.
+
+    ``cfg`` holds resolved values (:func:`compressor.training_defaults.resolve_training_defaults`).
+    The warm-up may be a fraction of an epoch; the cosine follows ``epoch`` per step
+    (``0.5·lr·(1 + cos(π·(epoch − warmup)/(epochs − warmup)))``), the step schedule per epoch.
+    """
+    warmup = float(cfg.warmup_epochs or 0)
+    if warmup and epoch < warmup:
+        return cfg.lr * min(1.0, (epoch + 1e-3) / warmup)
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "cosine":
-        span = max(epochs - cfg.warmup_epochs, 1)
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
+        span = max(epochs - warmup, 1e-6)
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(epoch - warmup, span) / span))
+    epoch = int(epoch)
     # milestone m decays from epoch ceil(m * epochs) on (never epoch 0): 160 epochs -> 80, 120
     passed = sum(epoch >= max(1, math.ceil(float(m) * epochs - 1e-9)) for m in cfg.milestones)
     return cfg.lr * cfg.gamma ** passed
@@ -169,6 +174,22 @@ class ResumeState:
         self.step = int(state.get("step", 0))
         self.partial = json.loads(state.get("partial") or "{}")
         self.num_processes = int(state.get("num_processes", 1))
+
+
+def _check_rng_state(state_path, process_index: int) -> None:
+    """Accelerate skips a damaged RNG state with a log line and resumes with other random numbers
+    (other augmentations, another shuffle): refuse instead (the caller turns this into one line)."""
+    from accelerate.utils import load
+
+    path = Path(state_path) / f"random_states_{process_index}.pkl"
+    if not path.is_file():
+        raise ValueError(f"the random number state {path.name} is missing")
+    try:
+        states = load(str(path))
+    except Exception as exc:  # noqa: BLE001 -- any reader error: damaged
+        raise ValueError(f"the random number state {path.name} is damaged ({type(exc).__name__})") from None
+    if not isinstance(states, dict) or not {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(states):
+        raise ValueError(f"the random number state {path.name} is incomplete")
 
 
 class EpochInterrupted(Exception):
@@ -218,6 +239,7 @@ class LossSettings:
     kd_weight: float = 1.0
     drop_guides: int = 0
     kd_reduction: str = "sum"
+    kd_warmup_epochs: float = 0.0  # λ ramps from 0 over these epochs (losses.kd_weight_at)
 
 
 @dataclass
@@ -275,8 +297,10 @@ def _to_input(images, mean, std, channels_last: bool):
 def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, cfg: OptimConfig, loss_cfg: LossSettings,
                     mean, std, epoch: int, stage_seed: int, aug_seed: int | None = None,
                     progress: Progress | None = None, start_step: int = 0, partial: dict | None = None,
-                    stop_requested=None) -> dict:
+                    stop_requested=None, epochs: int | None = None) -> dict:
     """One pass over ``loader``; returns mean loss terms and training top-1.
+
+    ``epochs`` is the run's length (the cosine's span; default ``epoch + 1``).
 
     ``start_step``/``partial`` continue an epoch saved mid-way (steps before
     ``start_step`` are skipped, the running sums start from ``partial``); when
@@ -295,7 +319,8 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
     correct = torch.tensor(float(partial.get("correct", 0.0)), device=device)
     seen = int(partial.get("seen", 0))
     guide_uses = list(partial.get("guide_uses", [0] * len(guides)))
-    warmup_steps = len(loader) if epoch < cfg.warmup_epochs else 0
+    # The lr moves every step during the warm-up and under the cosine (see lr_at_epoch).
+    warmup_steps = len(loader) if epoch < float(cfg.warmup_epochs or 0) or cfg.schedule == "cosine" else 0
     check_every = divergence_check_interval(device)
     bad = torch.tensor([-1.0, 0.0], device=device)  # [first step with a non-finite loss, its value]
     step = start_step - 1
@@ -303,9 +328,9 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
     if start_step:  # resumed mid-epoch: skip the finished batches in the sampler, without loading them
         batches = accelerator.skip_first_batches(loader, start_step)
     for step, (images, labels) in enumerate(batches, start=start_step):
-        if warmup_steps:  # warmup raises the lr every step, not every epoch
+        if warmup_steps:  # warmup raises the lr every step, not every epoch; so does the cosine
             for group in optimizer.param_groups:
-                group["lr"] = lr_at_epoch(cfg, epoch + step / warmup_steps, epoch + 1)
+                group["lr"] = lr_at_epoch(cfg, epoch + step / warmup_steps, epochs or epoch + 1)
         if batch_augments(cfg.augment) and not getattr(loader.dataset, "augments", False):
             images = augment_batch(images, augmentation_generator(aug_seed, epoch, step, accelerator))
         x = _to_input(images, mean, std, cfg.channels_last)
@@ -317,7 +342,10 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
             with accelerator.autocast():
                 logits = model(x)
             terms = dgkd_loss(logits, guide_logits, labels, temperature=loss_cfg.temperature,
-                              kd_weight=loss_cfg.kd_weight, reduction=loss_cfg.kd_reduction)
+                              kd_weight=kd_weight_at(loss_cfg.kd_weight, epoch + step / max(len(loader), 1),
+                                                     loss_cfg.kd_warmup_epochs),
+                              reduction=loss_cfg.kd_reduction,
+                              label_smoothing=float(cfg.label_smoothing or 0.0))
             loss = terms["loss"]
             if _test_nan_hook(accelerator, epoch, step):
                 loss = loss * float("nan")
@@ -329,6 +357,8 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
             if checked:
                 raise_if_diverged(accelerator, bad, epoch=epoch, lr=optimizer.param_groups[0]["lr"])
             accelerator.backward(loss)
+            if cfg.grad_clip and accelerator.sync_gradients:  # bounds a blow-up that stays finite
+                accelerator.clip_grad_norm_(model.parameters(), float(cfg.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         n = labels.shape[0]
@@ -354,39 +384,53 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
 
 
 @torch.inference_mode()
-def evaluate(accelerator, model, loader, *, mean, std, channels_last: bool = False) -> dict:
+def evaluate(accelerator, model, loader, *, mean, std, channels_last: bool = False, autocast: bool = False) -> dict:
     """Top-1/top-5 accuracy (%) and mean cross-entropy over ``loader``.
 
-    With ``accelerator=None`` (plain ``compress eval``) batches are moved to the
-    model's device and nothing is gathered; otherwise the loader is a prepared
-    one and results are gathered from every process.
+    Counted by :class:`compressor.evaluation.Accuracy` (one tie rule for torch and
+    ONNX: among equal logits the lowest class index wins). Computed in fp32, as the
+    deployed (ONNX) file runs, even when training runs in bf16/fp16 autocast; with
+    ``autocast`` in the training precision instead. With ``accelerator=None``
+    (plain ``compress eval``) batches are moved to the model's device and nothing is
+    gathered; otherwise the loader is a prepared one and results are gathered from
+    every process.
     """
+    from .evaluation import Accuracy
+
     model.eval()
     device = next(model.parameters()).device
-    correct1 = correct5 = 0
-    loss_sum = 0.0
-    n = 0
-    for images, labels in loader:
-        if accelerator is None:
-            images, labels = images.to(device), labels.to(device)
-        x = _to_input(images, mean, std, channels_last)
-        with (accelerator.autocast() if accelerator is not None else contextlib.nullcontext()):
-            logits = model(x).float()
-        if accelerator is not None:
-            logits, labels = accelerator.gather_for_metrics((logits, labels))
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += int((top[:, 0] == labels).sum())
-        correct5 += int((top == labels[:, None]).any(dim=1).sum())
-        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        n += labels.shape[0]
-    return {"top1": 100.0 * correct1 / max(n, 1), "top5": 100.0 * correct5 / max(n, 1),
-            "loss": loss_sum / max(n, 1), "n": n}
+    forward = model
+    if accelerator is not None and not autocast:
+        # Accelerate wraps a prepared model's forward in its mixed-precision autocast; run the
+        # original forward of the unwrapped module, with autocast off.
+        inner = accelerator.unwrap_model(model)
+        forward = getattr(inner, "_original_forward", inner)
+    acc = Accuracy()
+    with torch.no_grad():
+        for images, labels in loader:
+            if accelerator is None:
+                images, labels = images.to(device), labels.to(device)
+            x = _to_input(images, mean, std, channels_last)
+            if accelerator is not None and autocast:
+                with accelerator.autocast():
+                    logits = model(x).float()
+            else:
+                with torch.autocast(device_type=torch.device(device).type, enabled=False):
+                    logits = forward(x).float()
+            if accelerator is not None:
+                logits, labels = accelerator.gather_for_metrics((logits, labels))
+            acc.update(logits, labels)
+    return acc.result()
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     # No weight decay on BatchNorm/bias parameters is a common trick; the paper's code decays all.
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    # ``cfg`` comes resolved (training_defaults); a bare OptimConfig (benchmarks, tests) gets the old defaults.
+    from .training_defaults import LEGACY
+
+    lr = cfg.lr if cfg.lr is not None else LEGACY["lr"]
+    wd = cfg.weight_decay if cfg.weight_decay is not None else LEGACY["weight_decay"]
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=wd, nesterov=cfg.nesterov)
 
 
 def _save_state_atomically(accelerator, state_dir: Path, resume_state: ResumeState) -> None:
@@ -449,6 +493,7 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
                 f"has {accelerator.num_processes} (the batches per step and the steps per epoch would change); "
                 f"resume with {resume_state.num_processes} process(es), or delete {state_path} to restart the stage")
         try:
+            _check_rng_state(state_path, accelerator.process_index)
             accelerator.load_state(str(state_path))
         except Exception as exc:  # a damaged state folder (saved states are swapped in atomically)
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
@@ -480,7 +525,7 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
                                                 loss_cfg=loss_cfg, mean=mean, std=std, epoch=epoch,
                                                 stage_seed=stage_seed, aug_seed=aug_seed, progress=progress,
                                                 start_step=resume_state.step, partial=resume_state.partial,
-                                                stop_requested=lambda: ctrl_c.hit)
+                                                stop_requested=lambda: ctrl_c.hit, epochs=epochs)
             except EpochInterrupted as stop:  # Ctrl-C: keep the steps done so far
                 guides.flush()
                 resume_state.step, resume_state.partial = stop.steps_done, stop.partial

@@ -18,12 +18,14 @@ import importlib
 # public name -> submodule that defines it
 _LAZY = {
     **dict.fromkeys(["benchmark_onnx", "check_accuracy_floor", "check_baseline", "check_budget", "format_table",
-                     "load_baseline", "machine_info", "parse_ratio", "write_report"], "bench"),
+                     "load_baseline", "onnx_model_latency_ms", "parse_ratio", "write_report"], "bench"),
+    **dict.fromkeys(["default_threads", "machine_info"], "machine"),
     **dict.fromkeys(["INPUT_NAME", "METADATA_KEYS", "OUTPUT_NAME", "NormalizedModel", "default_onnx_path",
                      "export_onnx", "invalid_path", "resolve_checkpoint"], "onnx_export"),
     **dict.fromkeys(["calibration_images", "format_int8_report", "int8_path", "int8_report",
                      "quantize_static_int8"], "quantize"),
-    **dict.fromkeys(["OnnxModel", "default_threads", "evaluate_onnx", "resolve_providers"], "runtime"),
+    **dict.fromkeys(["OnnxModel", "evaluate_onnx"], "runtime"),
+    **dict.fromkeys(["resolve_providers"], "providers"),
     **dict.fromkeys(["ValidationReport", "validate_onnx"], "validate"),
 }
 

@@ -11,74 +11,33 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
 from compressor.errors import CheckFailed, CompressError
+from compressor.fileio import shorten
 
-from .runtime import GRAPH_OPT_LEVELS, OnnxModel, default_threads
+from .machine import cpu_model, default_threads, machine_info, versions  # noqa: F401 (public here too)
+from .options import GRAPH_OPT_LEVELS
+from .runtime import OnnxModel
 
-SCHEMA = "compress.bench/1"
+SCHEMA = "compress.bench/2"   # /2: throughput_ips = batch / p50 (was / mean); docs/deployment.md
 PERCENTILES = ("p50", "p90", "p99")
 DEFAULT_SECONDS = 1.0   # per engine and batch size when neither iters nor seconds is given
 MIN_ITERS = 10
 ROUNDS = 3
 
 
-# ------------------------------------------------------------------ machine
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def machine_info() -> dict:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
-    return {
-        "cpu": cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": usable,
-        "machine": platform.machine(),
-        "platform": platform.platform(),
-        "hostname": platform.node(),
-    }
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for mod in ("onnxruntime", "torch", "onnx", "numpy"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # pragma: no cover - optional
-            out[mod] = None
-    try:
-        from importlib.metadata import version
-
-        out["compress"] = version("compress")
-    except Exception:
-        out["compress"] = None
-    return out
-
-
 # ------------------------------------------------------------------- timing
 def latency_stats(samples_ms, batch_size: int) -> dict:
     a = np.asarray(samples_ms, dtype=np.float64)
-    mean = float(a.mean())
+    mean, p50 = float(a.mean()), float(np.percentile(a, 50))
     std = float(a.std(ddof=1)) if len(a) > 1 else 0.0
     return {
         "iterations": int(len(a)),
-        "p50_ms": float(np.percentile(a, 50)),
+        "p50_ms": p50,
         "p90_ms": float(np.percentile(a, 90)),
         "p99_ms": float(np.percentile(a, 99)),
         "mean_ms": mean,
@@ -86,7 +45,7 @@ def latency_stats(samples_ms, batch_size: int) -> dict:
         "cv": std / mean if mean > 0 else 0.0,
         "min_ms": float(a.min()),
         "max_ms": float(a.max()),
-        "throughput_ips": 1000.0 * batch_size / mean if mean > 0 else 0.0,
+        "throughput_ips": 1000.0 * batch_size / p50 if p50 > 0 else 0.0,  # one definition: batch / p50
     }
 
 
@@ -268,12 +227,27 @@ def benchmark_onnx(path, *, batch_sizes=(1,), threads: int | None = None, warmup
     }
 
 
+def onnx_model_latency_ms(model, meta, *, threads: int | None = None, warmup: int = 10, iters: int = 50) -> float:
+    """Median batch-1 onnxruntime latency (ms) of a torch ``model`` (with its ``meta``), exported to a
+    temporary ONNX file. The timer latency planning uses (``compressor.latency.set_onnx_timer``)."""
+    import tempfile
+
+    from .onnx_export import export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="compress-latency-") as tmp:
+        onnx_model = OnnxModel(export_onnx((model, meta), Path(tmp) / "model.onnx"), threads=threads)
+        x = onnx_model.random_input(1)
+        samples = time_engines({"model": lambda: onnx_model.predict(x)}, warmup=warmup, iters=max(1, int(iters)),
+                               seconds=None, rounds=1)
+        return float(np.median(samples["model"]))
+
+
 # ------------------------------------------------------------------ display
 def format_table(report: dict) -> str:
     names = {m["role"]: Path(m["path"]).name for m in report.get("models", [])}
     names["torch"] = "torch eager"
-    head = f"{'engine':<12} {'model':<28} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} " \
-           f"{'mean ms':>9} {'cv':>6} {'img/s':>10} {'iters':>6}"
+    head = f"{'engine':<12} {'model':<28} {'batch':>5} {'p50 ms':>9} {'cv':>6} {'img/s':>10} {'p90 ms':>9} " \
+           f"{'p99 ms':>9} {'mean ms':>9} {'iters':>6}"
     lines = [
         f"{report['machine']['cpu']} | {report['provider']} | {report['threads']} threads | "
         f"graph opt {report['graph_optimization']} | onnxruntime {report['versions'].get('onnxruntime')}",
@@ -282,9 +256,10 @@ def format_table(report: dict) -> str:
     for r in report["results"]:
         lines.append(
             f"{r['engine']:<12} {names.get(r['role'], r['role'])[:28]:<28} {r['batch_size']:>5} {r['p50_ms']:>9.3f} "
-            f"{r['p90_ms']:>9.3f} {r['p99_ms']:>9.3f} {r['mean_ms']:>9.3f} {r['cv']:>6.2f} "
-            f"{r['throughput_ips']:>10.1f} {r['iterations']:>6}"
+            f"{r['cv']:>6.2f} {r['throughput_ips']:>10.1f} {r['p90_ms']:>9.3f} {r['p99_ms']:>9.3f} "
+            f"{r['mean_ms']:>9.3f} {r['iterations']:>6}"
         )
+    lines.append("img/s = batch / p50; cv = std / mean of single calls")
     for c in report.get("comparisons", []):
         what = "torch eager" if c["baseline"] == "torch" else names.get("compare", "compare")
         sp = c["p50_speedup"]
@@ -355,15 +330,39 @@ def check_budget(report: dict, budget_ms: float, percentile: str = "p50", *, rai
 
 def load_baseline(path) -> dict:
     p = Path(path)
+    if p.exists() and not p.is_file():
+        raise CompressError(f"baseline {str(p)!r} is not a regular file (a folder, a pipe?); pass a "
+                            f"'compress bench --json' report")
     if not p.is_file():
         raise CompressError(f"baseline {str(p)!r} does not exist; write one with 'compress bench MODEL --json {p}'")
     try:
+        if p.stat().st_size > 64 << 20:
+            raise CompressError(f"baseline {str(p)!r} is larger than 64 MB; not a 'compress bench --json' report")
         data = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CompressError(f"baseline {str(p)!r} is not valid JSON ({exc}); regenerate it with 'compress bench --json'") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CompressError(f"baseline {str(p)!r} is not valid JSON ({shorten(exc)}); "
+                            f"regenerate it with 'compress bench --json'") from None
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         raise CompressError(f"baseline {str(p)!r} is not a 'compress bench --json' report (no 'results' list)")
+    for r in data["results"]:
+        bad = _bad_latency(r)
+        if bad:
+            raise CompressError(f"baseline {str(p)!r}: {bad}; regenerate it with 'compress bench --json'")
     return data
+
+
+def _bad_latency(entry) -> str:
+    """Why a baseline result entry cannot serve as a reference ('' if it can): its latencies must be
+    finite numbers > 0 (JSON ``Infinity`` or ``NaN`` would pass every gate)."""
+    if not isinstance(entry, dict):
+        return f"malformed entry in 'results': {shorten(entry)}"
+    for key in (f"{p}_ms" for p in PERCENTILES):
+        if key not in entry:
+            continue
+        v = entry[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v > 0:
+            return f"{key} {shorten(v)} of batch {shorten(entry.get('batch_size'))} is not a finite latency > 0"
+    return ""
 
 
 def check_baseline(report: dict, baseline, max_regression=0.10, percentile: str = "p50", *,
@@ -383,13 +382,15 @@ def check_baseline(report: dict, baseline, max_regression=0.10, percentile: str 
     key = f"{p}_ms"
     ref = {}
     for r in base["results"]:
-        if not isinstance(r, dict):
-            raise CompressError(f"{source}: malformed entry in 'results': {r!r}")
+        bad = _bad_latency(r)
+        if bad:
+            raise CompressError(f"{source}: {bad}")
         if r.get("role", "model") == "model" and r.get("engine", "onnxruntime") == "onnxruntime":
             try:
                 ref[int(r["batch_size"])] = float(r[key])
-            except (KeyError, TypeError, ValueError):
-                raise CompressError(f"{source}: result entry lacks a numeric batch_size/{key}: {r!r}") from None
+            except (KeyError, TypeError, ValueError, OverflowError):
+                raise CompressError(f"{source}: result entry lacks a numeric batch_size/{key}: "
+                                    f"{shorten(r)}") from None
     gates = []
     for r in _main_results(report):
         b = r["batch_size"]
@@ -397,7 +398,7 @@ def check_baseline(report: dict, baseline, max_regression=0.10, percentile: str 
             have = ", ".join(map(str, sorted(ref))) or "none"
             raise CompressError(f"{source}: has no onnxruntime result for batch size {b} (it has: {have}); "
                                 f"benchmark the same --batch-size as the baseline")
-        if not ref[b] > 0:
+        if not (math.isfinite(ref[b]) and ref[b] > 0):
             raise CompressError(f"{source}: {key} for batch {b} is {ref[b]}, not a positive latency")
         ratio = r[key] / ref[b]
         ok = ratio <= 1.0 + ratio_limit

@@ -46,7 +46,8 @@ def _kb(path) -> str:
 @click.option("--legacy", is_flag=True, help="use the TorchScript exporter instead of torch.export (dynamo)")
 @click.option("--include-preprocessing", is_flag=True,
               help="fold (x - mean) / std into the graph; the input becomes float images in [0, 1]")
-@click.option("--data", default=None, help="validate on this data's test images (and calibrate --quantize)")
+@click.option("--data", default=None, help="validate on 32 of this data's test images (and calibrate --quantize on "
+                                           "its train images); only sampled images are decoded")
 @click.option("--no-validate", is_flag=True, help="skip the checker and the onnxruntime-vs-PyTorch parity check")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="parity: absolute tolerance on logits")
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="parity: relative tolerance on logits")
@@ -55,12 +56,13 @@ def _kb(path) -> str:
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="also write NAME.int8.onnx (static INT8, QDQ, calibrated on --data) and compare it")
 @click.option("--calibration-size", type=int, default=512, show_default=True,
-              help="--quantize: number of training images used for calibration")
+              help="--quantize: number of training images used for calibration (spread over the classes)")
 @click.option("--max-accuracy-drop", type=float, default=None,
               help="--quantize: try calibration methods (minmax, entropy, percentile), then the first conv and last "
                    "layer in float, until top-1 is at most this many points below fp32; exit 1 if none is")
 @click.option("--eval-images", type=int, default=None,
-              help="--max-accuracy-drop: measure top-1 on the first N test images  [default: all]")
+              help="--quantize: compare fp32 and INT8 top-1 on N test images spread over the classes  "
+                   "[default: 1000]")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for checks and the INT8 report")
 @click.option("--arch", default=None, help="the file.py:NAME a checkpoint of your own model names (runs that code)")
 @click.option("--trust-code", is_flag=True, help="I trust the code this checkpoint names (file.py:NAME): import it")
@@ -99,19 +101,31 @@ def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data
     if eval_images is not None and eval_images < 1:
         raise CompressError(f"--eval-images must be >= 1, got {eval_images}")
     ckpt = resolve_checkpoint(model)
-    out_path = check_output_path(out if out else default_onnx_path(ckpt))
+    out_path = check_output_path(out if out else default_onnx_path(ckpt), inputs=[ckpt])
     if out_path.suffix != ".onnx":
         raise CompressError(f"--out {str(out_path)!r} should end in .onnx")
 
     from compressor.checkpoint import file_sha256
 
     torch_model, meta = load_model(ckpt, arch=arch, trust_code=trust_code)
-    click.echo(f"{ckpt}: sha256 {file_sha256(ckpt)}, source: {meta.source or 'not recorded'}")
+    from compressor.fileio import shorten
+
+    click.echo(f"{ckpt}: sha256 {file_sha256(ckpt)}, source: {shorten(meta.source) or 'not recorded'}")
     bundle = None
     if data:
+        from .quantize import DEFAULT_EVAL_IMAGES
         from .runtime import load_bundle
+        from .validate import VALIDATION_IMAGES
 
-        bundle = load_bundle(data, meta)  # at the model's size; fails on bad --data before the slow export
+        # At the model's size, before the slow export (bad --data fails first). Only sampled images
+        # are decoded (seeded, spread over the classes): the validation inputs and, with --quantize,
+        # the INT8 evaluation images; the train split is read only with --quantize (calibration).
+        n_test = max(VALIDATION_IMAGES, eval_images or DEFAULT_EVAL_IMAGES) if quantize else VALIDATION_IMAGES
+        bundle = load_bundle(data, meta, splits=("test",), sample=n_test)
+        if quantize:
+            calibration = load_bundle(data, meta, splits=("train",), sample=calibration_size)
+            if calibration is not bundle:
+                bundle.train = calibration.train
         for note in bundle.notes:
             click.echo(f"data: {note}")
     written = export_onnx((torch_model, meta), out_path, opset=opset, legacy=legacy,
@@ -138,7 +152,7 @@ def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data
         calib = calibration_images(bundle, calibration_size)
         quantize_static_int8(written, q_out, calib)
         click.echo(f"quantised {q_out} (static INT8, QDQ per-channel, {len(calib)} calibration images, {_kb(q_out)})")
-        rep = int8_report(written, q_out, bundle, threads=threads)
+        rep = int8_report(written, q_out, bundle, threads=threads, eval_images=eval_images or DEFAULT_EVAL_IMAGES)
         click.echo(format_int8_report(rep))
 
 
@@ -222,11 +236,22 @@ def load_torch_for(onnx_path, checkpoint=None, *, echo=click.echo, trust_code: b
 @click.option("--percentile", type=click.Choice(["p50", "p90", "p99"]), default="p50", show_default=True,
               help="which latency the gates compare")
 @click.option("--baseline", default=None, help="gate: an earlier 'bench --json' report to compare against")
-@click.option("--max-regression", default=None, help="gate: allowed slow-down vs --baseline, e.g. 10%  [default: 10%]")
+@click.option("--max-regression", default=None,
+              help="gate: allowed slow-down vs --baseline / --baseline-model, e.g. 10%  [default: 10%]")
+@click.option("--baseline-model", default=None,
+              help="gate: OLD.onnx timed interleaved with MODEL in this run; exit 1 only when the slowdown's 95% CI "
+                   "lower bound exceeds 1 + --max-regression (the gate for noisy CI runners)")
+@click.option("--rounds", type=int, default=None, help="--baseline-model: interleaved rounds  [default: 15]")
+@click.option("--max-cost-regression", default=None,
+              help="--baseline-model: also exit 1 when MACs, parameters, nodes or file bytes grow by more, e.g. 10%")
+@click.option("--allow-baseline-mismatch", is_flag=True,
+              help="--baseline: compare although its model sha256, provider, precision, threads, graph level or CPU "
+                   "differ from this run (the differences are printed)")
 @click.option("--json", "json_out", default=None, help="write the full report (JSON) here")
 @click.option("--trust-code", is_flag=True, help="--torch: I trust the code the checkpoint names (file.py:NAME)")
 def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warmup, iters, seconds, provider,
-              precision, data, graph_opt, budget_ms, percentile, baseline, max_regression, json_out, trust_code):
+              precision, data, graph_opt, budget_ms, percentile, baseline, max_regression, json_out, trust_code,
+              baseline_model=None, rounds=None, max_cost_regression=None, allow_baseline_mismatch=False):
     """Latency of an ONNX model with onnxruntime (p50/p90/p99, throughput), with CI gates.
 
     Exit 1 when --budget-ms is exceeded or the model is slower than --baseline by
@@ -237,6 +262,7 @@ def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warm
 
     \b
     Example:  compress bench student.onnx --torch --budget-ms 2 --baseline main.json --max-regression 10% --json bench.json
+    Example:  compress bench new.onnx --baseline-model old.onnx --max-regression 10% --max-cost-regression 10%
     Example:  compress bench student.onnx --provider all --batch-size 1,64 --data demo
     """
     from compressor.fileio import check_output_path
@@ -251,13 +277,25 @@ def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warm
     if data and provider != "all":
         raise CompressError("--data is for --provider all (parity on test images); drop it or add --provider all")
     if provider == "all":
-        if compare or with_torch or checkpoint or budget_ms is not None or baseline or max_regression:
+        if (compare or with_torch or checkpoint or budget_ms is not None or baseline or max_regression
+                or baseline_model or rounds is not None or max_cost_regression):
             raise CompressError("--provider all prints the provider table only; --compare/--torch and the gates "
                                 "need one --provider")
         return _bench_all_providers(model, batch_sizes, sizes, threads, warmup, iters, seconds, data, json_out)
     check_precision(provider, precision)
+    if baseline_model or rounds is not None or max_cost_regression is not None:
+        from .gate import gate_command
+
+        gate_command(model, baseline_model, batch_sizes=sizes, threads=threads, warmup=warmup, provider=provider,
+                     precision=precision, graph_optimization=graph_opt.lower(), rounds=rounds,
+                     max_regression=max_regression, max_cost_regression=max_cost_regression, budget_ms=budget_ms,
+                     percentile=percentile, json_out=json_out, echo=click.echo,
+                     conflicts={"--baseline": baseline, "--compare": compare, "--torch": with_torch,
+                                "--checkpoint": checkpoint, "--iters": iters, "--seconds": seconds,
+                                "--allow-baseline-mismatch": allow_baseline_mismatch})
+        return
     if max_regression is not None and baseline is None:
-        raise CompressError("--max-regression needs --baseline OLD.json")
+        raise CompressError("--max-regression needs --baseline OLD.json or --baseline-model OLD.onnx")
     if checkpoint and not with_torch:
         raise CompressError("--checkpoint is only used with --torch")
     ratio = parse_ratio(max_regression if max_regression is not None else "10%")
@@ -265,7 +303,15 @@ def bench_cmd(model, compare, with_torch, checkpoint, batch_sizes, threads, warm
         raise CompressError(f"--budget-ms must be > 0, got {budget_ms:g}")
     base = load_baseline(baseline) if baseline else None  # malformed baseline: fail before timing
     if json_out:
-        check_output_path(json_out)
+        check_output_path(json_out, inputs=[model, compare, checkpoint, baseline])
+    if base is not None:  # a baseline measured on another model, provider, precision, threads, level or CPU
+        from .gate import check_baseline_context, run_context
+
+        note = check_baseline_context(base, run_context(model, provider=provider, precision=precision, threads=threads,
+                                                        graph_optimization=graph_opt), source=f"baseline {baseline}",
+                                      allow=allow_baseline_mismatch)
+        if note:
+            click.echo(note, err=True)
 
     torch_model = ckpt = None
     if with_torch:
@@ -298,7 +344,7 @@ def _bench_all_providers(model, given_sizes, sizes, threads, warmup, iters, seco
     from .provider_table import format_provider_table, provider_table
 
     if json_out:
-        check_output_path(json_out)
+        check_output_path(json_out, inputs=[model])
     rep = provider_table(model, batch_sizes=sizes if given_sizes else (1, 64), threads=threads, warmup=warmup,
                          iters=iters, seconds=seconds if seconds is not None or iters is not None else 1.0,
                          data=data)

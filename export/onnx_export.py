@@ -215,7 +215,7 @@ def export_onnx(source, out_path: str | os.PathLike, *, opset: int | None = None
         raise CompressError(f"example_batch must be >= 2 (torch.export fixes a batch of 1), got {example_batch}")
     if opset is not None and not 7 <= int(opset) <= 30:
         raise CompressError(f"--opset {opset} is out of range; use a value such as 17 or 18 (or leave it out)")
-    out = check_output_path(out_path)
+    out = check_output_path(out_path, inputs=[ckpt_path])
     if ckpt_path:
         # Stored relative to the ONNX file so a folder can move as a whole.
         ckpt_path = os.path.relpath(os.path.abspath(ckpt_path), os.path.abspath(out.parent))

@@ -24,13 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import CompressError
+from compressor.evaluation import accuracy, predictions, sample_arrays
 
 from .bench import benchmark_onnx, machine_info, versions
 from .options import PROVIDERS
 from .providers import unavailable_reason
 from .quantize import int8_path
-from .runtime import OnnxModel, _split_arrays, check_fits_data, load_bundle
+from .runtime import OnnxModel, check_fits_data, load_bundle
 
+SCHEMA = "compress.providers/1"   # the --provider all --json report; layout in docs/deployment.md
 ATOL, RTOL = 1e-4, 1e-3
 DATA_PARITY_IMAGES, RANDOM_PARITY_INPUTS = 1000, 256
 
@@ -59,16 +61,16 @@ def provider_table(model, *, int8=None, batch_sizes=(1, 64), threads: int | None
     int8 = Path(int8) if int8 is not None else None
     labels = None
     if data is not None:
-        bundle = load_bundle(data, splits=("test",))
-        images, labels = _split_arrays(bundle.test)
-        check_fits_data(reference, bundle, images)
         n = parity_images or DATA_PARITY_IMAGES
-        images, labels = images[:n], labels[:n]
+        bundle = load_bundle(data, reference.meta, splits=("test",), sample=n)
+        images, labels = sample_arrays(bundle.test, n)
+        check_fits_data(reference, bundle, images)
         x = reference.prepare(images)
     else:
         x = reference.random_input(parity_images or RANDOM_PARITY_INPUTS, seed=1)
     ref = _predict(reference, x)
-    ref_top1 = float((ref.argmax(1) == labels).mean() * 100) if labels is not None else None
+    ref_pred = predictions(ref)
+    ref_top1 = accuracy(ref, labels)["top1"] if labels is not None else None
 
     rows, unavailable = [], {}
     for provider in providers:
@@ -79,9 +81,9 @@ def provider_table(model, *, int8=None, batch_sizes=(1, 64), threads: int | None
         for variant, path, precision in _variants(provider, model, int8):
             m = OnnxModel(path, threads=threads, providers=provider, precision=precision)
             out = _predict(m, x)
-            agreement = float((out.argmax(1) == ref.argmax(1)).mean())
+            agreement = float((predictions(out) == ref_pred).mean())
             check = {"max_abs_diff": float(np.abs(out - ref).max()), "top1_agreement": agreement,
-                     "top1": float((out.argmax(1) == labels).mean() * 100) if labels is not None else None}
+                     "top1": accuracy(out, labels)["top1"] if labels is not None else None}
             if variant == "fp32":
                 passed = bool(np.all(np.abs(out - ref) <= ATOL + RTOL * np.abs(ref))) and agreement == 1.0
             elif labels is not None:
@@ -108,7 +110,7 @@ def provider_table(model, *, int8=None, batch_sizes=(1, 64), threads: int | None
             best = min(passing, key=lambda r: r["p50_ms"])
             fastest[str(b)] = {k: best[k] for k in ("provider", "variant", "precision", "p50_ms", "throughput_ips",
                                                     "p50_speedup_vs_cpu_fp32", "throughput_vs_cpu_fp32")}
-    return {"model": str(model), "int8": str(int8) if int8 else None, "machine": machine_info(),
+    return {"schema": SCHEMA, "model": str(model), "int8": str(int8) if int8 else None, "machine": machine_info(),
             "versions": versions(), "threads": reference.threads, "parity_inputs": len(x),
             "parity_source": "data" if labels is not None else "random", "reference_top1": ref_top1,
             "rules": {"atol": ATOL, "rtol": RTOL, "max_accuracy_drop": max_accuracy_drop,
@@ -117,7 +119,7 @@ def provider_table(model, *, int8=None, batch_sizes=(1, 64), threads: int | None
 
 
 def format_provider_table(rep: dict) -> str:
-    head = (f"{'provider':<9} {'file':<5} {'batch':>5} {'p50 ms':>9} {'img/s':>10} {'vs cpu fp32':>11} "
+    head = (f"{'provider':<9} {'file':<5} {'batch':>5} {'p50 ms':>9} {'cv':>5} {'img/s':>10} {'vs cpu fp32':>11} "
             f"{'agree %':>8} {'top-1 %':>8} {'max|diff|':>10}  parity")
     src = f"{rep['parity_inputs']} {'test images' if rep['parity_source'] == 'data' else 'random inputs'}"
     lines = [f"{rep['machine']['cpu']} | {rep['threads']} threads | onnxruntime {rep['versions'].get('onnxruntime')} "
@@ -126,10 +128,10 @@ def format_provider_table(rep: dict) -> str:
         top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
         ratio = (f"{r['p50_speedup_vs_cpu_fp32']:.2f}x" if r["batch_size"] == 1 else
                  f"{r['throughput_vs_cpu_fp32']:.2f}x") if r["p50_speedup_vs_cpu_fp32"] else "-"
-        lines.append(f"{r['provider']:<9} {r['variant']:<5} {r['batch_size']:>5} {r['p50_ms']:>9.3f} "
+        lines.append(f"{r['provider']:<9} {r['variant']:<5} {r['batch_size']:>5} {r['p50_ms']:>9.3f} {r['cv']:>5.2f} "
                      f"{r['throughput_ips']:>10.1f} {ratio:>11} {100 * r['top1_agreement']:>8.2f} {top1:>8} "
                      f"{r['max_abs_diff']:>10.2e}  {'PASS' if r['parity_passed'] else 'FAIL'}")
-    lines.append("vs cpu fp32: p50 speedup at batch 1, throughput ratio at larger batches")
+    lines.append("img/s = batch / p50; vs cpu fp32: p50 speedup at batch 1, throughput ratio at larger batches")
     for provider, reason in rep["unavailable"].items():
         lines.append(f"{provider}: not available: {reason}")
     for b, f in rep["fastest"].items():

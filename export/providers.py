@@ -18,6 +18,7 @@ from compressor.errors import CompressError
 
 from .options import PRECISIONS, PROVIDERS
 
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPENVINO_EP = "OpenVINOExecutionProvider"
 OPENVINO_INSTALL = 'pip install -e ".[openvino]" (the onnxruntime-ep-openvino plugin)'
 _registered: dict[str, bool] = {}
@@ -41,7 +42,7 @@ def _openvino_devices() -> tuple[list, str | None]:
         _registered[OPENVINO_EP] = True
     devices = [d for d in ort.get_ep_devices() if d.ep_name == OPENVINO_EP]
     if not devices:
-        from .bench import cpu_model
+        from .machine import cpu_model
 
         return [], (f"the OpenVINO plugin offers no device on this machine ({cpu_model()}; it supports Intel "
                     f"CPUs, GPUs and NPUs); use --provider cpu")
@@ -57,8 +58,6 @@ def unavailable_reason(name: str) -> str | None:
         return None
     if name == "openvino":
         return _openvino_devices()[1]
-    from .runtime import resolve_providers
-
     try:
         resolve_providers(name)  # one availability rule and install hint for onnxruntime's built-in providers
     except CompressError as exc:
@@ -89,3 +88,31 @@ def add_openvino(opts, precision: str = "f32", threads: int | None = None) -> No
     if threads and kind == "CPU":
         props["INFERENCE_NUM_THREADS"] = int(threads)  # OpenVINO ignores onnxruntime's intra-op threads
     opts.add_provider_for_devices([device], {"load_config": json.dumps({kind: props})})
+
+
+def resolve_providers(providers=None) -> list[str]:
+    """``None``/``"cpu"``/``"cuda"``/a list of provider names -> onnxruntime provider list.
+
+    ``"cuda"`` needs the CUDA provider to be available (onnxruntime-gpu and a GPU);
+    otherwise this is a :class:`CompressError`.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if providers is None:
+        return ["CPUExecutionProvider"]
+    if isinstance(providers, str):
+        providers = [providers]
+    out = []
+    for p in providers:
+        name = PROVIDER_ALIASES.get(str(p).lower(), str(p))
+        if name not in available:
+            hint = (" (install onnxruntime-gpu and run on a machine with a CUDA GPU)"
+                    if name == "CUDAExecutionProvider" else "")
+            raise CompressError(
+                f"execution provider {p!r} is not available{hint}; available: {', '.join(available)}"
+            )
+        out.append(name)
+    if "CPUExecutionProvider" not in out:
+        out.append("CPUExecutionProvider")  # fallback for ops the accelerator lacks
+    return out

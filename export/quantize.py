@@ -26,10 +26,11 @@ from compressor.errors import CompressError
 from compressor.fileio import atomic_write, check_output_path
 
 from .onnx_export import read_metadata, set_metadata
-from .runtime import OnnxModel, _split_arrays, load_bundle
+from .runtime import OnnxModel, load_bundle
 
 QUANTIZATION_TAG = "int8-static-qdq-per-channel-u8s8"
 DEFAULT_CALIBRATION_SIZE = 512
+DEFAULT_EVAL_IMAGES = 1000  # fp32 vs INT8 top-1: one image is 0.1 point, fine enough for a 0.5-point budget
 CALIBRATION_BATCH = 32
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # Layers kept in float by the accuracy-aware search: the first convolution sees the raw
@@ -61,18 +62,39 @@ class _Reader:
         self._it = iter(self._batches)
 
 
-def calibration_images(data, n: int = DEFAULT_CALIBRATION_SIZE, seed: int = 0) -> np.ndarray:
-    """``n`` images from the data's *train* split (test split if there is none), uint8 NCHW."""
-    bundle = load_bundle(data)
+def calibration_images(data, n: int = DEFAULT_CALIBRATION_SIZE, seed: int = 0, *, meta=None) -> np.ndarray:
+    """``n`` images of the data's *train* split (test split if there is none), uint8 NCHW.
+
+    Seeded and spread over the classes; only those images are decoded. A spec is
+    loaded at ``meta``'s size and channels with its evaluation view (what the model
+    sees when deployed); a loaded bundle is sampled as it is.
+    """
+    from compressor.evaluation import sample_arrays
+
+    if int(n) < 1:
+        raise CompressError(f"the calibration size must be >= 1, got {n}")
+    bundle = load_bundle(data, meta, splits=("train",), sample=int(n), seed=seed)
     split = getattr(bundle, "train", None)
-    if split is None or len(getattr(split, "labels", [])) == 0:
+    if split is None or len(split) == 0:
+        if getattr(bundle, "test", None) is None:
+            bundle = load_bundle(data, meta, splits=("test",), sample=int(n), seed=seed)
         split = bundle.test
-    images, _ = _split_arrays(split)
+    images, _ = sample_arrays(split, int(n), seed)
     if len(images) == 0:
         raise CompressError("no images to calibrate INT8 quantisation with")
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(images))[: max(1, int(n))]
-    return images[np.sort(idx)]
+    return images
+
+
+def eval_sample(data, n: int | None = DEFAULT_EVAL_IMAGES, seed: int = 0, *, meta=None):
+    """``(bundle, images, labels)``: ``n`` test images (seeded, spread over the classes; all when
+    ``n`` is ``None``) on which fp32 and INT8 are compared; only those are decoded."""
+    from compressor.evaluation import sample_arrays
+
+    if n is not None and int(n) < 1:
+        raise CompressError(f"--eval-images must be >= 1, got {n}")
+    bundle = load_bundle(data, meta, splits=("test",), sample=n, seed=seed)
+    images, labels = sample_arrays(bundle.test, n, seed)
+    return bundle, images, labels
 
 
 def sensitive_node_names(model, layers=SENSITIVE_LAYERS) -> list[str]:
@@ -119,11 +141,9 @@ def quantize_static_int8(onnx_path, out_path, calibration, *, per_channel: bool 
     if method not in CALIBRATION_METHODS:
         raise CompressError(f"unknown calibration method {method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
     fp32 = OnnxModel(onnx_path, threads=1)
-    out = check_output_path(out_path)
-    if Path(out).resolve() == fp32.path.resolve():
-        raise CompressError("the INT8 output path must differ from the fp32 model")
+    out = check_output_path(out_path, inputs=[fp32.path])
     if isinstance(calibration, (str, os.PathLike)) or hasattr(calibration, "test"):
-        calibration = calibration_images(calibration)
+        calibration = calibration_images(calibration, meta=fp32.meta)
     calib = np.asarray(calibration)
     if calib.ndim != 4 or len(calib) == 0:
         raise CompressError(f"calibration images must be a non-empty (N, C, H, W) array, got shape {calib.shape}")
@@ -182,14 +202,17 @@ def quantize_static_int8(onnx_path, out_path, calibration, *, per_channel: bool 
 
 def int8_report(fp32_path, int8_path_, data, *, threads: int | None = None, batch_sizes=(1,),
                 iters: int | None = None, seconds: float | None = 1.0, warmup: int = 10,
-                batch_size: int = 256) -> dict:
-    """Side-by-side accuracy (test split of ``data``) and latency of fp32 vs int8."""
+                batch_size: int = 256, eval_images: int | None = DEFAULT_EVAL_IMAGES, seed: int = 0) -> dict:
+    """Side-by-side accuracy and latency of fp32 vs int8. Accuracy: the same ``eval_images``
+    test images of ``data`` for both (seeded, spread over the classes; ``None``: all)."""
     from .bench import benchmark_onnx
-    from .runtime import evaluate_onnx
+    from .runtime import check_fits_data, evaluate_arrays
 
-    bundle = load_bundle(data, splits=("test",))
-    fp32_acc = evaluate_onnx(fp32_path, bundle, batch_size=batch_size, threads=threads)
-    int8_acc = evaluate_onnx(int8_path_, bundle, batch_size=batch_size, threads=threads)
+    fp32, int8 = OnnxModel(fp32_path, threads=threads), OnnxModel(int8_path_, threads=threads)
+    bundle, images, labels = eval_sample(data, eval_images, seed, meta=fp32.meta)
+    check_fits_data(fp32, bundle, images)
+    fp32_acc = evaluate_arrays(fp32, images, labels, batch_size=batch_size)
+    int8_acc = evaluate_arrays(int8, images, labels, batch_size=batch_size)
     bench = benchmark_onnx(int8_path_, compare=fp32_path, batch_sizes=batch_sizes, threads=threads,
                            iters=iters, seconds=seconds, warmup=warmup)
     lat = {}
@@ -235,8 +258,10 @@ def quantize_accuracy_aware(fp32_path, out_path, data, max_drop: float, *, calib
                             latency_seconds: float = 0.5, echo=print) -> dict:
     """Search INT8 settings until the top-1 drop vs fp32 is at most ``max_drop`` points.
 
-    Accuracy: top-1 on the test split of ``data`` (its first ``eval_images`` images
-    when given), fp32 and every candidate on the same images. Candidates
+    Accuracy: top-1 on ``eval_images`` test images of ``data`` (default
+    :data:`DEFAULT_EVAL_IMAGES`; seeded and spread over the classes, never the first
+    N of a class-sorted split), fp32 and every candidate on the same images;
+    calibration: ``calibration_size`` train images, sampled the same way. Candidates
     (:func:`int8_candidates`) are tried in order and the search stops at the first
     within budget. The best candidate so far (highest top-1, then lowest batch-1
     latency) is written to ``out_path`` atomically each time it improves, so an
@@ -251,16 +276,13 @@ def quantize_accuracy_aware(fp32_path, out_path, data, max_drop: float, *, calib
 
     if max_drop < 0:
         raise CompressError(f"--max-accuracy-drop is in top-1 points and must be >= 0, got {max_drop:g}")
-    out = check_output_path(out_path)
-    bundle = load_bundle(data)
-    images, labels = _split_arrays(bundle.test)
-    if eval_images is not None:
-        if eval_images < 1:
-            raise CompressError(f"--eval-images must be >= 1, got {eval_images}")
-        images, labels = images[:eval_images], labels[:eval_images]
-    calib = calibration_images(bundle, calibration_size)
+    out = check_output_path(out_path, inputs=[fp32_path])
     fp32 = OnnxModel(fp32_path, threads=threads)
+    bundle, images, labels = eval_sample(data, DEFAULT_EVAL_IMAGES if eval_images is None else eval_images,
+                                         meta=fp32.meta)
     check_fits_data(fp32, bundle, images)
+    calib = calibration_images(data if isinstance(data, (str, os.PathLike)) else bundle, calibration_size,
+                               meta=fp32.meta)
 
     def latency_ms(path) -> float:
         rep = benchmark_onnx(path, batch_sizes=(1,), threads=threads, seconds=latency_seconds, warmup=5)

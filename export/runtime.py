@@ -14,51 +14,12 @@ import numpy as np
 from compressor.checkpoint import CheckpointMeta, check_readable_file, file_sha256
 from compressor.errors import CompressError
 
+from .machine import default_threads
 from .onnx_export import meta_from_onnx_props
 from .options import GRAPH_OPT_LEVELS
-PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-MAX_DEFAULT_THREADS = 8
+from .providers import OPENVINO_EP, add_openvino, check_precision, resolve_providers
 
-
-def default_threads() -> int:
-    """Intra-op threads when none are given: the usable cores, capped at 8.
-
-    Small CNNs stop scaling long before that, and more threads only add
-    synchronisation noise to latency measurements.
-    """
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    return max(1, min(n, MAX_DEFAULT_THREADS))
-
-
-def resolve_providers(providers=None) -> list[str]:
-    """``None``/``"cpu"``/``"cuda"``/a list of provider names -> onnxruntime provider list.
-
-    ``"cuda"`` needs the CUDA provider to be available (onnxruntime-gpu and a GPU);
-    otherwise this is a :class:`CompressError`.
-    """
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if providers is None:
-        return ["CPUExecutionProvider"]
-    if isinstance(providers, str):
-        providers = [providers]
-    out = []
-    for p in providers:
-        name = PROVIDER_ALIASES.get(str(p).lower(), str(p))
-        if name not in available:
-            hint = (" (install onnxruntime-gpu and run on a machine with a CUDA GPU)"
-                    if name == "CUDAExecutionProvider" else "")
-            raise CompressError(
-                f"execution provider {p!r} is not available{hint}; available: {', '.join(available)}"
-            )
-        out.append(name)
-    if "CPUExecutionProvider" not in out:
-        out.append("CPUExecutionProvider")  # fallback for ops the accelerator lacks
-    return out
+__all__ = ["OnnxModel", "default_threads", "evaluate_onnx", "load_bundle", "resolve_providers"]
 
 
 def graph_opt_level(name: str):
@@ -114,6 +75,27 @@ def check_external_data(path) -> None:
                 f"refusing to load it (re-export the model, or keep its .data file next to the .onnx file)")
 
 
+def check_input_shape(shape, path) -> tuple:
+    """``(C, H, W)`` of a graph input shape ``(N, C, H, W)`` (``None`` for a symbolic dim); refuses
+    another rank, and static dims whose image would hold more values than a checkpoint may
+    (:data:`compressor.checkpoint.MAX_INPUT_ELEMENTS`) -- before any input array is made."""
+    from compressor.checkpoint import MAX_INPUT_ELEMENTS
+    from compressor.fileio import shorten
+
+    if len(shape) != 4:
+        raise CompressError(f"{shorten(str(path))}: the graph input has shape {shorten(shape)}, expected an image "
+                            f"batch (N, C, H, W); export the model with 'compress export --onnx'")
+    chw = tuple(int(d) if isinstance(d, int) else None for d in shape[1:])
+    if any(d is not None and d < 1 for d in chw):
+        raise CompressError(f"{shorten(str(path))}: the graph input has shape {shorten(shape)}; "
+                            f"its dims must be positive")
+    known = [d for d in chw if d is not None]
+    if known and int(np.prod(known, dtype=np.float64)) > MAX_INPUT_ELEMENTS:
+        raise CompressError(f"{shorten(str(path))}: the graph input {shorten(shape)} is larger than "
+                            f"{MAX_INPUT_ELEMENTS:,} values per image (e.g. 3x2048x2048); refusing to allocate it")
+    return chw
+
+
 class OnnxModel:
     """An onnxruntime session plus the model's compress metadata.
 
@@ -126,8 +108,6 @@ class OnnxModel:
     def __init__(self, path, threads: int | None = None, providers=None, graph_optimization: str = "all",
                  precision: str = "f32"):
         import onnxruntime as ort
-
-        from .providers import OPENVINO_EP, add_openvino, check_precision
 
         self.path = check_onnx_file(path)
         self.threads = int(threads) if threads else default_threads()
@@ -161,8 +141,8 @@ class OnnxModel:
                                 f"got {len(inputs)} inputs / {len(outputs)} outputs")
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
-        shape = list(inputs[0].shape)
-        self.input_shape = tuple(int(d) if isinstance(d, int) else None for d in shape[1:])
+        shape = list(inputs[0].shape or [])
+        self.input_shape = check_input_shape(shape, self.path)
         out_shape = list(outputs[0].shape)
         self.output_classes = int(out_shape[-1]) if out_shape and isinstance(out_shape[-1], int) else None
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
@@ -243,70 +223,38 @@ def normalize_float(raw, mean, std) -> np.ndarray:
 
 
 def load_bundle(data, meta: CheckpointMeta | None = None, *, splits=("train", "test"), image_size=None,
-                mode: str = "auto", skip_bad_images: bool = False):
+                mode: str = "auto", skip_bad_images: bool = False, sample: int | None = None, seed: int = 0):
     """A data spec (``demo``, a CIFAR folder, an ImageFolder root) or an already loaded bundle.
 
-    With ``meta`` (a model's metadata) a spec is loaded at the model's channels and
-    size (``image_size`` overrides H, W) with its evaluation transform: data of
-    another size is resized (shorter side) and center-cropped, the same rule as
-    ``compress eval`` of a checkpoint. ``bundle.notes`` says what was done.
+    A spec is loaded by :func:`compressor.evaluation.load_data_for_model`: at the
+    model's channels and size (``meta``; ``image_size`` overrides H, W) with its
+    evaluation transform, the same rule as ``compress eval`` of a checkpoint;
+    with ``sample`` only that many images of each split (seeded, spread over the
+    classes) are decoded. A bundle is returned as it is (callers sample from it
+    with :func:`compressor.evaluation.sample_arrays`). ``bundle.notes`` says what was done.
     """
     if isinstance(data, (str, os.PathLike)):
-        from compressor.data import load_data
         from compressor.evaluation import load_data_for_model
 
-        if meta is None:
-            return load_data(str(data), splits=splits, mode=mode, skip_bad_images=skip_bad_images)
         return load_data_for_model(meta, data, splits=splits, image_size=image_size, mode=mode,
-                                   skip_bad_images=skip_bad_images)
+                                   skip_bad_images=skip_bad_images, sample=sample, seed=seed)
     if not hasattr(data, "test"):
         raise CompressError(f"expected a data spec or a DataBundle, got {type(data).__name__}")
     return data
 
 
-def _split_batches(split, batch_size: int = 256):
-    """``(uint8 images, int64 labels)`` numpy batches of a split, in order (either backend)."""
-    from compressor.data import make_loader
-
-    if hasattr(split, "images"):
-        images, labels = _split_arrays(split)
-        for start in range(0, len(labels), batch_size):
-            yield images[start:start + batch_size], labels[start:start + batch_size]
-        return
-    for x, y in make_loader(split, batch_size, shuffle=False, pin_memory=False):
-        yield x.numpy(), y.numpy().astype(np.int64)
-
-
-def _split_arrays(split):
-    if not hasattr(split, "images"):  # a streamed split: decode it (export checks use a few hundred images)
-        parts = list(_split_batches(split))
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    images = np.asarray(split.images.numpy() if hasattr(split.images, "numpy") else split.images)
-    labels = np.asarray(split.labels.numpy() if hasattr(split.labels, "numpy") else split.labels).astype(np.int64)
-    return images, labels
-
-
 def check_fits_data(model: OnnxModel, bundle, images=None, *, ignore_class_names: bool = False) -> None:
     """The model's (C, H, W), class count and class names must match the data (``images``, else the
-    test split's size)."""
-    data_chw = tuple(int(v) for v in (images.shape[1:] if images is not None else bundle.test.input_size))
-    model_chw = tuple(model.chw)
-    graph_chw = tuple(model.input_shape)
-    if model_chw != data_chw or any(g is not None and g != d for g, d in zip(graph_chw, data_chw)):
-        raise CompressError(
-            f"{model.path}: model input (C,H,W)={model_chw} does not fit the data's images "
-            f"(C,H,W)={data_chw}; use data of the size the model was trained on"
-        )
-    data_classes = getattr(bundle, "num_classes", None)
-    if data_classes is not None and model.num_classes is not None and int(data_classes) != int(model.num_classes):
-        raise CompressError(
-            f"{model.path}: model has {model.num_classes} classes but the data has {data_classes}; "
-            f"evaluate on the dataset the model was trained for"
-        )
-    if model.meta is not None:
-        from compressor.pipeline import check_class_names
+    test split's size): :func:`compressor.evaluation.check_data_fits` with the graph's fixed size."""
+    from compressor.evaluation import check_data_fits
 
-        check_class_names(model.meta, bundle, "model", ignore=ignore_class_names)
+    data_chw = tuple(images.shape[1:]) if images is not None else tuple(bundle.test.input_size)
+    check_data_fits(bundle, where=model.path, meta=model.meta, chw=model.chw, num_classes=model.num_classes,
+                    data_chw=data_chw, fixed_size=True, ignore_class_names=ignore_class_names)
+    graph = tuple(model.input_shape)
+    if graph != tuple(model.chw):  # the graph's fixed dimensions must fit too
+        check_data_fits(bundle, what="model graph", where=model.path, chw=graph, data_chw=data_chw,
+                        fixed_size=True)
 
 
 def evaluate_arrays(model: OnnxModel, images, labels, batch_size: int = 256) -> dict:
@@ -318,26 +266,16 @@ def evaluate_arrays(model: OnnxModel, images, labels, batch_size: int = 256) -> 
 
 
 def evaluate_batches(model: OnnxModel, batches) -> dict:
-    """:func:`evaluate_arrays` over an iterable of ``(uint8 images, labels)`` batches."""
-    k = min(5, model.num_classes or 5)
-    correct1 = correct5 = 0
-    loss_sum = 0.0
-    n = 0
+    """:func:`evaluate_arrays` over an iterable of ``(uint8 images, labels)`` batches, counted by
+    :class:`compressor.evaluation.Accuracy` (the torch path's counter and tie rule)."""
+    from compressor.evaluation import Accuracy
+
+    acc = Accuracy()
     for images, y in batches:
-        x = model.prepare(images)
-        n += int(len(y))
-        logits = model.predict(x).astype(np.float64)
-        if y.max(initial=0) >= logits.shape[1] or y.min(initial=0) < 0:
-            raise CompressError(f"labels go up to {int(y.max())} but the model has {logits.shape[1]} outputs")
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        logsumexp = np.log(np.exp(shifted).sum(axis=1))
-        loss_sum += float((logsumexp - shifted[np.arange(len(y)), y]).sum())
-        topk = np.argsort(-logits, axis=1)[:, :k]
-        correct1 += int((topk[:, 0] == y).sum())
-        correct5 += int((topk == y[:, None]).any(axis=1).sum())
-    if n == 0:
+        acc.update(model.predict(model.prepare(images)), np.asarray(y))
+    if acc.n == 0:
         raise CompressError("the test split is empty; nothing to evaluate")
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": n}
+    return acc.result()
 
 
 def evaluate_onnx(path, data, batch_size: int = 256, *, threads: int | None = None, providers=None,
@@ -349,6 +287,8 @@ def evaluate_onnx(path, data, batch_size: int = 256, *, threads: int | None = No
     (see :func:`load_bundle`). Returns ``{"top1": %, "top5": %, "loss": mean
     cross-entropy, "n": images}``; ``notes`` (a list) receives how the data was loaded.
     """
+    from compressor.evaluation import split_batches
+
     model = path if isinstance(path, OnnxModel) else OnnxModel(path, threads=threads, providers=providers)
     bundle = load_bundle(data, model.meta, splits=("test",), image_size=image_size, mode=mode,
                          skip_bad_images=skip_bad_images)
@@ -357,7 +297,7 @@ def evaluate_onnx(path, data, batch_size: int = 256, *, threads: int | None = No
     check_fits_data(model, bundle, ignore_class_names=ignore_class_names)
     if notes is not None:
         notes.extend(getattr(bundle, "notes", []))
-    result = evaluate_batches(model, _split_batches(bundle.test, batch_size))
+    result = evaluate_batches(model, split_batches(bundle.test, batch_size))
     props = model.metadata
     source = props.get("source", "")
     if props.get("source_checkpoint"):

@@ -28,12 +28,13 @@ from compressor.checkpoint import CheckpointMeta
 from compressor.errors import CheckFailed, CompressError
 
 from .onnx_export import invalid_path
-from .runtime import OnnxModel, _split_arrays, load_bundle, normalize_float
+from .runtime import OnnxModel, load_bundle, normalize_float
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
 DEFAULT_MIN_AGREEMENT = 1.0
 DEFAULT_BATCH_SIZES = (1, 7, 24)
+VALIDATION_IMAGES = sum(DEFAULT_BATCH_SIZES)  # test images a validation with data decodes
 
 
 @dataclass
@@ -79,16 +80,18 @@ def _inputs(model: OnnxModel, meta: CheckpointMeta, data, total: int, seed: int)
     """
     chw = tuple(int(v) for v in meta.input_size)
     if data is not None:
-        bundle = load_bundle(data)
-        images, _ = _split_arrays(bundle.test)
-        if tuple(images.shape[1:]) != chw:
-            raise CompressError(f"data images (C,H,W)={tuple(images.shape[1:])} do not fit the model's "
-                                f"input {chw}; validate with the data the model was trained on")
+        from compressor.evaluation import check_data_fits, sample_arrays
+
+        # ``total`` test images spread over the classes (test sets are often sorted by class),
+        # decoded alone: a spec loads only those files, a loaded bundle is sampled
+        bundle = load_bundle(data, meta, splits=("test",), sample=total, seed=seed)
+        images, _ = sample_arrays(bundle.test, total, seed)
         if len(images) == 0:
             raise CompressError("the data's test split is empty; cannot validate on it")
-        # spread over the split: test sets are often sorted by class
-        idx = np.linspace(0, len(images) - 1, total).round().astype(np.int64)
-        sel = images[idx]
+        check_data_fits(bundle, what="the model", chw=chw, data_chw=images.shape[1:], fixed_size=True)
+        if len(images) < total:  # a small split: repeat it to fill the batches
+            images = images[np.arange(total) % len(images)]
+        sel = images
         raw = sel.astype(np.float32) / 255.0 if sel.dtype == np.uint8 else sel.astype(np.float32)
         label = f"data:{data}" if isinstance(data, (str, os.PathLike)) else "data"
     else:
@@ -118,8 +121,10 @@ def compare_logits(ort_out: np.ndarray, ref: np.ndarray, *, atol: float, rtol: f
     b = ref.astype(np.float64)
     diff = np.abs(a - b)
     tol = atol + rtol * np.abs(b)
-    ref_top = b.argmax(axis=1)
-    ort_top = a.argmax(axis=1)
+    from compressor.evaluation import predictions  # one tie rule: the lowest class index wins
+
+    ref_top = predictions(b)
+    ort_top = predictions(a)
     rows = np.arange(len(b))
     gap = np.abs(b[rows, ref_top] - b[rows, ort_top])
     tied = gap <= atol + rtol * np.abs(b[rows, ref_top])
@@ -141,7 +146,8 @@ def validate_onnx(onnx_path, model: nn.Module, meta: CheckpointMeta, *, data=Non
                   data_label: str | None = None) -> ValidationReport:
     """Check ``onnx_path`` against ``model`` (the PyTorch model it was exported from).
 
-    ``data``: a data spec or a loaded bundle (32 test images spread over the split are used;
+    ``data``: a data spec or a loaded bundle (32 test images spread over the classes, seeded by
+    ``seed``, are used and only those are decoded;
     ``data_label`` names it in the report), else random inputs. Raises
     :class:`CheckFailed` (after renaming the file to ``*.invalid.onnx`` when
     ``rename_invalid``) if the checker or the parity check fails.

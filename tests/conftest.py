@@ -56,3 +56,32 @@ def run_export_cli(*args):
     group.add_command(export_cmd)
     group.add_command(bench_cmd)
     return CliRunner().invoke(group, [str(a) for a in args])
+
+
+def assert_refused(code, err, marker, *words):
+    """A hostile input was refused: exit 2, one line on stderr naming ``words``, and the
+    payload's ``marker`` file never appeared (the code it names did not run)."""
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert not marker.exists(), "the file's code ran"
+
+
+def snapshot(root) -> dict:
+    """Every entry under ``root``: mode, size, mtime, inode and (regular files) content hash, without
+    following links or opening FIFOs -- so "nothing was written" can be asserted as before == after."""
+    import hashlib
+    import os
+    import stat
+    from pathlib import Path
+
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            digest = hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None
+            out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, digest)
+    return out

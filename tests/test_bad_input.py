@@ -34,7 +34,6 @@ Kinds of bad input covered:
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli_inprocess
+from conftest import run_cli_inprocess, snapshot
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -118,17 +117,6 @@ def work(tmp_path_factory) -> Path:
     os.chmod(d / "readonly", 0o700)
 
 
-def snapshot(root: Path) -> dict:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
-            out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
-    return out
-
-
 run_inprocess = run_cli_inprocess
 
 
@@ -156,14 +144,14 @@ CASES = [
     ("directory-not-file", ["eval", "folder.safetensors"], "is a directory, expected a file"),
     ("empty-file", ["eval", "empty.safetensors"], "is empty (0 bytes)"),
     ("truncated-safetensors", ["eval", "truncated.safetensors"], "truncated or damaged"),
-    ("no-metadata", ["eval", "plain.safetensors"], "no compress metadata (arch, num_classes); pass --arch"),
+    ("no-metadata", ["eval", "plain.safetensors"], "no compress metadata (arch, num_classes); convert it with 'compress import FILE --arch NAME"),
     ("tensors-do-not-match-arch", ["eval", "mislabelled.safetensors"], "weights do not match arch 'resnet14'"),
     ("missing-teacher", ["distill", "--teacher", "nope.safetensors", "--target", "resnet8", *TINY],
      "'nope.safetensors' does not exist"),
     ("classes-disagree-distill", ["distill", "--teacher", TEACHER, "--target", "resnet8", "--out", "r",
                                   *TINY[2:], "--data", "three"],
      "teacher has 10 classes but the data has 3"),
-    ("classes-disagree-eval", ["eval", TEACHER, "--data", "three"], "predicts 10 classes but three has 3"),
+    ("classes-disagree-eval", ["eval", TEACHER, "--data", "three"], "model has 10 classes but the data has 3"),
     ("unknown-target", ["distill", "--teacher", TEACHER, "--target", "resnet9", "--out", "r", *TINY],
      "Did you mean: resnet8"),
     ("unknown-arch", ["train", "--arch", "resnet9", "--data", "demo", "--out", "x.safetensors"],

@@ -61,4 +61,5 @@ def test_student_required_and_exclusive():
 
 def test_train_config_defaults():
     cfg = resolve_config(TrainConfig, None, {"arch": "resnet8", "out": "x.safetensors"})
-    assert cfg.epochs == 30 and cfg.weight_decay == 5e-4 and cfg.schedule == "step"
+    # lr, weight decay, schedule, ...: None = the model family's (compressor.training_defaults)
+    assert cfg.epochs == 30 and cfg.weight_decay is None and cfg.schedule is None and cfg.lr is None

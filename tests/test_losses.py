@@ -124,7 +124,21 @@ def test_kd_reduction_is_a_checked_distill_setting():
     from compressor.errors import CompressError
 
     base = {"teacher": "t.safetensors", "target": "resnet8"}
-    assert resolve_config(DistillConfig, None, base).kd_reduction == "sum"  # the paper's form stays the default
-    assert resolve_config(DistillConfig, None, {**base, "kd_reduction": "mean"}).kd_reduction == "mean"
+    # the default does not grow with the number of guides (issue 18); the paper recipes pin sum
+    assert resolve_config(DistillConfig, None, base).kd_reduction == "mean"
+    assert resolve_config(DistillConfig, None, {**base, "kd_reduction": "sum"}).kd_reduction == "sum"
     with pytest.raises(CompressError, match="kd_reduction must be one of sum, mean; got 'max'"):
         resolve_config(DistillConfig, None, {**base, "kd_reduction": "max"})
+
+
+def test_kd_weight_warmup_ramps_lambda_and_fills_in_ce():
+    # λ_t = λ·min(1, t/warmup): λ=1, warm-up 1 epoch, a quarter of the way in -> 0.25, and the
+    # loss is 0.75·CE + 0.25·KD = 0.75·0.753109 + 0.25·0.575210 = 0.708634 (T = 1).
+    from compressor.losses import kd_weight_at
+
+    assert kd_weight_at(1.0, 0.0, 1.0) == 0.0 and kd_weight_at(1.0, 0.25, 1.0) == 0.25
+    assert kd_weight_at(0.5, 0.5, 2.0) == 0.125 and kd_weight_at(1.0, 3.0, 1.0) == 1.0
+    assert kd_weight_at(0.9, 0.0, 0.0) == 0.9  # no warm-up
+    lam = kd_weight_at(1.0, 0.25, 1.0)
+    t = dgkd_loss(S, [G], Y, temperature=1.0, kd_weight=lam)
+    assert abs(t["loss"].item() - 0.708634) < 1e-5

@@ -77,3 +77,17 @@ def test_runs_with_different_precisions_in_one_process():
     again = make_accelerator(resolve_config(TrainConfig, None, {"arch": "resnet8", "out": "x.safetensors",
                                                                 "mixed_precision": "no"}))
     assert again.mixed_precision == "no"
+
+
+def test_auto_follows_the_accelerate_launch_config():
+    from compressor.precision import resolve_precision
+
+    launched = {"ACCELERATE_MIXED_PRECISION": "no"}  # `accelerate launch --config_file` with mixed_precision: no
+    choice = resolve_precision("auto", flags={"avx512_bf16"}, cuda=False, environ=launched)
+    assert choice.mixed_precision == "no" and not choice.channels_last
+    assert "accelerate launch config" in choice.reason
+    # an explicit flag wins, and says what it overrides
+    choice = resolve_precision("bf16", flags={"avx512_bf16"}, cuda=False, environ=launched)
+    assert choice.mixed_precision == "bf16" and "overrides the accelerate launch config" in choice.reason
+    # not launched by accelerate: auto picks by the hardware
+    assert resolve_precision("auto", flags={"avx512_bf16"}, cuda=False, environ={}).mixed_precision == "bf16"

@@ -284,7 +284,7 @@ def test_damaged_training_state_is_reported_on_resume(tmp_path, reference, capsy
 
 def test_divergence_stops_with_the_step_and_learning_rate(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_inprocess(ARGS + ["--lr", "1e30", "--method", "kd"], capsys)
+    code, out, err = run_inprocess(ARGS + ["--lr", "1e30", "--warmup-epochs", "0", "--schedule", "constant", "--method", "kd"], capsys)
     assert code == 2, err
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1 and "training diverged" in lines[0], err

@@ -38,6 +38,9 @@ ACCEPTED = ("accepted: 'demo'; a CIFAR-10 python dir (data_batch_1..5, test_batc
             "or its parent with cifar-10-batches-py/; a CIFAR-100 python dir (train, test, meta) "
             "or its parent with cifar-100-python/; an ImageFolder root with train/ and val/ or test/")
 MAX_LISTED_BAD = 20  # bad files named in the report; the rest are counted
+# The image formats decoded (by content, whatever the extension says). Anything else -- PostScript/EPS
+# (Pillow would run Ghostscript on it), PDF, ICNS, ... -- is a bad file.
+PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
@@ -222,11 +225,41 @@ def _class_dirs(split_dir: Path) -> list[str]:
 
 
 def _image_files(class_dir: Path) -> list[str]:
+    """Regular image files under ``class_dir`` (sub-folders included), in sorted order.
+
+    Symlinks are followed, but each real folder is visited once (a link back to a
+    parent does not loop, nor count the images again), each real file is listed
+    once, and anything that is not a regular file (a FIFO or a device named
+    ``x.png`` would block the reader forever) is left out."""
     out: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames.sort()
-        out += [os.path.join(dirpath, f) for f in sorted(filenames)
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    seen_dirs: set = set()
+    seen_files: set = set()
+    stack = [str(class_dir)]
+    while stack:
+        folder = stack.pop()
+        try:
+            real = os.path.realpath(folder)
+            if real in seen_dirs:
+                continue
+            seen_dirs.add(real)
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:  # unreadable, vanished, or a symlink loop
+            continue
+        subdirs = []
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=True):
+                    subdirs.append(e.path)
+                elif (e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".")
+                      and e.is_file(follow_symlinks=True)):
+                    key = os.path.realpath(e.path)
+                    if key not in seen_files:
+                        seen_files.add(key)
+                        out.append(e.path)
+            except OSError:
+                continue
+        stack.extend(reversed(subdirs))  # depth first, sorted: the order os.walk gave
     return out
 
 
@@ -273,7 +306,9 @@ def probe_file(path: str) -> tuple[int, int, bool] | str:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        if not os.path.isfile(path):
+            return "not a regular file"
+        with Image.open(path, formats=PIL_FORMATS) as im:
             w, h = im.size
             gray = im.mode in GRAY_MODES
         return int(h), int(w), gray
@@ -290,7 +325,10 @@ def probe_files(files: list[str]) -> list:
 
 
 def io_threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    """Threads for header reads and decoding: the usable cores, 1..8."""
+    from ..machine import usable_cores
+
+    return max(1, min(8, usable_cores()))
 
 
 @contextlib.contextmanager
@@ -333,6 +371,8 @@ def decode_file(path: str, channels: int = 3) -> torch.Tensor:
     """
     from torchvision.io import ImageReadMode, decode_image
 
+    if not os.path.isfile(path):  # a FIFO would block the read forever
+        raise ValueError("not a regular file")
     with open(path, "rb") as fh:
         data = fh.read()
     head = data[:4]
@@ -347,7 +387,7 @@ def decode_file(path: str, channels: int = 3) -> torch.Tensor:
     try:
         from PIL import Image
 
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
             im.load()
             return _from_pil(im, channels)
     except Exception as exc:  # noqa: BLE001

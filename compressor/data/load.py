@@ -5,9 +5,13 @@ Rules (printed by the commands as ``bundle.notes``):
 * **Size.** ``image_size`` if given (int: square; ``(H, W)``); else the native
   size when every image of the loaded splits shares it (a uniform non-square
   set stays non-square); else ``default_size`` (the model family's default,
-  32 when nobody says). Images of another size are fitted: shorter side
-  resized (antialiased), then center-cropped; test images with the imagenet
-  policy are resized to size/0.875 first (see :mod:`.transforms`).
+  32 when nobody says). Images of another size are fitted: resized
+  (antialiased, aspect ratio kept) to cover the size, then center-cropped; the test split
+  (and a validation split, :func:`.loader.as_eval`) is seen through the one
+  evaluation view of :mod:`.view` (imagenet policy: cover size/0.875, center-crop).
+  Under the imagenet policy both backends start every view of an image from the
+  same store-size source (:func:`.transforms.store_size`), so they give the same
+  pixels for the same seed.
 * **Channels.** ``channels`` if given (a model's ``in_chans``); else 1 when
   every image is grayscale (including 16-bit grayscale PNG), else 3.
 * **Backend.** ``mode`` ``memory``, ``stream`` or ``auto``: auto keeps the
@@ -29,9 +33,10 @@ import torch
 
 from ..errors import CompressError
 from .formats import DEMO_PATH, BadFiles, decode_demo, detect_format, probe_files, read_cifar, scan_imagefolder
-from .memory import ImageSplit, decode_into, resize_split, synthetic_split_pair
+from .memory import ImageSplit, decode_into, fit_images, resize_split, synthetic_split_pair
 from .stream import FileSplit
-from .transforms import eval_crop, resolve_policy
+from .transforms import resolve_policy
+from .view import EvalView, eval_view
 
 MODES = ("auto", "memory", "stream")
 MEMORY_SHARE = 0.5  # auto: at most this share of the available RAM (per process) for decoded images
@@ -51,6 +56,9 @@ class DataBundle:
     skipped: int = 0
     notes: list = field(default_factory=list)
     augment: str = "cifar"  # the augmentation policy the splits were made for (see .transforms)
+    view: EvalView | None = None  # the evaluation view of the test split (see .view)
+    indices: list | None = None  # load_sample: the sampled positions in the split's file list
+    decoded: int | None = None  # load_sample: image files decoded
 
     @property
     def num_classes(self) -> int:
@@ -140,15 +148,32 @@ def load_data(spec: str, *, image_size=None, default_size: int | None = None, ch
     else:
         parts, class_names = read_cifar(kind, path, splits)
         source = str(path)
-    out = {s: ImageSplit(*parts[s]) for s in splits}
     if size is not None and size != (32, 32):
         notes.append(f"images are 32x32, resized to {size[0]}x{size[1]}")
-        out = {s: resize_split(v, size) for s, v in out.items()}
     policy, why = resolve_policy(augment, size or (32, 32), family)
     if why != "given":
         notes.append(f"augment: {policy} ({why})")
+    view = eval_view(policy, size or (32, 32), NATIVE_ARRAYS)
+    out = {s: _array_split(*parts[s], view, policy, s) for s in splits}
     return DataBundle(kind, out.get("train"), out.get("test"), list(class_names), source, "memory", 0, notes,
-                      policy)
+                      policy, view)
+
+
+NATIVE_ARRAYS = (32, 32)  # demo and CIFAR: every image is 32x32
+
+
+def _array_split(images: torch.Tensor, labels: torch.Tensor, view: EvalView, policy: str,
+                 role: str) -> ImageSplit:
+    """Demo/CIFAR images (32x32) as a ``train`` split (the source of augmentation, plus the
+    crop of its evaluation view) or a ``test`` split (in the evaluation view)."""
+    if policy != "imagenet":  # the fitted image is both the source and the view (crop 1.0)
+        return resize_split(ImageSplit(images, labels), view.size)
+    source = fit_images(images, view.store, 1.0)
+    if role == "test":
+        return ImageSplit(fit_images(source, view.size, view.crop), labels)
+    if tuple(source.shape[-2:]) == view.size:
+        return ImageSplit(source, labels, eval_crop=view.crop)
+    return ImageSplit(None, labels, source=source, size=view.size, eval_crop=view.crop)
 
 
 def _load_imagefolder(root: Path, size, default_size, channels, splits, mode, augment, family, skip, processes):
@@ -182,31 +207,45 @@ def _load_imagefolder(root: Path, size, default_size, channels, splits, mode, au
                          f"default; set --image-size to choose)")
     elif native is not None and native != size:
         notes.append(f"images are {native[0]}x{native[1]}, resized to {size[0]}x{size[1]} "
-                     f"(shorter side, then center crop)")
+                     f"(covering it, then center crop)")
     elif native is None:
         notes.append(f"image size: {size[0]}x{size[1]} (images of other sizes are resized, then center-cropped)")
     augment, why = resolve_policy(augment, size, family)
     if why != "given":
         notes.append(f"augment: {augment} ({why})")
-    decoded = sum(len(scan.files[s]) for s in splits) * channels * size[0] * size[1]
+    view = eval_view(augment, size)
+    store = view.store if augment == "imagenet" else None
+    if store is not None and "train" in splits:
+        notes.append(f"imagenet policy: every training image is first brought to {store[0]}x{store[1]} (cover, "
+                     f"center crop), the source of RandomResizedCrop in either data mode")
+    stored = {"train": store or size, "test": size}
+    decoded = sum(len(scan.files[s]) * channels * stored[s][0] * stored[s][1] for s in splits)
     chosen, why = choose_mode(mode, decoded, processes)
     notes.append(why)
     if chosen == "stream":
         bad.check(skip, total)  # streaming: headers are all that is read up front
-    crops = {"train": 1.0, "test": eval_crop(augment)}
+    crops = {"train": 1.0, "test": view.crop}
+    train_eval_crop = view.crop if view.crop != 1.0 else None
     out = {}
     for s in splits:
         keep = [i for i, p in enumerate(probes[s]) if not isinstance(p, str)]
         files = [scan.files[s][i] for i in keep]
         labels = torch.tensor([scan.labels[s][i] for i in keep], dtype=torch.int64)
         if chosen == "memory":
-            images, ok = decode_into(files, size, channels, crops[s], bad)
+            if s == "train":  # the source: at the store size under the imagenet policy
+                images, ok = decode_into(files, stored[s], channels, 1.0, bad)
+            else:  # the evaluation view
+                images, ok = decode_into(files, size, channels, crops[s], bad, store=store)
             if not bool(ok.all()):
                 idx = ok.nonzero().flatten()
                 images, labels = images.index_select(0, idx).contiguous(), labels.index_select(0, idx)
-            out[s] = ImageSplit(images, labels)
+            if s == "train" and stored[s] != size:
+                out[s] = ImageSplit(None, labels, source=images, size=size, eval_crop=train_eval_crop)
+            else:
+                out[s] = ImageSplit(images, labels, eval_crop=train_eval_crop if s == "train" else None)
         else:
-            out[s] = FileSplit(files, labels, size, channels, crops[s])
+            out[s] = FileSplit(files, labels, size, channels, crops[s], store,
+                               train_eval_crop if s == "train" else None)
     bad.check(skip, total)  # memory: header and pixel failures together
     if len(bad):
         notes.append(f"skipped {len(bad)} undecodable image file{'s' if len(bad) > 1 else ''} (--skip-bad-images)")
@@ -214,7 +253,7 @@ def _load_imagefolder(root: Path, size, default_size, channels, splits, mode, au
         if len(out[s]) == 0:
             raise CompressError(f"no decodable images left in the {s} split of {str(root)!r}")
     return DataBundle("imagefolder", out.get("train"), out.get("test"), scan.classes, str(root), chosen,
-                      len(bad), notes, augment)
+                      len(bad), notes, augment, view)
 
 
 def synthetic_data(num_classes: int = 10, input_size=(3, 32, 32), n_train: int = 64, n_test: int = 32,
@@ -228,3 +267,72 @@ def synthetic_data(num_classes: int = 10, input_size=(3, 32, 32), n_train: int =
     train, test = synthetic_split_pair(num_classes, (c, h, w), n_train, n_test, seed)
     return DataBundle("synthetic", train, test, [f"class{i}" for i in range(num_classes)],
                       f"synthetic(num_classes={num_classes}, input_size={(c, h, w)}, seed={seed})")
+
+
+def sample_split(spec: str, split: str, n: int, seed: int, *, image_size=None, channels=None, augment=None,
+                 family=None, skip_bad_images: bool = False) -> DataBundle:
+    """:func:`.sampling.load_sample` (documented there): only the sampled files are read."""
+    from .sampling import spread_indices
+
+    if split not in ("train", "test"):
+        raise CompressError(f"split must be 'train' or 'test', got {split!r}")
+    size = _as_size(image_size)
+    if channels not in (None, 1, 3):
+        raise CompressError(f"channels must be 1 or 3, got {channels!r}")
+    kind, path = detect_format(str(spec))
+    if kind != "imagefolder":
+        if kind == "demo":
+            arrays, class_names, source = decode_demo()
+            images, labels = dict(zip(("train", "test"), arrays))[split]
+            source = f"{DEMO_PATH} ({source})" if source else str(DEMO_PATH)
+        else:
+            parts, class_names = read_cifar(kind, path, (split,))
+            (images, labels), source = parts[split], str(path)
+        idx = spread_indices(labels, n, seed)
+        pick = torch.as_tensor(idx, dtype=torch.int64)
+        size = size or NATIVE_ARRAYS
+        policy, _ = resolve_policy(augment, size, family)
+        view = eval_view(policy, size, NATIVE_ARRAYS)
+        part = _array_split(images.index_select(0, pick).contiguous(), labels.index_select(0, pick), view,
+                            policy, "test")
+        return DataBundle(kind, part if split == "train" else None, part if split == "test" else None,
+                          list(class_names), source, "memory", 0, [], policy, view, idx, 0)
+    scan = scan_imagefolder(path, (split,))
+    idx = spread_indices(scan.labels[split], n, seed)
+    files = [scan.files[split][i] for i in idx]
+    labels = torch.tensor([scan.labels[split][i] for i in idx], dtype=torch.int64)
+    bad = BadFiles()
+    probes = probe_files(files)
+    keep = []
+    for i, (f, p) in enumerate(zip(files, probes)):
+        if isinstance(p, str):
+            bad.add(f, p)
+        else:
+            keep.append(i)
+    good = [probes[i] for i in keep]
+    notes = []
+    if channels is None:
+        channels = 1 if good and all(g for _, _, g in good) else 3
+    if size is None:
+        shapes = {(h, w) for h, w, _ in good}
+        size = next(iter(shapes)) if len(shapes) == 1 else (32, 32)
+        notes.append(f"image size: {size[0]}x{size[1]} (from the sampled files' headers; pass the model's size)")
+    policy, _ = resolve_policy(augment, size, family)
+    view = eval_view(policy, size)
+    files, labels = [files[i] for i in keep], labels[keep] if keep else labels[:0]
+    idx = [idx[i] for i in keep]
+    images, ok = decode_into(files, size, channels, view.crop, bad, store=view.store)
+    decoded = len(files)
+    bad.check(skip_bad_images, len(probes))
+    if not bool(ok.all()):
+        sel = ok.nonzero().flatten()
+        images, labels = images.index_select(0, sel).contiguous(), labels.index_select(0, sel)
+        idx = [idx[i] for i in sel.tolist()]
+    if len(bad):
+        notes.append(f"skipped {len(bad)} undecodable image file{'s' if len(bad) > 1 else ''} of the sample "
+                     f"(--skip-bad-images)")
+    if not idx:
+        raise CompressError(f"no decodable images in the sample of the {split} split of {str(path)!r}")
+    part = ImageSplit(images, labels)
+    return DataBundle("imagefolder", part if split == "train" else None, part if split == "test" else None,
+                      scan.classes, str(path), "memory", len(bad), notes, policy, view, idx, decoded)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .memory import BatchedSplit, ImageSplit, subset_images
-from .stream import FileSplit, StreamDataset, default_workers, subset_files, worker_init
+from .memory import BatchedSplit, ImageSplit, eval_images, subset_images
+from .stream import FileSplit, StreamDataset, default_workers, eval_files, subset_files, worker_init
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -61,6 +61,17 @@ def subset(split, indices):
     if isinstance(split, FileSplit):
         return subset_files(split, idx)
     return subset_images(split, idx)
+
+
+def as_eval(split):
+    """``split`` in the evaluation view of its data (:mod:`.view`): what a validation split cut
+    from the training split must be scored on, so that it sees the same pixels as the test split
+    would for the same file. A split already in its evaluation view is returned as it is."""
+    if isinstance(split, FileSplit):
+        return eval_files(split)
+    if isinstance(split, ImageSplit):
+        return eval_images(split)
+    raise TypeError(f"as_eval takes an ImageSplit or a FileSplit, got {type(split).__name__}")
 
 
 def _identity(batch):

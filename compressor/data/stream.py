@@ -2,9 +2,11 @@
 
 For folders that do not fit the memory budget (ImageNet: 193 GB decoded at
 224 px). Memory use does not grow with the number of images beyond the file
-list. Each batch is decoded by one worker (``__getitems__``), fitted to the
-trained size (or, for training with the imagenet policy, RandomResizedCrop +
-flip seeded by (seed, epoch, sample index)), stacked into uint8 ``(N, C, H, W)``
+list. Each batch is decoded by one worker (``__getitems__``), brought to the
+store size (imagenet policy: the source the memory backend keeps, see
+:mod:`.transforms`), fitted to the trained size (or, for training with the
+imagenet policy, RandomResizedCrop + flip seeded by (seed, epoch, sample
+index)), stacked into uint8 ``(N, C, H, W)``
 and pinned when a GPU is in use. In a multi-process run Accelerate hands each
 process its own batches, so each process decodes only its share.
 
@@ -28,17 +30,27 @@ from .transforms import fit_image, imagenet_train, sample_seed
 @dataclass
 class FileSplit:
     """One split on disk: ``files``, ``labels`` int64 ``(N,)``, the output ``size`` (H, W),
-    ``channels`` (1 or 3) and ``crop`` (the evaluation center-crop share, 1.0 or 0.875)."""
+    ``channels`` (1 or 3) and ``crop`` (the center-crop share of plain access, 1.0 or 0.875).
+
+    ``store``: the size each decoded image is brought to first (:func:`.transforms.store_size`;
+    ``None``: none), the source of RandomResizedCrop and of the fitted view -- the pixels the
+    memory backend keeps. ``eval_crop`` (a training split's): the crop of its evaluation view
+    (:func:`.loader.as_eval`); ``None`` when ``crop`` already is the evaluation crop.
+    """
 
     files: list
     labels: torch.Tensor
     size: tuple
     channels: int
     crop: float = 1.0
+    store: tuple | None = None
+    eval_crop: float | None = None
 
     def __post_init__(self):
         self.labels = torch.as_tensor(self.labels, dtype=torch.int64).reshape(-1)
         self.size = (int(self.size[0]), int(self.size[1]))
+        if self.store is not None:
+            self.store = (int(self.store[0]), int(self.store[1]))
         if len(self.files) != self.labels.shape[0]:
             raise ValueError(f"{len(self.files)} files but {self.labels.shape[0]} labels")
 
@@ -51,7 +63,8 @@ class FileSplit:
 
     def fingerprint(self) -> str:
         """sha256 (hex) of the file list with sizes and mtimes, the labels, size, channels and crop."""
-        h = hashlib.sha256(f"stream:{self.size}:{self.channels}:{self.crop}".encode())
+        extra = f":{self.store}:{self.eval_crop}" if self.store is not None or self.eval_crop is not None else ""
+        h = hashlib.sha256(f"stream:{self.size}:{self.channels}:{self.crop}{extra}".encode())
         for f in self.files:
             st = os.stat(f)
             h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -61,7 +74,14 @@ class FileSplit:
 
 def subset_files(split: FileSplit, idx: torch.Tensor) -> FileSplit:
     return FileSplit([split.files[i] for i in idx.tolist()], split.labels.index_select(0, idx),
-                     split.size, split.channels, split.crop)
+                     split.size, split.channels, split.crop, split.store, split.eval_crop)
+
+
+def eval_files(split: FileSplit) -> FileSplit:
+    """``split`` in its evaluation view (see :func:`.loader.as_eval`)."""
+    if split.eval_crop is None:
+        return split
+    return FileSplit(list(split.files), split.labels, split.size, split.channels, split.eval_crop, split.store)
 
 
 class UnreadableImage(CompressError):
@@ -98,6 +118,8 @@ class StreamDataset(torch.utils.data.Dataset):
         except ValueError as exc:
             raise UnreadableImage(f"cannot decode image file {s.files[i]!r} ({exc}) while streaming: its header "
                                   f"reads but its pixels do not; remove or replace it") from None
+        if s.store is not None:
+            img = fit_image(img, s.store)
         if self.augments:
             return imagenet_train(img, s.size, sample_seed(self.seed, key[0], i))
         return fit_image(img, s.size, s.crop)
@@ -119,8 +141,6 @@ def worker_init(_worker_id: int) -> None:
 
 def default_workers() -> int:
     """Loader worker processes when none are given: the usable cores minus one, 1..8."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    return max(1, min(8, n - 1))
+    from ..machine import usable_cores
+
+    return max(1, min(8, usable_cores() - 1))

@@ -8,14 +8,34 @@ Policies (``--augment``):
     on the batch's device). The CIFAR recipe of the DGKD paper.
 ``imagenet``
     ``RandomResizedCrop(size)`` + horizontal flip per sample
-    (``torchvision.transforms.v2``), applied by the data loader; evaluation
-    images are resized to ``size / 0.875`` (shorter side) and center-cropped.
+    (``torchvision.transforms.v2``), applied by the data loader to the *store*
+    source (below); evaluation images are resized to cover ``size / 0.875``
+    and center-cropped.
 ``none``
     No augmentation.
 
-Every image that is not augmented is *fitted*: shorter side resized
-(antialiased) to the target, then center-cropped (:func:`fit_image`); with
-the imagenet policy the resize target is ``size / 0.875`` (:data:`IMAGENET_CROP`).
+Every image that is not augmented is *fitted* (:func:`fit_image`): resized
+(antialiased, aspect ratio kept) so that it just covers the target --
+``scale = max(th / h, tw / w)`` -- then center-cropped; for the evaluation view of
+the imagenet policy the box to cover is ``size / 0.875`` (:data:`IMAGENET_CROP`).
+
+**One source for both data modes** (the decision behind issue 19, item 2). The
+memory backend cannot keep images of mixed sizes in one tensor, and a transform
+that ran on different pixels in each mode made ``--data-mode auto`` change what
+is trained on. So every view of an image starts from one *store* image,
+:func:`store_size`: under ``cifar``/``none`` the image fitted to ``size``; under
+``imagenet`` the image fitted to the evaluation box ``round(size / 0.875)``
+(256x256 for 224 px; demo/CIFAR keep their 32x32 originals). Memory mode keeps
+the store images; stream mode decodes a file and fits it to the same store
+size; then the same random transform runs on the same pixels (RandomResizedCrop
+and the flip, seeded below, or the cifar batch crop), so the two modes give
+pixel-identical training batches for the same seed under every policy. The
+evaluation view (:mod:`.view`) is a center crop of the same store, so a file
+seen by validation and by the test split gives equal tensors. The cost: under
+``imagenet`` RandomResizedCrop of a non-square folder image sees its centred
+store box only, not the whole photo; memory mode holds (1/0.875)^2 = 1.31x the
+pixels of the training split at ``size``.
+
 Random parameters of the per-sample imagenet policy come from a seed mixed from
 (seed, epoch, sample index) (:func:`sample_seed`), so they do not depend on
 the worker that decodes the sample or on the batch it lands in.
@@ -53,10 +73,26 @@ def eval_crop(policy: str | None) -> float:
     return IMAGENET_CROP if policy == "imagenet" else 1.0
 
 
-def fit_image(img: torch.Tensor, size: tuple[int, int], crop: float = 1.0) -> torch.Tensor:
-    """Resize the shorter side to ``max(size) / crop`` (antialiased), center-crop ``size``.
+def cover_shape(h: int, w: int, box) -> tuple[int, int]:
+    """``(H', W')`` of an ``h x w`` image resized, aspect ratio kept, to just cover ``box`` (H, W).
 
-    An image already of ``size`` with ``crop == 1`` is returned as it is.
+    The side that sets the scale (``max(box_h / h, box_w / w)``) becomes exactly the box's; the
+    other is truncated like torchvision's shorter-side resize (so a square box reproduces
+    ``resize(img, [side])``), and never falls below the box.
+    """
+    bh, bw = int(box[0]), int(box[1])
+    if bh * w >= bw * h:  # the height sets the scale
+        return bh, max(bw, int(bh * w / h))
+    return max(bh, int(bw * h / w)), bw
+
+
+def fit_image(img: torch.Tensor, size: tuple[int, int], crop: float = 1.0) -> torch.Tensor:
+    """Resize (antialiased, aspect ratio kept) to cover ``size / crop``, then center-crop ``size``.
+
+    The scale is ``max(H_box / h, W_box / w)`` with the box ``round(size / crop)``
+    per side, so a 64x128 image fitted to (32, 64) is a plain 2x downscale, and a
+    square target is the usual shorter-side resize. An image already of ``size``
+    with ``crop == 1`` is returned as it is. ``img``: ``(C, H, W)`` or ``(N, C, H, W)``.
     """
     from torchvision.transforms.v2 import functional as TF
 
@@ -64,10 +100,31 @@ def fit_image(img: torch.Tensor, size: tuple[int, int], crop: float = 1.0) -> to
     size = (int(size[0]), int(size[1]))
     if (h, w) == size and crop == 1.0:
         return img
-    target = int(round(max(size) / crop)) if crop != 1.0 else max(size)
-    if min(h, w) != target:
-        img = TF.resize(img, [target], antialias=True)  # shorter side -> target
+    box = size if crop == 1.0 else (int(round(size[0] / crop)), int(round(size[1] / crop)))
+    new = cover_shape(h, w, box)
+    if new != (h, w):
+        img = TF.resize(img, list(new), antialias=True)
     return TF.center_crop(img, list(size)).contiguous()
+
+
+def store_size(policy: str | None, size, native=None) -> tuple[int, int]:
+    """The size of the source image every view of a sample starts from (both data modes).
+
+    ``cifar``/``none``: ``size`` (the fitted image; the cifar batch crop works on it).
+    ``imagenet``: the evaluation box ``round(size / 0.875)`` (``(256, 256)`` for 224 px),
+    filled by :func:`fit_image` -- or, when every image of the data has one ``native``
+    size (demo/CIFAR), the native image itself, downscaled (aspect kept) only when it is
+    larger than needed to cover that box. RandomResizedCrop and the evaluation crop both
+    start from this source.
+    """
+    size = (int(size[0]), int(size[1]))
+    if policy != "imagenet":
+        return size
+    box = (int(round(size[0] / IMAGENET_CROP)), int(round(size[1] / IMAGENET_CROP)))
+    if native is None:
+        return box
+    nh, nw = int(native[0]), int(native[1])
+    return cover_shape(nh, nw, box) if box[0] < nh and box[1] < nw else (nh, nw)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -7,6 +7,10 @@ the assistant planner walks it to pick models between a teacher and a student.
 from __future__ import annotations
 
 import functools
+import hashlib
+import inspect
+import json
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,6 +34,9 @@ class ModelEntry:
 
 
 MODELS: Registry[ModelEntry] = Registry("model")
+
+# What create_model built each live module as (see model_identity); weak: never keeps a model alive.
+_BUILT: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def register_model(name: str, *, family: str, input_size=(3, 32, 32), description: str = "", norm: str = "cifar",
@@ -63,13 +70,88 @@ def create_model(name: str, num_classes: int = 10, in_chans: int | None = None, 
     in_chans = entry.input_size[0] if in_chans is None else in_chans
     merged = {**entry.defaults, **{k: v for k, v in kwargs.items() if v is not None}}
     if entry.user_ref:
-        from .user import build_user_model
+        from .user import build_user_model, code_sha256
 
-        return build_user_model(entry, num_classes=num_classes, in_chans=in_chans, **merged)
+        model = build_user_model(entry, num_classes=num_classes, in_chans=in_chans, **merged)
+        code = {"code_sha256": code_sha256(entry.user_ref)}
+    else:
+        try:
+            model = entry.builder(num_classes=num_classes, in_chans=in_chans, **merged)
+        except (TypeError, ValueError) as exc:  # an unknown option, or a value it rejects (shortcut=Z)
+            from ..fileio import shorten
+
+            raise CompressError(f"model {entry.name!r} does not accept these options: {shorten(exc)}") from None
+        code = {}
+    _BUILT[model] = {"arch": entry.name, "options": {**_builder_defaults(entry.builder), **merged},
+                     "num_classes": num_classes, "in_chans": in_chans, **code}
+    return model
+
+
+def _builder_defaults(builder) -> dict:
+    """The builder's keyword defaults (but ``num_classes``/``in_chans``): an option left out and
+    the same option given at its default build the same model."""
     try:
-        return entry.builder(num_classes=num_classes, in_chans=in_chans, **merged)
-    except TypeError as exc:
-        raise CompressError(f"model {entry.name!r} does not accept these options: {exc}") from None
+        params = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
+            and p.name not in ("num_classes", "in_chans")}
+
+
+def model_identity(model: nn.Module) -> dict:
+    """What, besides its weights, decides what ``model`` computes.
+
+    For a model built by :func:`create_model`: its name, its options (the builder's defaults
+    filled in), classes and input channels, and for user code the sha256 of its source file.
+    For any other module: its class and a hash of its structure (``repr``).
+    """
+    known = _BUILT.get(model)
+    if known is not None:  # as JSON sees it (a default such as ``act=nn.ReLU`` by its repr)
+        return json.loads(json.dumps(known, sort_keys=True, default=repr))
+    cls = type(model)
+    return {"class": f"{cls.__module__}.{cls.__qualname__}",
+            "structure": hashlib.sha256(repr(model).encode()).hexdigest()[:32]}
+
+
+def input_size_for(name: str, model_kwargs: dict | None = None, in_chans: int | None = None) -> tuple[int, int, int]:
+    """The ``(C, H, W)`` a model is built for with ``model_kwargs``: its registered size, except
+    that a ``stem="cifar"`` model is built for small images (:data:`.stems.SMALL_IMAGE_PX`, 32 px)
+    and a model with an ``input_hw`` option (the plain CNNs) for that size."""
+    from .stems import SMALL_IMAGE_PX
+
+    entry = get_entry(name)
+    c = entry.input_size[0] if in_chans is None else int(in_chans)
+    if entry.user_ref:  # user code states its size with INPUT_SIZE; its options mean what it says
+        return (c, *entry.input_size[1:])
+    options = {**_builder_defaults(entry.builder), **entry.defaults,
+               **{k: v for k, v in (model_kwargs or {}).items() if v is not None}}
+    h, w = entry.input_size[1:]
+    if str(options.get("stem", "")).lower() == "cifar":
+        h = w = SMALL_IMAGE_PX
+    if isinstance(options.get("input_hw"), int):
+        h = w = options["input_hw"]
+    return c, int(h), int(w)
+
+
+def check_fits(name: str, model_kwargs: dict, num_classes: int, input_size, *,
+               fix: str = "fix forward() or set INPUT_SIZE on it") -> None:
+    """The one fits-check: ``name`` built with ``model_kwargs`` takes a batch of 2 at ``input_size``
+    (C, H, W) and returns ``(2, num_classes)`` logits, else one-line :class:`CompressError` ending in ``fix``.
+
+    Built on the meta device (shapes only: a ResNet-50 at 224 px in milliseconds); a forward that
+    reads values (``.item()``, data-dependent shapes) fails there, and is then checked on the CPU.
+    """
+    from .user import check_output
+
+    c, h, w = (int(v) for v in input_size)
+    try:
+        with torch.device("meta"):
+            model = create_model(name, num_classes=num_classes, in_chans=c, **model_kwargs)
+        check_output(model, name, (c, h, w), num_classes, fix=fix)
+    except CompressError:
+        with torch.random.fork_rng(devices=[]):  # the caller's seeded initialisation is left as it was
+            model = create_model(name, num_classes=num_classes, in_chans=c, **model_kwargs)
+        check_output(model, name, (c, h, w), num_classes, fix=fix)
 
 
 def list_models(family: str | None = None) -> list[str]:
@@ -95,8 +177,6 @@ def profile_arch(name: str, num_classes: int = 10, kwargs_json: str = "{}",
     so profiling a whole family (resnet50 at 224x224 included) takes well under
     a second and gives the same numbers as a real forward pass.
     """
-    import json
-
     from .profile import count_macs, count_params
 
     entry = get_entry(name)

@@ -7,19 +7,25 @@ and the first downsampling after it (ResNet/ShuffleNet: the max-pool;
 MobileNet/EfficientNet/RegNet: the first stride-2 block) is removed, so the
 total stride is 8 and a 32 px image ends in a 4x4 feature map instead of 1x1.
 Only the stem changes shape, so every other tensor keeps torchvision's name
-and shape. ``stem="auto"`` resolves to ``cifar`` for inputs of at most
+and shape. Because for most families only strides change, a cifar-stem model
+carries one extra state-dict entry, ``small_image_stem``: stock torchvision
+refuses its weights (``load_state_dict(strict=True)`` names the unexpected
+key) rather than loading them and computing something else; compress fills
+the key in for checkpoints written before it existed. ``stem="auto"`` resolves to ``cifar`` for inputs of at most
 :data:`CIFAR_STEM_MAX_PX` pixels and to ``imagenet`` otherwise.
 """
 from __future__ import annotations
 
 import inspect
 
+import torch
 from torch import nn
 
 from ..errors import CompressError
 
 STEMS = ("imagenet", "cifar")
 CIFAR_STEM_MAX_PX = 64
+SMALL_IMAGE_PX = 32  # the size a ``stem="cifar"`` model is built for (CIFAR's), unless told otherwise
 
 
 def check_stem(stem: str) -> str:
@@ -92,4 +98,17 @@ def adapt_stem(model: nn.Module, stem_parent: nn.Module, stem_attr: str, in_chan
             pool_owner.maxpool = nn.Identity()
         else:
             unstride(first_strided(early_blocks))
+        mark_small_image_stem(model)
     return model
+
+
+# A state-dict key no stock torchvision model has: a small-image-stem model's weights then refuse to
+# load there (strict=True: "Unexpected key(s) in state_dict: 'small_image_stem'") instead of
+# loading silently and computing something else (only strides differ for MobileNet/EfficientNet/
+# RegNet/ShuffleNet: same names, same shapes).
+SMALL_IMAGE_STEM_KEY = "small_image_stem"
+
+
+def mark_small_image_stem(model: nn.Module) -> None:
+    """Record in the state dict that ``model`` has the small-image stem (see :data:`SMALL_IMAGE_STEM_KEY`)."""
+    model.register_buffer(SMALL_IMAGE_STEM_KEY, torch.ones(()), persistent=True)

@@ -1,0 +1,69 @@
+"""Precise BatchNorm: recompute a trained model's BN running statistics from data.
+
+During training, BatchNorm keeps exponential moving averages (momentum 0.1) of
+the batch statistics while the weights move under them. After a short run
+those averages lag the final weights (the issue-18 runs: 19.0 % with running
+statistics, 36 % with batch statistics), and the evaluated, saved and deployed
+model uses them. :func:`recalibrate_bn` resets them and averages the batch
+statistics of the *final* weights over some training batches (train mode, no
+gradient, ``momentum=None``: PyTorch's cumulative average), as in "precise BN"
+(Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"; fvcore's
+``update_bn_stats``). Nothing else in the model changes.
+
+With batches of equal size the recomputed ``running_mean`` is exactly the mean
+of the data seen; ``running_var`` the average of the unbiased batch variances.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``model`` that keep running statistics."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], *, max_batches: int | None = None,
+                   autocast=contextlib.nullcontext) -> int:
+    """Recompute every BN layer's running statistics over ``batches`` (model inputs, already
+    normalised and on the model's device); returns how many batches were used.
+
+    With no BN layer, or no batch at all, the model is left exactly as it was. The model's
+    train/eval mode and each layer's momentum are restored afterwards.
+    """
+    layers = batchnorm_layers(model)
+    if not layers:
+        return 0
+    saved = [(bn.momentum, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+             for bn in layers]
+    was_training = model.training
+    for bn in layers:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches below
+    model.train()
+    used = 0
+    try:
+        for x in batches:
+            if max_batches is not None and used >= max_batches:
+                break
+            with autocast():
+                model(x)
+            used += 1
+    finally:
+        for bn, (momentum, mean, var, tracked) in zip(layers, saved):
+            bn.momentum = momentum
+            if used == 0:
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+                bn.num_batches_tracked.copy_(tracked)
+        model.train(was_training)
+    return used
+
+
+__all__ = ["batchnorm_layers", "recalibrate_bn"]

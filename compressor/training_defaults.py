@@ -1,0 +1,176 @@
+"""Per-family training defaults: the settings a field left unset (``None``) trains with.
+
+``lr``, ``schedule``, ``warmup_epochs``, ``weight_decay``, ``label_smoothing`` and
+``grad_clip`` default to ``None`` in :class:`~compressor.config.OptimConfig`,
+meaning "the model family's default". :func:`resolve_training_defaults` fills
+them from :data:`FAMILY_DEFAULTS` (a flag or a recipe key always wins) and
+returns a record of what it chose; ``compress train`` prints it and stores it
+in the checkpoint, ``compress distill`` prints and records it in
+``config.yaml`` under ``training_defaults``, per stage: every model of a chain
+trains with its own family's settings (the KD terms do not depend on them).
+
+Sources (SGD with momentum 0.9 everywhere, lr scaled linearly with the images
+per optimiser step, i.e. ``batch_size x grad_accum x processes``):
+
+* ``cifar_resnet``, ``wrn``, ``vgg``, ``plain_cnn`` -- the CIFAR recipes of He et
+  al. 2016 / Zagoruyko & Komodakis 2016 / CRD (lr 0.1 per 128 images, wd 5e-4),
+  with a cosine schedule and a short warm-up instead of the paper's steps.
+* ``imagenet_resnet`` -- torchvision's classification reference (lr 0.1 per 256,
+  wd 1e-4) with its newer recipe's cosine, warm-up and label smoothing 0.1.
+* ``mobilenetv2``, ``mobilenetv3``, ``shufflenetv2``, ``regnety``, ``efficientnet``
+  -- torchvision's references (MobileNetV2: wd 4e-5; MobileNetV3: wd 1e-5,
+  RMSprop 0.064 per 1024; ShuffleNetV2: 0.5 per 1024, cosine, warm-up, label
+  smoothing 0.1; RegNetY-400MF: 0.8 per 1024, wd 5e-5, label smoothing 0.1;
+  EfficientNet: timm / EfficientNetV2 reference, wd 1e-5..2e-5) and timm
+  (lr 0.1 per 256 for SGD), with a gradient-norm clip of 5 as a guard against a
+  finite blow-up in these families (depthwise convolutions, squeeze-excitation,
+  hard-swish; a timm MobileNetV3 at lr 0.1 ended at eval loss 753,708 without a
+  NaN). Measured on one demo epoch (docs/results.md §5) the clip changed nothing;
+  what kept those families at chance was stale BatchNorm statistics.
+* Anything else (user code, a family not listed) -- :data:`FALLBACK`: the
+  cautious end of the above.
+
+The warm-up is at most a fifth of the run, so a 1-epoch run warms up over its
+first 0.2 epoch and still anneals (the cosine steps every batch).
+
+The paper recipes (``recipes/cifar*.yaml``, ``cpu_study.yaml``, ``imagenet_*.yaml``)
+pin the paper's settings, so nothing here changes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# Fields that default per family (None in OptimConfig = "family default").
+DEFAULTED = ("lr", "schedule", "warmup_epochs", "weight_decay", "label_smoothing", "grad_clip")
+
+# What a run written before these fields existed trained with (resume of an old run: a key
+# its config.yaml lacks means this, not today's family default).
+LEGACY = {"lr": 0.1, "schedule": "step", "warmup_epochs": 0.0, "weight_decay": 1e-4,
+          "label_smoothing": 0.0, "grad_clip": 0.0}
+
+MAX_WARMUP_SHARE = 0.2  # the warm-up never takes more than this share of the run's epochs
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    lr: float               # peak learning rate for ``per_images`` images per optimiser step
+    per_images: int
+    schedule: str
+    warmup_epochs: float
+    weight_decay: float
+    label_smoothing: float
+    grad_clip: float        # max global gradient norm; 0 = off
+    source: str = ""
+
+
+_CIFAR = dict(lr=0.1, per_images=128, schedule="cosine", warmup_epochs=1.0, weight_decay=5e-4,
+              label_smoothing=0.0, grad_clip=0.0)
+
+# The mobile families' torchvision references: lr 0.4 per 1024 images, cosine, 5 warm-up epochs, small
+# weight decay, label smoothing; a gradient-norm clip guards their depthwise/SE layers.
+_MOBILE = dict(lr=0.4, per_images=1024, schedule="cosine", warmup_epochs=5.0, weight_decay=4e-5,
+               label_smoothing=0.1, grad_clip=5.0)
+
+FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
+    "cifar_resnet": FamilyDefaults(**_CIFAR, source="He et al. 2016 CIFAR recipe"),
+    "wrn": FamilyDefaults(**_CIFAR, source="Zagoruyko & Komodakis 2016"),
+    "vgg": FamilyDefaults(**{**_CIFAR, "lr": 0.05}, source="CRD's VGG recipe (lr 0.05 per 128)"),
+    "plain_cnn": FamilyDefaults(**{**_CIFAR, "lr": 0.05}, source="CIFAR recipe, halved lr"),
+    "imagenet_resnet": FamilyDefaults(lr=0.1, per_images=256, schedule="cosine", warmup_epochs=5.0,
+                                      weight_decay=1e-4, label_smoothing=0.1, grad_clip=0.0,
+                                      source="torchvision reference (ResNet)"),
+    "mobilenetv2": FamilyDefaults(**_MOBILE, source="torchvision reference (MobileNetV2) / timm"),
+    "mobilenetv3": FamilyDefaults(**_MOBILE, source="torchvision reference (MobileNetV3) / timm"),
+    "shufflenetv2": FamilyDefaults(**{**_MOBILE, "lr": 0.5}, source="torchvision reference (ShuffleNetV2)"),
+    "regnety": FamilyDefaults(**{**_MOBILE, "lr": 0.8, "weight_decay": 5e-5},
+                              source="torchvision reference (RegNetY-400MF)"),
+    "efficientnet": FamilyDefaults(**{**_MOBILE, "weight_decay": 2e-5},
+                                   source="torchvision EfficientNetV2 reference / timm"),
+}
+
+FALLBACK = FamilyDefaults(lr=0.4, per_images=1024, schedule="cosine", warmup_epochs=5.0, weight_decay=5e-5,
+                          label_smoothing=0.1, grad_clip=5.0, source="cautious fallback (any other model)")
+
+
+def family_defaults(family: str) -> tuple[str, FamilyDefaults]:
+    """``(name shown, defaults)`` for a registry family; user code (``user:...``) and
+    unknown families get :data:`FALLBACK`."""
+    if family in FAMILY_DEFAULTS:
+        return family, FAMILY_DEFAULTS[family]
+    return ("your model" if str(family).startswith("user:") else str(family)), FALLBACK
+
+
+def images_per_step(cfg, num_processes: int = 1) -> int:
+    return int(cfg.batch_size) * int(getattr(cfg, "grad_accum", 1) or 1) * max(int(num_processes), 1)
+
+
+def resolve_training_defaults(cfg, family: str, *, epochs: int | None = None, num_processes: int = 1):
+    """``(cfg with every unset DEFAULTED field filled, record)``; ``cfg`` itself is not changed.
+
+    ``epochs`` (default ``cfg.epochs``) caps the warm-up at :data:`MAX_WARMUP_SHARE` of
+    the run. The record says, per field, the value and whether it is the family's
+    ``default`` or was ``set`` (flag, recipe or a resumed run's config).
+    """
+    name, fam = family_defaults(family)
+    epochs = int(epochs if epochs is not None else cfg.epochs)
+    batch = images_per_step(cfg, num_processes)
+    chosen = {
+        "lr": round(fam.lr * batch / fam.per_images, 6),
+        "schedule": fam.schedule,
+        "warmup_epochs": round(min(fam.warmup_epochs, MAX_WARMUP_SHARE * epochs), 4),
+        "weight_decay": fam.weight_decay,
+        "label_smoothing": fam.label_smoothing,
+        "grad_clip": fam.grad_clip,
+    }
+    values, defaulted = {}, []
+    for key in DEFAULTED:
+        given = getattr(cfg, key, None)
+        if given is None:
+            values[key] = chosen[key]
+            defaulted.append(key)
+        else:
+            values[key] = given
+    record = {"family": name, "images_per_step": batch, "defaulted": defaulted, **values,
+              "lr_rule": f"{fam.lr:g} per {fam.per_images} images x {batch}", "source": fam.source}
+    return dataclasses.replace(cfg, **values), record
+
+
+def describe(record: dict, what: str | None = None) -> str:
+    """One line, like the precision line: what the family defaults chose and how to change it."""
+    d = set(record["defaulted"])
+    head = f"training defaults for {what or record['family']}"
+    if not d:
+        return f"{head}: none used (every one set by a flag, a recipe or the resumed run)"
+    parts = []
+    if "lr" in d:
+        parts.append(f"lr {record['lr']:g} ({record['lr_rule']})")
+    if "schedule" in d:
+        parts.append(record["schedule"])
+    if "warmup_epochs" in d:
+        w = record["warmup_epochs"]
+        parts.append(f"warm-up {w:g} epoch{'s' if w != 1 else ''}" if w else "no warm-up")
+    if "weight_decay" in d:
+        parts.append(f"wd {record['weight_decay']:g}")
+    if "label_smoothing" in d:
+        ls = record["label_smoothing"]
+        parts.append(f"label smoothing {ls:g}" if ls else "no label smoothing")
+    if "grad_clip" in d:
+        gc = record["grad_clip"]
+        parts.append(f"grad-norm clip {gc:g}" if gc else "no grad clip")
+    return f"{head}: {', '.join(parts)} -- set any with a flag or recipe"
+
+
+def inherit_recorded(cfg, recorded: dict):
+    """For ``--resume``: every DEFAULTED field left unset takes what the run's ``config.yaml``
+    recorded (a run written before the field existed: :data:`LEGACY`, what it trained with),
+    so a resumed run keeps its settings. ``None`` recorded stays ``None`` (family default)."""
+    values = {}
+    for key in DEFAULTED:
+        if getattr(cfg, key, None) is None:
+            values[key] = recorded[key] if key in recorded else LEGACY[key]
+    return dataclasses.replace(cfg, **values)
+
+
+__all__ = ["DEFAULTED", "FAMILY_DEFAULTS", "FALLBACK", "LEGACY", "FamilyDefaults", "describe", "family_defaults",
+           "inherit_recorded", "resolve_training_defaults"]

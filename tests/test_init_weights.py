@@ -1,0 +1,113 @@
+"""Starting a model from weights you have (compressor.init_weights)."""
+import pytest
+import torch
+from torch import nn
+
+from compressor.checkpoint import file_sha256, meta_for, save_checkpoint
+from compressor.errors import CompressError
+from compressor.init_weights import adapt_channels, init_from_checkpoint
+from compressor.models import create_model
+
+
+def test_same_model_loads_every_tensor_and_records_the_sha(tmp_path):
+    src = create_model("resnet8", num_classes=10)
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    dst = create_model("resnet8", num_classes=10)
+    report = init_from_checkpoint(dst, tmp_path / "w.pth")
+    assert report.loaded == report.total and report.loaded_share == 1.0
+    assert report.sha256 == file_sha256(tmp_path / "w.pth") and report.mean is None
+    for a, b in zip(src.state_dict().values(), dst.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_other_class_count_replaces_only_the_classifier(tmp_path):
+    src = create_model("resnet8", num_classes=100)
+    torch.save({"state_dict": src.state_dict()}, tmp_path / "w.pth")
+    dst = create_model("resnet8", num_classes=4)
+    fresh_fc = dst.linear.weight.detach().clone()
+    report = init_from_checkpoint(dst, tmp_path / "w.pth")
+    assert report.classifier_replaced == ["linear.weight", "linear.bias"]
+    assert torch.equal(dst.linear.weight, fresh_fc)  # the head keeps its fresh initialisation
+    assert torch.equal(dst.conv1.weight, src.conv1.weight)
+    # every parameter but the 4x64 + 4 head came from the file: 75,290 - 650 params at 10 classes
+    head = 4 * 64 + 4
+    total = sum(p.numel() for p in dst.parameters())
+    assert report.loaded_share == pytest.approx((total - head) / total)
+
+
+def test_rgb_weights_start_a_grayscale_model_summed_over_channels():
+    w = torch.arange(2 * 3 * 1 * 1, dtype=torch.float32).reshape(2, 3, 1, 1)  # [[0,1,2],[3,4,5]]
+    assert adapt_channels(w, 1).flatten().tolist() == [3.0, 12.0]
+    g = torch.tensor([[[[6.0]]]])
+    assert adapt_channels(g, 3).flatten().tolist() == [2.0, 2.0, 2.0]  # repeated, x 1/3
+
+
+def test_grayscale_model_from_rgb_checkpoint(tmp_path):
+    src = create_model("resnet8", num_classes=10)
+    save_checkpoint(tmp_path / "rgb.safetensors", src, meta_for("resnet8", num_classes=10,
+                                                                mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2)))
+    dst = create_model("resnet8", num_classes=10, in_chans=1)
+    report = init_from_checkpoint(dst, tmp_path / "rgb.safetensors")
+    assert report.channels_adapted == ["conv1.weight 3->1"]
+    assert torch.allclose(dst.conv1.weight, src.conv1.weight.sum(1, keepdim=True))
+    assert report.mean == (0.5, 0.4, 0.3)  # what the weights expect travels with them
+
+
+def test_weights_of_another_model_are_refused(tmp_path):
+    torch.save(nn.Linear(3, 10).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(CompressError, match="only 0% of the model's parameters match"):
+        init_from_checkpoint(create_model("resnet8", num_classes=10), tmp_path / "other.pth")
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'PWNED'}",))
+
+    torch.save({"state_dict": {}, "x": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(CompressError, match="refusing to unpickle"):
+        init_from_checkpoint(create_model("resnet8", num_classes=10), tmp_path / "evil.pth")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_train_init_records_the_file_and_keeps_its_normalisation(tmp_path):
+    from compressor.checkpoint import load_model
+    from compressor.config import TrainConfig, resolve_config
+    from compressor.data import synthetic_data
+    from compressor.pipeline import train_model
+
+    src = create_model("resnet8", num_classes=100)
+    save_checkpoint(tmp_path / "init.safetensors", src, meta_for("resnet8", num_classes=100,
+                                                                 mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2)))
+    cfg = resolve_config(TrainConfig, None, dict(arch="resnet8", out=str(tmp_path / "m.safetensors"), epochs=1,
+                                                 batch_size=16, init=str(tmp_path / "init.safetensors")))
+    train_model(cfg, data=synthetic_data(num_classes=10, n_train=32, n_test=16, seed=1), show_progress=False)
+    model, meta = load_model(tmp_path / "m.safetensors")
+    assert meta.mean == (0.5, 0.4, 0.3) and meta.std == (0.2, 0.2, 0.2)
+    init = meta.metrics["init"]
+    assert init["sha256"] == file_sha256(tmp_path / "init.safetensors")
+    assert init["classifier_replaced"] == ["linear.weight", "linear.bias"]
+
+
+def test_distill_starts_the_student_from_weights_you_have(tmp_path, pretrained_teacher):
+    from compressor.checkpoint import load_model
+    from compressor.config import DistillConfig, resolve_config
+    from compressor.data import synthetic_data
+    from compressor.pipeline import run_distillation
+
+    torch.save(create_model("resnet8", num_classes=100).state_dict(), tmp_path / "r8.pth")
+    base = dict(teacher=str(pretrained_teacher), target="resnet8", method="kd", epochs=1, batch_size=16,
+                latency_backend="none", init_student=str(tmp_path / "r8.pth"))
+    data = synthetic_data(num_classes=10, n_train=32, n_test=16, seed=1)
+    with pytest.raises(CompressError, match="init_assistants names resnet14, not an assistant of this plan"):
+        run_distillation(resolve_config(DistillConfig, None, dict(base, out=str(tmp_path / "bad"),
+                                                                  init_assistants={"resnet14": str(tmp_path / "r8.pth")})),
+                         data=data, show_progress=False)
+    assert not (tmp_path / "bad" / "config.yaml").exists()  # refused before anything is written
+    run_distillation(resolve_config(DistillConfig, None, dict(base, out=str(tmp_path / "run"))), data=data,
+                     show_progress=False)
+    _, meta = load_model(tmp_path / "run" / "student.safetensors")
+    assert meta.metrics["init"]["sha256"] == file_sha256(tmp_path / "r8.pth")
+    assert meta.metrics["init"]["classifier_replaced"] == ["linear.weight", "linear.bias"]

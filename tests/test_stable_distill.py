@@ -1,0 +1,154 @@
+"""Stable distillation by default (issue 18, part 2): KD strength, warm-up, guide gating,
+precise BatchNorm, loud warnings for a student near chance; run_distillation as a pipeline."""
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from compressor.bn_recalibration import recalibrate_bn
+from compressor.config import DistillConfig, resolve_config
+from compressor.stability import (chance_top1, gated_guides, guide_gate, kd_warmup_for_stage,
+                                  student_warnings)
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_RECIPES = ["cifar100_cnn_10-8-6-4-2", "cifar100_vgg13_vgg8", "cifar100_wrn40-2_wrn16-2",
+                 "cifar10_cnn_10-8-6-4-2", "cifar10_resnet_26-20-14-8", "cpu_study",
+                 "imagenet_resnet34_resnet18", "imagenet_resnet50_mobilenetv2"]
+
+
+# ------------------------------------------------------------------ A, B: defaults
+def test_defaults_do_not_grow_with_guides_and_warm_up():
+    cfg = resolve_config(DistillConfig, None, {"teacher": "t.safetensors", "target": "resnet8"})
+    assert cfg.kd_reduction == "mean" and cfg.kd_warmup_epochs == 1.0 and cfg.kd_weight == 0.5
+    assert cfg.gate_guides is True and cfg.bn_recalibration_batches == 200
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_paper_recipes_pin_the_papers_kd(name):
+    raw = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
+    assert raw["kd_reduction"] == "sum" and raw["kd_warmup_epochs"] == 0
+
+
+def test_kd_warmup_is_at_most_a_quarter_of_a_stage():
+    assert kd_warmup_for_stage(1.0, 1) == 0.25
+    assert kd_warmup_for_stage(1.0, 3) == 0.75
+    assert kd_warmup_for_stage(1.0, 160) == 1.0
+    assert kd_warmup_for_stage(0.0, 10) == 0.0
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_bad_kd_warmup_is_one_line(value):
+    from compressor.errors import CompressError
+
+    with pytest.raises(CompressError, match="kd_warmup_epochs"):
+        resolve_config(DistillConfig, None, {"teacher": "t", "target": "resnet8", "kd_warmup_epochs": float(value)})
+
+
+# ------------------------------------------------------------------ C: guide gating
+def test_guide_gate_drops_an_assistant_near_chance():
+    # the issue's run: 10 classes, an 80.4 % teacher -> threshold 10 + max(2, 0.1 * 70.4) = 17.04
+    gate = guide_gate(13.2, num_classes=10, teacher_top1=80.4)
+    assert gate == {"top1": 13.2, "threshold": 17.04, "chance": 10.0, "kept": False}
+    assert guide_gate(17.5, num_classes=10, teacher_top1=80.4)["kept"]
+    # a weak teacher: the 2-point floor; 100 classes: chance 1 %, 70 % teacher -> 1 + 6.9 = 7.9
+    assert guide_gate(11.9, num_classes=10, teacher_top1=20.0)["threshold"] == 12.0
+    assert guide_gate(7.8, num_classes=100, teacher_top1=70.0) == {"top1": 7.8, "threshold": 7.9, "chance": 1.0,
+                                                                    "kept": False}
+    assert guide_gate(None, num_classes=10, teacher_top1=80.0)["kept"]  # unknown score: kept
+    assert not guide_gate(float("nan"), num_classes=10, teacher_top1=80.0)["kept"]
+
+
+def test_gated_guides_keep_one_guide_per_stage():
+    assert gated_guides([0, 1, 2], {1}) == [0, 2]           # dgkd: the others still teach
+    assert gated_guides([2], {2}) == [1]                    # takd: the nearest kept model before it
+    assert gated_guides([2], {1, 2}) == [0]                 # ... down to the teacher
+    assert gated_guides([], {1}) == []                      # ce stays without guides
+
+
+# ------------------------------------------------------------------ D: precise BN
+def test_recalibrated_running_mean_is_the_data_mean():
+    bn = nn.BatchNorm1d(2, momentum=0.1)
+    model = nn.Sequential(bn).eval()
+    x = torch.tensor([[1.0, 10.0], [3.0, 20.0], [5.0, 30.0], [7.0, 40.0]])
+    assert recalibrate_bn(model, [x[:2], x[2:]]) == 2
+    assert torch.allclose(bn.running_mean, torch.tensor([4.0, 25.0]))   # mean of the 4 rows
+    assert torch.allclose(bn.running_var, torch.tensor([2.0, 50.0]))    # mean of the unbiased batch variances
+    assert bn.momentum == 0.1 and not model.training                    # settings and mode restored
+    # with the training default (momentum 0.1 from 0 / 1) one pass would give 0.1·mean: stale
+    assert recalibrate_bn(model, [x], max_batches=1) == 1 and torch.allclose(bn.running_mean, torch.tensor([4.0, 25.0]))
+
+
+def test_recalibration_without_batches_changes_nothing():
+    bn = nn.BatchNorm2d(3)
+    bn.running_mean.fill_(0.5)
+    assert recalibrate_bn(nn.Sequential(bn), []) == 0
+    assert torch.equal(bn.running_mean, torch.full((3,), 0.5)) and int(bn.num_batches_tracked) == 0
+    assert recalibrate_bn(nn.Sequential(nn.Linear(2, 2)), [torch.ones(1, 2)]) == 0  # no BN layer
+
+
+# ------------------------------------------------------------------ E: warnings
+def test_student_near_chance_gets_cause_and_fix():
+    w = student_warnings("resnet8", top1=11.5, num_classes=10, train_losses=[2.3], steps=35)
+    assert len(w) == 1 and "within 2 points of chance (10.0%)" in w[0] and "after 35 steps" in w[0]
+    assert "fix:" in w[0] and "--epochs" in w[0]
+    assert student_warnings("resnet8", top1=12.5, num_classes=10, train_losses=[2.3, 1.9]) == []
+    assert chance_top1(100) == 1.0
+
+
+def test_exploded_loss_without_nan_is_reported():
+    w = student_warnings("mobilenetv3", top1=40.0, num_classes=10, train_losses=[2.0, 25.0])
+    assert len(w) == 1 and "loss exploded" in w[0] and "from 2 (epoch 1) to 25" in w[0] and "--lr" in w[0]
+    w = student_warnings("mobilenetv3", top1=40.0, num_classes=10, train_losses=[2.0], max_abs_logit=2e4)
+    assert len(w) == 1 and "logits reach 2e+04" in w[0]
+    assert student_warnings("m", top1=40.0, num_classes=10, train_losses=[2.0, 19.9], max_abs_logit=50.0) == []
+
+
+# ------------------------------------------------------------------ F: the pipeline reads as one
+def test_run_distillation_reads_as_plan_data_stages_report():
+    from compressor import pipeline
+
+    text = Path(pipeline.__file__).read_text()
+    funcs = {n.name: ast.get_source_segment(text, n) for n in ast.parse(text).body if isinstance(n, ast.FunctionDef)}
+    body = funcs["run_distillation"].split('"""')[-1]
+    assert len(body.strip().splitlines()) <= 20
+    for step in ("_load_teacher_and_data", "_open_run", "_teacher_row", "_run_stage", "_summary", "_finish_run"):
+        assert step + "(" in body, step
+    assert "_load_or_make_plan(" in funcs["_open_run"]
+
+
+# ------------------------------------------------------------------ end to end (tiny, synthetic data)
+def test_dropped_guide_recorded_and_student_warned(tmp_path, pretrained_teacher, monkeypatch, one_torch_thread, capsys):
+    from compressor import pipeline
+    from compressor.data import synthetic_data
+
+    # every assistant fails its gate, whatever it scored: the student learns from the teacher alone
+    monkeypatch.setattr(pipeline, "guide_gate", lambda top1, **kw: {"top1": top1 or 0.0, "threshold": 99.0,
+                                                                      "chance": 10.0, "kept": False})
+    cfg = resolve_config(DistillConfig, None, dict(teacher=str(pretrained_teacher), target="resnet8", method="dgkd",
+                                                   epochs=1, batch_size=16, out=str(tmp_path / "r"), seed=5,
+                                                   lr=0.05, latency_backend="none", bn_recalibration_batches=2))
+    summary = pipeline.run_distillation(cfg, data=synthetic_data(num_classes=10, n_train=32, n_test=16, seed=1),
+                                        show_progress=False)
+    out = capsys.readouterr().out
+    assert "guide resnet14 dropped:" in out and "guides resnet20 (resnet14 dropped: near chance)" in out
+    assert summary["dropped_assistants"] == ["resnet14"]
+    assert summary["dropped_guides"] == {"resnet14": [], "resnet8": ["resnet14"]}
+    student = summary["chain"][-1]
+    assert student["guides"] == ["resnet20"] and student["bn_recalibrated_batches"] == 2
+    assert student["kd_warmup_epochs"] == 0.25
+    # stage 1 has no guide to drop and only its teacher: 2 recalibration batches of 16 (the train split is 29)
+    rec = [json.loads(x) for x in (tmp_path / "r" / "stages" / "2-resnet8" / "metrics.jsonl").read_text().splitlines()]
+    assert rec[0]["guide_uses"] == [2]  # one guide, every step
+    on_disk = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert on_disk["dropped_guides"]["resnet8"] == ["resnet14"]
+    # synthetic labels cannot be learnt in 2 steps: the student is near chance, loudly
+    assert on_disk["student_near_chance"] is (student["final_test_top1"] <= 12.0)
+    assert bool(on_disk["warnings"]) is on_disk["student_near_chance"]
+    if on_disk["warnings"]:
+        assert "WARNING: student resnet8" in out
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "guide resnet14 dropped" in report and "(dropped: resnet14)" in report

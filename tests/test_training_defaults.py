@@ -1,0 +1,183 @@
+"""Per-family training defaults (issue 18, part 1): resolution, printing, the schedule, label
+smoothing, gradient clipping, paper recipes pinned, and resume of runs written before them."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from compressor.config import DistillConfig, TrainConfig, config_to_dict, resolve_config
+from compressor.errors import CompressError
+from compressor.losses import dgkd_loss
+from compressor.models import list_families
+from compressor.training_defaults import (DEFAULTED, FALLBACK, FAMILY_DEFAULTS, LEGACY, describe, inherit_recorded,
+                                          resolve_training_defaults)
+from compressor.trainer import lr_at_epoch
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+PAPER_RECIPES = sorted([*RECIPES.glob("cifar*.yaml"), RECIPES / "cpu_study.yaml", *RECIPES.glob("imagenet_*.yaml")])
+
+
+def _train(**kw):
+    return TrainConfig(arch="x", out="y.safetensors", **kw)
+
+
+def test_every_zoo_family_has_its_own_defaults():
+    assert set(list_families()) <= set(FAMILY_DEFAULTS)
+
+
+def test_mobilenetv3_defaults_scaled_to_the_batch_and_printed():
+    cfg, rec = resolve_training_defaults(_train(epochs=1, batch_size=128), "mobilenetv3")
+    # 0.4 per 1024 images x 128 = 0.05; warm-up min(5, 0.2 x 1 epoch) = 0.2
+    assert (cfg.lr, cfg.schedule, cfg.warmup_epochs) == (0.05, "cosine", 0.2)
+    assert (cfg.weight_decay, cfg.label_smoothing, cfg.grad_clip) == (4e-5, 0.1, 5.0)
+    assert rec["defaulted"] == list(DEFAULTED) and rec["family"] == "mobilenetv3"
+    assert describe(rec) == ("training defaults for mobilenetv3: lr 0.05 (0.4 per 1024 images x 128), cosine, "
+                             "warm-up 0.2 epochs, wd 4e-05, label smoothing 0.1, grad-norm clip 5 "
+                             "-- set any with a flag or recipe")
+
+
+def test_lr_scales_with_images_per_step_and_warmup_capped_by_the_run():
+    cfg, rec = resolve_training_defaults(_train(epochs=160, batch_size=64, grad_accum=2), "cifar_resnet",
+                                         num_processes=2)
+    assert rec["images_per_step"] == 256 and cfg.lr == pytest.approx(0.2)  # 0.1 per 128 x 256
+    assert cfg.warmup_epochs == 1.0 and cfg.label_smoothing == 0.0 and cfg.grad_clip == 0.0
+    _, rec = resolve_training_defaults(_train(epochs=100), "regnety")
+    assert rec["warmup_epochs"] == 5.0 and rec["lr"] == pytest.approx(0.1)  # 0.8 per 1024 x 128
+
+
+def test_flags_and_recipes_win_and_nothing_is_mutated():
+    given = _train(epochs=10, lr=0.3, schedule="step", label_smoothing=0.0)
+    cfg, rec = resolve_training_defaults(given, "mobilenetv2")
+    assert (cfg.lr, cfg.schedule, cfg.label_smoothing) == (0.3, "step", 0.0)
+    assert rec["defaulted"] == ["warmup_epochs", "weight_decay", "grad_clip"]
+    assert given.weight_decay is None and given.warmup_epochs is None  # the given config is left as it was
+    line = describe(rec)
+    assert "lr" not in line.split(":")[1] and "warm-up 2 epochs" in line and "wd 4e-05" in line
+
+
+def test_user_models_get_the_fallback():
+    cfg, rec = resolve_training_defaults(_train(epochs=50), "user:my.py:Net")
+    assert rec["family"] == "your model" and cfg.lr == pytest.approx(FALLBACK.lr * 128 / FALLBACK.per_images)
+    assert cfg.grad_clip == FALLBACK.grad_clip > 0
+
+
+def test_describe_when_everything_is_set():
+    _, rec = resolve_training_defaults(_train(lr=0.1, schedule="step", warmup_epochs=0, weight_decay=1e-4,
+                                              label_smoothing=0.0, grad_clip=0.0), "wrn")
+    assert rec["defaulted"] == [] and "none used" in describe(rec)
+
+
+@pytest.mark.parametrize("recipe", PAPER_RECIPES, ids=lambda p: p.name)
+def test_paper_recipes_pin_the_paper_settings(recipe):
+    values = yaml.safe_load(recipe.read_text())
+    cls = TrainConfig if "arch" in values else DistillConfig
+    cli = {"teacher": "t.safetensors"} if cls is DistillConfig else {"out": "x.safetensors"}
+    cfg = resolve_config(cls, str(recipe), cli)
+    _, rec = resolve_training_defaults(cfg, "mobilenetv3")
+    assert rec["defaulted"] == []  # no family default reaches a paper recipe
+    assert cfg.warmup_epochs == 0 and cfg.label_smoothing == 0.0 and cfg.grad_clip == 0.0
+    assert cfg.lr in (0.1, 0.01)
+
+
+def test_new_fields_are_validated():
+    with pytest.raises(CompressError, match="label_smoothing must be in"):
+        resolve_config(TrainConfig, None, {"arch": "resnet8", "out": "x", "label_smoothing": 1.0})
+    with pytest.raises(CompressError, match="grad_clip must be >= 0"):
+        resolve_config(TrainConfig, None, {"arch": "resnet8", "out": "x", "grad_clip": -1.0})
+    cfg = resolve_config(TrainConfig, None, {"arch": "resnet8", "out": "x", "warmup_epochs": 0.5})
+    assert cfg.warmup_epochs == 0.5
+
+
+def test_fractional_warmup_then_cosine_per_step():
+    cfg = _train(lr=0.1, schedule="cosine", warmup_epochs=0.2)
+    assert lr_at_epoch(cfg, 0.1, 1) == pytest.approx(0.1 * 0.101 / 0.2)       # warming up
+    assert lr_at_epoch(cfg, 0.6, 1) == pytest.approx(0.05)                      # half-way down the cosine
+    assert lr_at_epoch(cfg, 0.2, 1) == pytest.approx(0.1)                       # peak right after warm-up
+    plain = _train(lr=0.1, schedule="cosine", warmup_epochs=0)
+    assert lr_at_epoch(plain, 5, 10) == pytest.approx(0.05)
+    assert lr_at_epoch(plain, 2.5, 10) == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)))
+    paper = _train(lr=0.1, schedule="step", warmup_epochs=0, milestones=[0.5, 0.75], gamma=0.1)
+    assert [lr_at_epoch(paper, e, 160) for e in (79.9, 80, 120)] == pytest.approx([0.1, 0.01, 0.001])
+
+
+def test_label_smoothing_in_the_ce_term():
+    z = torch.tensor([[2.0, 0.0, 0.0]])
+    y = torch.tensor([0])
+    big = math.log(math.exp(2) + 2)  # logsumexp of [2, 0, 0] = 2.239493
+    plain = dgkd_loss(z, [], y, temperature=4.0, kd_weight=0.5)["ce"]
+    smooth = dgkd_loss(z, [], y, temperature=4.0, kd_weight=0.5, label_smoothing=0.3)["ce"]
+    assert float(plain) == pytest.approx(big - 2, abs=1e-6)  # 0.239493
+    # target (0.8, 0.1, 0.1): -(0.8 (2 - L) + 0.2 (-L)) = L - 1.6 = 0.639493
+    assert float(smooth) == pytest.approx(big - 1.6, abs=1e-6)
+
+
+def test_grad_clip_bounds_the_update():
+    from accelerate import Accelerator
+
+    from compressor.guides import GuideSet
+    from compressor.trainer import LossSettings, train_one_epoch
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4) * 100  # a huge input: a huge gradient
+    y = torch.arange(8) % 3
+
+    class Loader(list):
+        dataset = None
+
+    def step(clip):
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+        torch.manual_seed(1)
+        model.load_state_dict({k: torch.randn_like(v) for k, v in model.state_dict().items()})
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        cfg = _train(lr=1.0, momentum=0.0, weight_decay=0.0, schedule="constant", warmup_epochs=0,
+                     grad_clip=clip, augment="none", mixed_precision="no")
+        acc = Accelerator(cpu=True)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        train_one_epoch(acc, model, GuideSet([]), Loader([(x, y)]), opt, cfg=cfg, loss_cfg=LossSettings(),
+                        mean=[0.0] * 3, std=[1.0] * 3, epoch=0, stage_seed=0, epochs=1)
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        return float((after - before).norm())
+
+    assert step(0.0) > 0.5
+    assert step(0.05) == pytest.approx(0.05, rel=1e-4)  # lr 1 x gradient norm clipped to 0.05
+
+
+def test_resume_of_a_run_written_before_the_family_defaults(tmp_path):
+    """An old config.yaml has lr 0.1 etc. and no label_smoothing/grad_clip keys: the resumed run keeps them."""
+    from compressor.pipeline import _check_resume_config
+
+    old = config_to_dict(DistillConfig(teacher="t.safetensors", target="resnet8"))
+    old.update(lr=0.1, schedule="step", warmup_epochs=0, weight_decay=1e-4)
+    for key in ("label_smoothing", "grad_clip"):
+        old.pop(key)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**old, "target": "resnet8", "num_processes": 1}))
+    cfg = inherit_recorded(DistillConfig(teacher="t.safetensors", target="resnet8"), old)
+    assert (cfg.lr, cfg.schedule, cfg.weight_decay, cfg.label_smoothing, cfg.grad_clip) == (0.1, "step", 1e-4, 0.0, 0.0)
+    _check_resume_config(tmp_path, {**config_to_dict(cfg), "target": "resnet8", "num_processes": 1})  # no raise
+    with pytest.raises(CompressError, match="different config"):  # an explicit change is still refused
+        changed = inherit_recorded(DistillConfig(teacher="t.safetensors", target="resnet8", lr=0.05), old)
+        _check_resume_config(tmp_path, {**config_to_dict(changed), "target": "resnet8", "num_processes": 1})
+    # a run written with the family defaults (None recorded) resumes with the family defaults
+    new = config_to_dict(DistillConfig(teacher="t.safetensors", target="resnet8"))
+    assert inherit_recorded(DistillConfig(teacher="t.safetensors", target="resnet8"), new).lr is None
+    assert set(LEGACY) == set(DEFAULTED)
+
+
+def test_train_prints_and_records_the_defaults(tmp_path, capsys, one_torch_thread):
+    from compressor.checkpoint import read_checkpoint
+    from compressor.data import synthetic_data
+    from compressor.pipeline import train_model
+
+    cfg = resolve_config(TrainConfig, None, {"arch": "resnet8", "out": str(tmp_path / "m.safetensors"),
+                                             "epochs": 1, "batch_size": 16, "mixed_precision": "no",
+                                             "weight_decay": 1e-4})
+    metrics = train_model(cfg, show_progress=False, data=synthetic_data(num_classes=4, n_train=32, n_test=8))
+    out = capsys.readouterr().out
+    assert ("training defaults for cifar_resnet: lr 0.0125 (0.1 per 128 images x 16), cosine, warm-up 0.2 epochs, "
+            "no label smoothing, no grad clip -- set any with a flag or recipe") in out
+    rec = metrics["training_defaults"]
+    assert rec["lr"] == 0.0125 and rec["weight_decay"] == 1e-4 and "weight_decay" not in rec["defaulted"]
+    _, meta = read_checkpoint(tmp_path / "m.safetensors")
+    assert meta.metrics["training_defaults"] == rec
