@@ -273,11 +273,12 @@ def format_table(report: dict) -> str:
 
 # -------------------------------------------------------------------- gates
 def parse_ratio(text) -> float:
-    """``"10%"`` -> 0.10, ``"0.1"`` -> 0.10. A bare number >= 1 is refused (ambiguous)."""
+    """``"10%"`` -> 0.10, ``"0.1"`` -> 0.10. A bare number >= 1 written as text is refused (ambiguous);
+    a number already parsed (a fraction, e.g. 1.5 for ``150%``) is taken as it is."""
     if isinstance(text, (int, float)):
         value = float(text)
-        if not 0 <= value < 1:
-            raise CompressError(f"regression ratio must be a fraction in [0, 1), got {text}; write e.g. 10%")
+        if not (math.isfinite(value) and value >= 0):
+            raise CompressError(f"regression ratio must be a finite fraction >= 0, got {text}; write e.g. 10%")
         return value
     s = str(text).strip()
     try:

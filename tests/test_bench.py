@@ -154,7 +154,9 @@ def test_parse_ratio():
     assert parse_ratio("10%") == pytest.approx(0.10)
     assert parse_ratio("0.25") == pytest.approx(0.25)
     assert parse_ratio(0.05) == pytest.approx(0.05)
-    for bad in ("10", "ten", "-5%"):
+    # a ratio the CLI already parsed ("150%") passes through check_baseline's second parse
+    assert parse_ratio(parse_ratio("150%")) == pytest.approx(1.5)
+    for bad in ("10", "ten", "-5%", float("inf"), -0.1):
         with pytest.raises(CompressError):
             parse_ratio(bad)
 
