@@ -51,3 +51,24 @@ def test_a_teacher_naming_code_is_refused_without_suggesting_flags_distill_lacks
     code, _, err = run_cli(["distill", "--teacher", "t.safetensors", "--target", "cnn2", "--epochs", "1"], capsys)
     assert code == 2 and "--trust-code" in err
     assert "pass --arch" not in err  # distill has no --arch flag
+
+
+def test_eval_reads_a_folder_with_only_test(in_tmp, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from compressor.checkpoint import meta_for, save_checkpoint
+    from compressor.models import create_model
+
+    for c in ("a", "b"):
+        (in_tmp / "d" / "test" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(in_tmp / "d" / "test" / c / f"{i}.png")
+    save_checkpoint(in_tmp / "m.safetensors", create_model("cnn2", num_classes=2, input_hw=8),
+                    meta_for("cnn2", num_classes=2, class_names=["a", "b"], model_kwargs={"input_hw": 8},
+                             input_size=(3, 8, 8)))
+    code, out, err = run_cli(["eval", "m.safetensors", "--data", "d"], capsys)
+    assert code == 0, err
+    assert "(6 images, torch)" in out
+    code, _, err = run_cli(["train", "--arch", "cnn2", "--data", "d", "--out", "t.safetensors"], capsys)
+    assert code == 2 and "has no train/ folder" in err and "eval and export read test/ alone" in err

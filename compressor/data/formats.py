@@ -73,11 +73,8 @@ def detect_format(spec: str) -> tuple[str, Path | None]:
         return "cifar10", sub10
     if sub100.is_dir():
         return "cifar100", sub100
-    if (path / "train").is_dir():
-        return "imagefolder", path
-    if (path / "val").is_dir() or (path / "test").is_dir():
-        raise CompressError(f"ImageFolder {spec!r} has no train/ folder; add train/<class>/ images next to "
-                            f"{'test' if (path / 'test').is_dir() else 'val'}/")
+    if (path / "train").is_dir() or (path / "val").is_dir() or (path / "test").is_dir():
+        return "imagefolder", path  # test/ alone serves eval and export; training asks for train/ (scan_imagefolder)
     raise CompressError(f"unknown data layout in {spec!r} (found: {', '.join(entries[:6])}"
                         f"{', ...' if len(entries) > 6 else ''}); {ACCEPTED}")
 
@@ -270,10 +267,15 @@ def scan_imagefolder(root: Path, splits: Sequence[str]) -> FolderScan:
         raise CompressError(f"ImageFolder {str(root)!r} has train/ but no val/ or test/ folder; "
                             f"add a held-out split as val/<class>/ or test/<class>/")
     train_dir, test_dir = root / "train", root / test_name
-    classes, test_classes = _class_dirs(train_dir), _class_dirs(test_dir)
+    has_train = train_dir.is_dir()
+    if "train" in splits and not has_train:
+        raise CompressError(f"ImageFolder {str(root)!r} has no train/ folder; add train/<class>/ images next to "
+                            f"{test_name}/ (eval and export read {test_name}/ alone)")
+    test_classes = _class_dirs(test_dir)
+    classes = _class_dirs(train_dir) if has_train else test_classes  # without train/: the test split's classes
     if not classes:
-        raise CompressError(f"ImageFolder {str(train_dir)!r} has no class folders; put images in "
-                            f"train/<class>/ and {test_name}/<class>/")
+        raise CompressError(f"ImageFolder {str(train_dir if has_train else test_dir)!r} has no class folders; "
+                            f"put images in train/<class>/ and {test_name}/<class>/")
     if classes != test_classes:
         only_tr = sorted(set(classes) - set(test_classes))
         only_te = sorted(set(test_classes) - set(classes))
