@@ -159,8 +159,10 @@ def init_normalisation(report: InitReport, entry, channels: int, mean, std) -> t
 
 
 def _classifier_rows(state: dict) -> int | None:
-    """The file's class count: rows of its last 2-D weight (the head)."""
-    for key in reversed(list(state)):
-        if key.endswith("weight") and state[key].ndim == 2:
-            return int(state[key].shape[0])
-    return None
+    """The file's class count (:func:`compressor.checkpoint._infer_num_classes`), None without a head."""
+    from .checkpoint import _infer_num_classes
+
+    try:
+        return _infer_num_classes(state)
+    except CompressError:
+        return None

@@ -34,7 +34,7 @@ import yaml
 
 from .checkpoint import CIFAR_MEAN, CIFAR_STD, file_sha256, load_model, meta_for, save_checkpoint
 from .config import DISTILL_LEGACY, DistillConfig, TrainConfig, config_to_dict
-from .bn_recalibration import batchnorm_layers, recalibrate_bn
+from .bn_recalibration import recalibrate_bn
 from .data import (DataBundle, as_eval, augment_batch, batch_augments, channel_stats, load_data, make_loader,
                    normalize, resolve_policy, subset)
 from .errors import CompressError
@@ -182,15 +182,9 @@ def accuracy_fields(test: dict, best: float | None, per_epoch_split: str) -> dic
             "best_test_top1": best if per_epoch_split == "test" else None}
 
 
-def _check_data_fits(meta, bundle: DataBundle, what: str, *, ignore_class_names: bool = False) -> None:
-    """Classes, channels and class names of ``meta`` vs ``bundle``: the one fits-check of
-    :func:`compressor.evaluation.check_data_fits` (also used by ``eval`` and the ONNX paths)."""
-    check_data_fits(bundle, what=what, meta=meta, data_chw=bundle.input_size,
-                    ignore_class_names=ignore_class_names)
-
-
-def _test_metrics(accelerator, model, splits: Splits, cfg, mean, std) -> dict:
-    loader = accelerator.prepare(make_loader(splits.test, max(cfg.batch_size, 256), shuffle=False,
+def _split_metrics(accelerator, model, split, cfg, mean, std) -> dict:
+    """Top-1/top-5/loss of ``model`` on ``split`` (fp32, the evaluation view)."""
+    loader = accelerator.prepare(make_loader(split, max(cfg.batch_size, 256), shuffle=False,
                                              workers=cfg.data_workers))
     return evaluate(accelerator, model.to(accelerator.device), loader, mean=mean, std=std)
 
@@ -302,8 +296,8 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
             accelerator.end_training()
     # precise BN, as after every distill stage: short runs leave the running statistics stale
     recalibrated, max_logit = precise_bn(accelerator, result.model, splits.train, cfg, mean, std)
-    test = result.final if splits.eval_name == "test" and not recalibrated else _test_metrics(
-        accelerator, result.model, splits, cfg, mean, std)
+    test = result.final if splits.eval_name == "test" and not recalibrated else _split_metrics(
+        accelerator, result.model, splits.test, cfg, mean, std)
     warnings = student_warnings(entry.name, top1=test["top1"], num_classes=num_classes, method="ce",
                                 train_losses=[r.get("train_loss") for r in result.history],
                                 max_abs_logit=max_logit, steps=sum(r.get("steps", 0) for r in result.history) or None)
@@ -532,7 +526,8 @@ def _load_teacher_and_data(cfg: DistillConfig, data: DataBundle | None):
     # The size the teacher was trained at, unless --image-size says otherwise.
     bundle = load_run_data(cfg, image_size=cfg.image_size or tuple(int(v) for v in tmeta.input_size[1:]),
                            channels=tmeta.in_chans, family=get_entry(tmeta.arch).family, data=data)
-    _check_data_fits(tmeta, bundle, "teacher", ignore_class_names=cfg.ignore_class_names)
+    check_data_fits(bundle, what="teacher", meta=tmeta, data_chw=bundle.input_size,
+                    ignore_class_names=cfg.ignore_class_names)
     return teacher, tmeta, teacher_sha256, bundle
 
 
@@ -645,7 +640,7 @@ def _teacher_row(run: _Run, teacher, teacher_sha256: str) -> dict:
             raise CompressError(f"{path} is damaged (no top1/top5/loss numbers); delete it and resume again, "
                                 f"or start a new run with another --out")
     else:
-        teacher_test = _test_metrics(run.accelerator, teacher, run.splits, run.cfg, run.mean, run.std)
+        teacher_test = _split_metrics(run.accelerator, teacher, run.splits.test, run.cfg, run.mean, run.std)
         if run.main:
             write_json(path, teacher_test)
     run.say(f"teacher {run.tmeta.arch}: test top-1 {teacher_test['top1']:.2f}% on {run.bundle.name} "
@@ -772,8 +767,9 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
     recalibrated, max_logit = precise_bn(run.accelerator, model, run.splits.train, run.cfg, run.mean, run.std)
     final_eval = result.final
     if recalibrated:  # the per-epoch score was taken with the old statistics: score the final model again
-        final_eval = _split_metrics(run, model, splits.eval)
-    test = final_eval if splits.eval_name == "test" else _split_metrics(run, model, splits.test)
+        final_eval = _split_metrics(accelerator, model, splits.eval, cfg, run.mean, run.std)
+    test = final_eval if splits.eval_name == "test" else _split_metrics(accelerator, model, splits.test, cfg,
+                                                                        run.mean, run.std)
     fields, seconds = accuracy_fields(test, result.best_top1, splits.eval_name), result.seconds
     if splits.eval_name == "val":
         fields["final_val_top1"] = round(final_eval["top1"], 3)
@@ -798,12 +794,6 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
     return model, fields, seconds
 
 
-def _split_metrics(run: _Run, model, split) -> dict:
-    loader = run.accelerator.prepare(make_loader(split, max(run.cfg.batch_size, 256), shuffle=False,
-                                                 workers=run.cfg.data_workers))
-    return evaluate(run.accelerator, model.to(run.accelerator.device), loader, mean=run.mean, std=run.std)
-
-
 def precise_bn(accelerator, model, train_split, cfg, mean, std) -> tuple[int, float | None]:
     """Precise BN (:mod:`compressor.bn_recalibration`) on up to ``cfg.bn_recalibration_batches``
     training batches in the *training* view (the run's augmentation, seeded; a seeded sample, the
@@ -818,10 +808,10 @@ def precise_bn(accelerator, model, train_split, cfg, mean, std) -> tuple[int, fl
     if not batches_max:
         return 0, None
     n = min(len(train_split), batches_max * cfg.batch_size)
-    order = torch.randperm(len(train_split),
-                           generator=torch.Generator().manual_seed(stable_seed(cfg.seed, "precise-bn")))
+    seed = stable_seed(cfg.seed, "precise-bn")
+    order = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(seed))
     loader = make_loader(subset(train_split, order[:n]), cfg.batch_size, shuffle=False, policy=cfg.augment,
-                         seed=stable_seed(cfg.seed, "precise-bn"), workers=cfg.data_workers)
+                         seed=seed, workers=cfg.data_workers)
     augment_here = batch_augments(cfg.augment) and not getattr(loader.dataset, "augments", False)
     generator = torch.Generator().manual_seed(stable_seed(cfg.seed, "precise-bn-augment"))
     device = accelerator.device
@@ -837,8 +827,8 @@ def precise_bn(accelerator, model, train_split, cfg, mean, std) -> tuple[int, fl
                 first.append(x)
             yield x
 
-    used = recalibrate_bn(model, batches(), max_batches=batches_max,
-                          autocast=accelerator.autocast) if batchnorm_layers(model) else 0
+    # no BN layer: recalibrate_bn returns 0 without drawing a batch
+    used = recalibrate_bn(model, batches(), max_batches=batches_max, autocast=accelerator.autocast)
     if not first:  # no BN layer: one batch for the logit probe
         images, _ = next(iter(loader))
         first.append(normalize(images.to(device), mean, std))

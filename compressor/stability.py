@@ -36,9 +36,7 @@ def guide_gate(top1: float | None, *, num_classes: int, teacher_top1: float | No
     chance = chance_top1(num_classes)
     lead = max(0.0, (teacher_top1 if teacher_top1 is not None else chance) - chance)
     threshold = chance + max(NEAR_CHANCE_POINTS, GATE_SHARE_OF_TEACHER * lead)
-    kept = top1 is None or not math.isfinite(top1) or top1 > threshold
-    if top1 is not None and not math.isfinite(top1):
-        kept = False
+    kept = top1 is None or (math.isfinite(top1) and top1 > threshold)
     return {"top1": None if top1 is None else round(float(top1), 3), "threshold": round(threshold, 3),
             "chance": round(chance, 3), "kept": bool(kept)}
 

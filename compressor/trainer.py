@@ -406,20 +406,19 @@ def evaluate(accelerator, model, loader, *, mean, std, channels_last: bool = Fal
         inner = accelerator.unwrap_model(model)
         forward = getattr(inner, "_original_forward", inner)
     acc = Accuracy()
-    with torch.no_grad():
-        for images, labels in loader:
-            if accelerator is None:
-                images, labels = images.to(device), labels.to(device)
-            x = _to_input(images, mean, std, channels_last)
-            if accelerator is not None and autocast:
-                with accelerator.autocast():
-                    logits = model(x).float()
-            else:
-                with torch.autocast(device_type=torch.device(device).type, enabled=False):
-                    logits = forward(x).float()
-            if accelerator is not None:
-                logits, labels = accelerator.gather_for_metrics((logits, labels))
-            acc.update(logits, labels)
+    for images, labels in loader:
+        if accelerator is None:
+            images, labels = images.to(device), labels.to(device)
+        x = _to_input(images, mean, std, channels_last)
+        if accelerator is not None and autocast:
+            with accelerator.autocast():
+                logits = model(x).float()
+        else:
+            with torch.autocast(device_type=torch.device(device).type, enabled=False):
+                logits = forward(x).float()
+        if accelerator is not None:
+            logits, labels = accelerator.gather_for_metrics((logits, labels))
+        acc.update(logits, labels)
     return acc.result()
 
 

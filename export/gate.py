@@ -77,16 +77,10 @@ def decide(candidate_ms, baseline_ms, max_regression=0.10, *, resamples: int = R
 
 
 def _ratio(value) -> float:
-    """A text ratio (``"10%"``, ``"0.1"``) through :func:`export.bench.parse_ratio`; a number as it is
-    (an already parsed ratio may be >= 1: ``"150%"`` is 1.5)."""
+    """:func:`export.bench.parse_ratio` (text ``"10%"``/``"0.1"``, or an already parsed fraction)."""
     from .bench import parse_ratio
 
-    if isinstance(value, str):
-        return parse_ratio(value)
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0):
-        raise CompressError(f"--max-regression must be a finite ratio >= 0, got {value}")
-    return value
+    return parse_ratio(value)
 
 
 # --------------------------------------------------------- interleaved timing

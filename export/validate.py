@@ -91,8 +91,7 @@ def _inputs(model: OnnxModel, meta: CheckpointMeta, data, total: int, seed: int)
         check_data_fits(bundle, what="the model", chw=chw, data_chw=images.shape[1:], fixed_size=True)
         if len(images) < total:  # a small split: repeat it to fill the batches
             images = images[np.arange(total) % len(images)]
-        sel = images
-        raw = sel.astype(np.float32) / 255.0 if sel.dtype == np.uint8 else sel.astype(np.float32)
+        raw = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
         label = f"data:{data}" if isinstance(data, (str, os.PathLike)) else "data"
     else:
         rng = np.random.default_rng(seed)

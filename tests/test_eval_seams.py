@@ -147,8 +147,7 @@ def test_one_fits_check_rules():
 
 
 def test_torch_eval_onnx_eval_and_distill_share_the_fits_check(tmp_path):
-    from compressor.pipeline import _check_data_fits
-    from compressor.evaluation import evaluate_checkpoint
+    from compressor.evaluation import check_data_fits, evaluate_checkpoint
     from export import evaluate_onnx, export_onnx
     from tests.data_folders import write_uniform_folder
 
@@ -164,7 +163,8 @@ def test_torch_eval_onnx_eval_and_distill_share_the_fits_check(tmp_path):
     from compressor.checkpoint import read_checkpoint
 
     with pytest.raises(CompressError) as exc:
-        _check_data_fits(read_checkpoint(ckpt)[1], _bundle(classes=3), "model")
+        bundle = _bundle(classes=3)  # what distill's teacher check passes (pipeline.run_distillation)
+        check_data_fits(bundle, what="model", meta=read_checkpoint(ckpt)[1], data_chw=bundle.input_size)
     messages.append(str(exc.value))
     assert len(set(messages)) == 1 and messages[0].startswith("model has 10 classes but the data has 3")
 

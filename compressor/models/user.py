@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import CompressError
+from ..trust import is_code_ref
 from .registry import ModelEntry
 
 DEFAULT_INPUT_SIZE = (3, 32, 32)
@@ -38,9 +39,7 @@ _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _loaded: dict[tuple[str, str], object] = {}      # (file or module, sha256) -> imported module
 
 
-def is_user_ref(name) -> bool:
-    """Zoo names never contain ``:``; every user reference does."""
-    return isinstance(name, str) and ":" in name
+is_user_ref = is_code_ref  # zoo names never contain ``:``; every user reference does (one rule: compressor.trust)
 
 
 def split_ref(ref: str) -> tuple[str, str]:
