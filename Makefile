@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,7 @@ $(BIN)/python:
 # Re-install when the project's dependencies change.
 # pip's notices about this machine's local package mirrors are filtered out; its exit code is kept.
 $(STAMP): pyproject.toml | $(BIN)/python
-	bash -o pipefail -c "$(BIN)/python -m pip install -q -e '.[test]' 2>&1 | { grep -v '^WARNING: Location' || true; }"
+	bash -o pipefail -c "$(BIN)/python -m pip install -q -e '.[test,runtimes]' 2>&1 | { grep -v '^WARNING: Location' || true; }"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,5 +23,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# The docs site: the pinned `docs` extra (mkdocs, mkdocs-material) into the same venv, then
+# `mkdocs build --strict`; the CLI and config reference pages are generated from the code during
+# the build (tools/gen_cli_reference.py is an mkdocs hook), so they cannot go stale.
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): pyproject.toml | $(STAMP)
+	bash -o pipefail -c "$(BIN)/python -m pip install -q -e '.[docs]' 2>&1 | { grep -v '^WARNING: Location' || true; }"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict -d site
+
 clean:
-	rm -rf $(VENV) runs demo-out .pytest_cache
+	rm -rf $(VENV) runs demo-out .pytest_cache site

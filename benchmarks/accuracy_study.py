@@ -301,8 +301,22 @@ def _device() -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def display_path(path: str) -> str:
+    """A data path as the study's files show it: relative to the working folder, or just its name
+    (the plot title and study.md are published; one machine's absolute path means nothing elsewhere)."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return p.name
+
+
 def write_outputs(out: Path, args, cfg0, runs: list[dict], command: str, data_name: str, load_s: float) -> dict:
     from compressor.fileio import write_json, write_text
+
+    data_name = display_path(data_name)
 
     methods = [m for m in args.methods if any(r["method"] == m for r in runs)]
     stats = aggregate(runs, methods)

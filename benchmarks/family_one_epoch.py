@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--families", default="", help="comma-separated families [default: all]")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--data", default="demo")
+    ap.add_argument("--seed", type=int, default=None, help="training seed [default: compress train's, 20]")
     ap.add_argument("--out", default="", help="also write the JSON here (rows are appended as they finish)")
     ap.add_argument("--precise-bn", type=int, default=0, metavar="N",
                     help="also report top-1 after recomputing BN statistics on N training batches "
@@ -71,14 +72,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for family in wanted:
             arch = members[family]
+            seed = {} if args.seed is None else {"seed": args.seed}
             cfg = TrainConfig(arch=arch, data=args.data, epochs=args.epochs, out=str(Path(tmp) / f"{arch}.safetensors"),
-                              **overrides)
+                              **seed, **overrides)
             cfg.validate()
             t0 = time.perf_counter()
             try:
                 metrics = train_model(cfg, show_progress=False)
+                used = metrics.get("training_defaults", {})
                 row = {"family": family, "arch": arch, "top1": metrics["final_test_top1"],
-                       "loss": metrics["final_test_loss"], "seconds": round(time.perf_counter() - t0, 1)}
+                       "loss": metrics["final_test_loss"], "seconds": round(time.perf_counter() - t0, 1),
+                       "optimizer": used.get("optimizer"), "lr": used.get("lr"), "seed": cfg.seed}
                 if args.precise_bn:
                     row["top1_precise_bn"] = precise_bn_top1(cfg.out, args.data, args.precise_bn)
             except Exception as exc:  # a diverged run is a result, not a crash of the benchmark

@@ -19,13 +19,15 @@ slower model. Prints JSON (counts, per-run slowdowns and intervals, seconds);
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_json_report.py, however the script is run
+from _json_report import emit_report  # noqa: E402
 
 BUSY = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
 
@@ -109,11 +111,7 @@ def main(argv=None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
         "per_run": runs,
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    return 1 if args.check and not out["goal"]["met"] else 0
+    return emit_report(out, args.json, args.check)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ Goal (issue 13, for the AMX Xeon): the fastest runtime that passes parity gives
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_json_report.py, however the script is run
+from _json_report import emit_report  # noqa: E402
 
 GOAL = {"b1_p50_speedup": 2.0, "b64_throughput_ratio": 4.0}
 TEACHER = Path(__file__).resolve().parents[1] / "compressor" / "assets" / "resnet20_cifar10_pretrained.safetensors"
@@ -50,11 +52,7 @@ def main(argv=None) -> int:
     b64 = fastest.get("64", {}).get("throughput_vs_cpu_fp32") or 0.0
     rep["goal"] = {**GOAL, "b1_measured": round(b1, 2), "b64_measured": round(b64, 2),
                    "met": b1 >= GOAL["b1_p50_speedup"] and b64 >= GOAL["b64_throughput_ratio"]}
-    text = json.dumps(rep, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    return 1 if args.check and not rep["goal"]["met"] else 0
+    return emit_report(rep, args.json, args.check)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,16 @@ class_names     JSON list of strings
 metrics         JSON object (test accuracy, epochs, ...)
 source          free text: where the weights came from
 code_sha256     for user code (arch ``file.py:NAME``): sha256 of that file
+timm_version    for timm models (arch ``timm:NAME``): the timm that built it
 ==============  ==========================================================
 
 :func:`load_model` rebuilds the model from the file alone and verifies every
 tensor name and shape, so a truncated or mismatched file is caught on load.
 A checkpoint whose arch is user code is rebuilt only when the caller names the
 same code or trusts it (:func:`ensure_code_trusted`): no code runs because a
-file says so.
+file says so. A ``timm:NAME`` checkpoint is rebuilt from the name (no trust
+needed); tensors another timm version names or shapes differently are refused
+naming both versions.
 """
 from __future__ import annotations
 
@@ -69,6 +72,7 @@ class CheckpointMeta:
     metrics: dict = field(default_factory=dict)
     source: str = ""
     code_sha256: str = ""
+    timm_version: str = ""
     format_version: str = FORMAT_VERSION
 
     def to_strings(self) -> dict[str, str]:
@@ -97,6 +101,7 @@ class CheckpointMeta:
                 metrics=dict(json.loads(meta.get("metrics", "{}"))),
                 source=meta.get("source", ""),
                 code_sha256=meta.get("code_sha256", ""),
+                timm_version=meta.get("timm_version", ""),
                 format_version=meta.get("format_version", FORMAT_VERSION),
             )
         except (ValueError, TypeError, RecursionError) as exc:
@@ -129,6 +134,9 @@ class CheckpointMeta:
             return "mean/std must be finite numbers and std > 0"
         if not isinstance(self.arch, str) or not self.arch or len(self.arch) > 1000:
             return "arch must be a model name or a file.py:NAME reference (at most 1000 characters)"
+        version = self.timm_version
+        if len(version) > 64 or not all((ch.isascii() and ch.isalnum()) or ch in ".+-_!" for ch in version):
+            return f"timm_version {self.timm_version[:64]!r} is not a version number"
         if self.class_names and (len(self.class_names) != self.num_classes
                                  or not all(isinstance(c, str) for c in self.class_names)):
             return f"class_names has {len(self.class_names)} entries for {self.num_classes} classes"
@@ -276,14 +284,24 @@ def load_model(path, *, arch: str | None = None, num_classes: int | None = None,
     """
     state, meta = read_checkpoint(path, arch=arch, num_classes=num_classes)
     ensure_code_trusted(meta, path, arch=arch, trust_code=trust_code, accept_code_change=accept_code_change)
-    get_entry(meta.arch)  # unknown arch -> CompressError with suggestions
+    entry = get_entry(meta.arch)  # unknown arch -> CompressError with suggestions
     model = build_model(meta)
+    if entry.timm_name and meta.timm_version:  # another timm may name or shape the tensors differently
+        from .models.timm_models import check_rebuilt
+
+        check_rebuilt(meta, model, state, path)
     load_state_strict(model, state, meta.arch, str(path))
     return model.to(map_location).eval(), meta
 
 
 def family_normalisation(entry) -> tuple[str, tuple, tuple]:
-    """(name, mean, std) a family's weights usually expect: ImageNet for the torchvision families."""
+    """(name, mean, std) a family's weights usually expect: ImageNet for the torchvision families,
+    the ``pretrained_cfg``'s for a timm model."""
+    if getattr(entry, "timm_name", ""):
+        from .models.timm_models import preprocessing
+
+        pre = preprocessing(entry.name)
+        return f"timm pretrained_cfg ({entry.timm_name})", tuple(pre["mean"]), tuple(pre["std"])
     if entry.norm == "imagenet":
         return "ImageNet", IMAGENET_MEAN, IMAGENET_STD
     return "CIFAR", CIFAR_MEAN, CIFAR_STD
@@ -298,6 +316,11 @@ def meta_for(arch: str, *, num_classes: int, in_chans: int | None = None, mean=C
         from .models.user import code_sha256
 
         extra["code_sha256"] = code_sha256(entry.user_ref)
+    if getattr(entry, "timm_name", ""):  # rebuilt from the name; the version and its pretrained_cfg recorded
+        from .models.timm_models import preprocessing, timm_version
+
+        extra.setdefault("timm_version", timm_version())
+        extra["metrics"] = {"pretrained_cfg": preprocessing(entry.name), **(extra.get("metrics") or {})}
     return CheckpointMeta(arch=entry.name, num_classes=num_classes, in_chans=in_chans, input_size=size,
                           mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
                           class_names=list(class_names), model_kwargs=dict(model_kwargs or {}), **extra)

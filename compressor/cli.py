@@ -89,7 +89,9 @@ OPTIM_HELP = {
     "data": "demo, a CIFAR-10/100 python dir, or an ImageFolder root",
     "epochs": "training epochs", "batch_size": "images per step and process",
     "lr": "peak learning rate [default: the model family's, scaled to the images per step]",
-    "momentum": "SGD momentum", "weight_decay": "SGD weight decay [default: the model family's]",
+    "optimizer": "sgd | adamw [default: the model family's: adamw for MobileNet, ShuffleNet, EfficientNet and "
+                 "RegNet, else sgd]",
+    "momentum": "SGD momentum", "weight_decay": "weight decay [default: the model family's]",
     "schedule": "step | cosine | constant [default: the model family's (cosine)]",
     "milestones": "step schedule: fractions of the epochs",
     "gamma": "step schedule factor", "warmup_epochs": "linear warmup epochs, fractions allowed "
@@ -113,7 +115,7 @@ OPTIM_HELP = {
     "bn_recalibration_batches": "after training (each stage of distill), recompute BatchNorm statistics on this "
                                 "many training batches, unaugmented (precise BN; 0: off)",
     "compile": "torch.compile the trained model and its guides (costs tens of seconds per model and stage; "
-               "pays off on long runs, see the README's Performance section)",
+               "pays off on long runs, see docs/performance.md)",
 }
 OPTIM_FIELDS = list(OPTIM_HELP)
 
@@ -160,13 +162,14 @@ def models_cmd(family):
         rows.append([s["name"], s["family"], f"{s['params']:,}", f"{s['macs'] / 1e6:.1f}M",
                      "x".join(str(v) for v in s["input_size"]), s["norm"]])
     click.echo(format_table(["name", "family", "params", "MACs", "input", "norm"], rows))
-    click.echo("Your own model: --arch path/to/file.py:NAME (see examples/my_model.py). Families with a "
+    click.echo("timm models: --arch timm:NAME (pip install 'compress[timm]'). "
+               "Your own model: --arch path/to/file.py:NAME (see examples/my_model.py). Families with a "
                "'stem' option use --option stem=cifar by default for inputs up to 64 px.")
 
 
 @cli.command("train")
-@click.option("--arch", default=None, help="zoo model name (e.g. resnet56) or your code: path/to/file.py:NAME "
-                                          "or package.module:NAME")
+@click.option("--arch", default=None, help="zoo model name (e.g. resnet56), a timm model (timm:NAME, e.g. "
+                                          "timm:resnet18) or your code: path/to/file.py:NAME or package.module:NAME")
 @click.option("--out", default=None, help="output checkpoint (.safetensors)")
 @click.option("--recipe", default=None, help="YAML recipe (keys = TrainConfig fields)")
 @click.option("--init", default=None,
@@ -211,7 +214,7 @@ def train_cmd(arch, out, recipe, init, num_classes, mean, std, options, resume, 
 
 @cli.command("import")
 @click.argument("file")
-@click.option("--arch", required=True, help="zoo model name (or file.py:NAME) the weights belong to")
+@click.option("--arch", required=True, help="zoo model name (or timm:NAME, or file.py:NAME) the weights belong to")
 @click.option("--out", required=True, help="output .safetensors")
 @click.option("--num-classes", type=int, default=None, help="default: inferred from the classifier")
 @click.option("--mean", default=None, help="normalisation mean the weights expect (default: the family's)")
@@ -262,9 +265,16 @@ def import_cmd(file, arch, out, num_classes, mean, std, class_names, options, im
     if not (mean and std):
         click.echo(f"normalisation: {norm_name} mean/std, the default for {entry.family} "
                    f"(--mean/--std to override)")
+    extra = {}
+    if entry.timm_name:  # its pretrained_cfg's crop decides how eval and export validation crop
+        from .models.timm_models import eval_policy
+
+        policy, why = eval_policy(entry.name, size)
+        click.echo(f"evaluation crop: {policy} policy ({why})")
+        extra["metrics"] = {"augment": policy}
     meta = meta_for(entry.name, num_classes=n, mean=_csv_floats(mean) or default_mean,
                     std=_csv_floats(std) or default_std, class_names=names, model_kwargs=kwargs, input_size=size,
-                    source=f"imported from {file} (sha256 {file_sha256(file)[:16]})")
+                    source=f"imported from {file} (sha256 {file_sha256(file)[:16]})", **extra)
     save_checkpoint(out, model, meta)
     click.echo(f"imported {len(state)} tensors into {entry.name} ({count_params(model):,} params, "
                f"{n} classes) -> {out}")
@@ -280,7 +290,8 @@ DISTILL_HELP = {
     "kd_warmup_epochs": "ramp λ from 0 over these epochs of each stage, CE filling in (at most 1/4 of a stage; 0: off)",
     "gate_guides": "keep an assistant that ends near chance out of the later stages' guides",
     "assistant_epochs": "epochs for each assistant (default: --epochs)", "name": "run name (runs/NAME)",
-    "latency_backend": "plan table latency: torch | onnxruntime | none",
+    "latency_backend": "plan table latency: torch | onnxruntime | none (distill's run table is timed once after "
+                       "training in onnxruntime, as 'compress bench'; none: not timed)",
     "cache_guides": "store guide logits per (epoch, step) on disk and reuse them across stages and runs",
     "ignore_class_names": "run the teacher on data whose class names differ from the teacher's",
     "trust_code": "I trust the code the teacher checkpoint names (file.py:NAME): import it",
@@ -288,6 +299,9 @@ DISTILL_HELP = {
                     "ImageNet .pth): matching tensors copied, classifier replaced for another class count",
     "accept_code_change": "load a teacher whose code file changed since it was saved (the edit must leave its "
                           "layers as they were; printed and recorded)",
+    "unlabeled": "a folder of images without labels (flat, nested or class folders; DIR/train/ if it has one): "
+                 "the guides label them and the student learns from their KD terms too (not with method ce)",
+    "unlabeled_ratio": "unlabeled images per step, as a multiple of --batch-size",
 }
 
 
@@ -295,7 +309,8 @@ def _plan_options(fn):
     for opt in reversed([
         click.option("--teacher", default=None, help="teacher checkpoint (.safetensors)"),
         click.option("--target", default=None,
-                     help="student: a zoo name (e.g. resnet8) or your code, path/to/file.py:NAME"),
+                     help="student: a zoo name (e.g. resnet8), a timm model (timm:NAME) or your code, "
+                          "path/to/file.py:NAME"),
         click.option("--target-latency", "target_latency_ms", default=None,
                      help="instead of --target: largest student under this batch-1 latency, e.g. 0.2ms"),
         click.option("--target-family", default=None,
@@ -380,7 +395,8 @@ def plan_cmd(teacher, target, target_latency_ms, recipe, options, json_out, **fl
                 ["method", "assistants", "by", "max_assistants", "spacing", "temperature", "kd_weight",
                  "kd_reduction", "kd_warmup_epochs", "gate_guides", "drop_guides",
                  "assistant_epochs", "name", "latency_backend", "cache_guides",
-                 "ignore_class_names", "trust_code", "accept_code_change", "init_student"] + OPTIM_FIELDS,
+                 "ignore_class_names", "trust_code", "accept_code_change", "init_student",
+                 "unlabeled", "unlabeled_ratio"] + OPTIM_FIELDS,
                 {**DISTILL_HELP, **OPTIM_HELP})
 @click.option("--init-assistant", "init_assistant", multiple=True,
               help="ARCH=PATH: start that assistant from these weights (any file 'compress import' reads)")

@@ -22,11 +22,13 @@ from .trust import check_recipe, without_trust_keys
 METHODS = ("dgkd", "takd", "kd", "ce")
 KD_REDUCTIONS = ("sum", "mean")
 SCHEDULES = ("step", "cosine", "constant")
+OPTIMIZERS = ("sgd", "adamw")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 PLAN_METRICS = ("macs", "params", "latency")
 AUGMENT = ("auto", "cifar", "imagenet", "none")
 DATA_MODES = ("auto", "memory", "stream")
 MAX_DATA_WORKERS = 64
+MAX_UNLABELED_RATIO = 64  # unlabeled images per labelled one in a step
 MAX_IMAGE_SIZE = 2048  # with 3 channels the largest input checkpoint.MAX_INPUT_ELEMENTS allows
 
 
@@ -46,6 +48,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: typing.Optional[float] = None  # None: the family's
     nesterov: bool = False
+    optimizer: typing.Optional[str] = None        # sgd | adamw; None: the family's (training_defaults)
     schedule: typing.Optional[str] = None        # step: lr x gamma at each milestone (fractions of epochs); None: family's
     milestones: list = field(default_factory=lambda: [0.5, 0.75])
     gamma: float = 0.1
@@ -80,6 +83,8 @@ class OptimConfig:
             raise CompressError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.schedule is not None:
             _choice(self, "schedule", SCHEDULES)
+        if self.optimizer is not None:
+            _choice(self, "optimizer", OPTIMIZERS)
         if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:
             raise CompressError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}; e.g. 0.1")
         if self.grad_clip is not None and self.grad_clip < 0:
@@ -153,6 +158,8 @@ class DistillConfig(OptimConfig):
     cache_guides: bool = False                        # store guide logits per (epoch, step) and reuse them
     init_student: typing.Optional[str] = None         # start the student from these weights (compressor.init_weights)
     init_assistants: dict = field(default_factory=dict)  # assistant arch -> weights to start it from
+    unlabeled: typing.Optional[str] = None           # a folder of images the guides label (KD terms only)
+    unlabeled_ratio: float = 1.0                     # unlabeled images per step = ratio x batch_size
     ignore_class_names: bool = False                  # run a teacher on data whose class names differ
     trust_code: bool = False                          # import the user code a teacher checkpoint names
     accept_code_change: bool = False                  # load a teacher whose code file changed since it was saved
@@ -195,6 +202,12 @@ class DistillConfig(OptimConfig):
             raise CompressError(f"spacing must be > 1 (a compute ratio), got {self.spacing}")
         if self.assistant_epochs is not None and self.assistant_epochs <= 0:
             raise CompressError(f"assistant_epochs must be > 0, got {self.assistant_epochs}")
+        if self.unlabeled is not None and self.method == "ce":
+            raise CompressError("--unlabeled needs guides to label the images, and method ce trains the student "
+                                "alone; use --method dgkd, takd or kd, or drop --unlabeled")
+        if not 0 < self.unlabeled_ratio <= MAX_UNLABELED_RATIO:
+            raise CompressError(f"unlabeled_ratio must be in (0, {MAX_UNLABELED_RATIO}], got {self.unlabeled_ratio}; "
+                                f"e.g. --unlabeled-ratio 1 (as many unlabeled images per step as labelled ones)")
 
 
 # What a run written before these DistillConfig fields existed trained with: a resumed old run

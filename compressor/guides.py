@@ -50,6 +50,11 @@ change the batches or the logits (seed, batch size, normalisation, precision,
 memory format, subset/validation split, storage format). Any change is a miss
 (a new folder), never stale logits. The number of epochs is not in the key:
 epoch ``e`` has the same batches in a 30- and a 160-epoch run.
+
+Unlabeled images (``--unlabeled``): their batches get caches of their own, keyed
+by the same settings plus ``unlabeled`` (the unlabeled set's fingerprint, image
+count, batch size and batch-code version; ``pipeline._guide_cache_opener``), so
+the labelled caches stay shared with runs without unlabeled images.
 """
 from __future__ import annotations
 

@@ -7,10 +7,14 @@ Torch-eager figures are cheap and are not cached.
 
 Layers: planning (this library) must not depend on deployment. Timing a model
 in onnxruntime needs the ``export`` package, so the measurement is injected: an
-:data:`OnnxTimer` ``timer(model, meta, threads=, warmup=, iters=) -> ms`` passed
+:data:`OnnxTimer` ``timer(model, meta, threads=, warmup=, iters=[, seconds=]) -> ms`` passed
 as ``timer=`` or installed once with :func:`set_onnx_timer` (``compressor.cli``
 installs ``export.bench.onnx_model_latency_ms``). Nothing under ``compressor/``
 but the CLI imports ``export``.
+
+The latency column of a finished run (summary, ``report.md``, plot) comes from
+:func:`chain_latency`: measured once after training, on the main process, in
+onnxruntime with ``compress bench``'s default settings.
 """
 from __future__ import annotations
 
@@ -84,10 +88,11 @@ def torch_latency_ms(arch: str, num_classes: int = 10, model_kwargs: dict | None
 
 def onnx_latency_ms(arch: str, num_classes: int = 10, model_kwargs: dict | None = None,
                     threads: int | None = None, warmup: int = 10, iters: int = 50, use_cache: bool = True,
-                    input_size=None, timer: OnnxTimer | None = None) -> float:
+                    input_size=None, timer: OnnxTimer | None = None, seconds: float | None = None) -> float:
     """Median batch-1 onnxruntime latency on this machine (cached per machine).
 
-    A cache miss measures with ``timer`` (else the one of :func:`set_onnx_timer`)."""
+    A cache miss measures with ``timer`` (else the one of :func:`set_onnx_timer`); ``seconds``
+    (passed on to the timer when given): time that long instead of ``iters`` calls."""
     threads = threads or _default_threads()
     entry = get_entry(arch)
     size = tuple(input_size) if input_size else entry.input_size
@@ -120,7 +125,8 @@ def onnx_latency_ms(arch: str, num_classes: int = 10, model_kwargs: dict | None 
     model = create_model(arch, num_classes=num_classes, in_chans=size[0], **(model_kwargs or {})).eval()
     meta = meta_for(entry.name, num_classes=num_classes, in_chans=size[0], model_kwargs=model_kwargs or {},
                     input_size=size)
-    ms = float(timer(model, meta, threads=threads, warmup=warmup, iters=iters))
+    extra = {} if seconds is None else {"seconds": float(seconds)}
+    ms = float(timer(model, meta, threads=threads, warmup=warmup, iters=iters, **extra))
     if use_cache:
         cache[key] = ms
         try:
@@ -134,3 +140,66 @@ def latency_ms(arch: str, backend: str = "torch", **kwargs) -> float:
     if backend == "onnxruntime":
         return onnx_latency_ms(arch, **kwargs)
     return torch_latency_ms(arch, **kwargs)
+
+
+# ------------------------------------------------- the run table's latency
+BENCH_MAX_THREADS = 8   # = export.machine.MAX_DEFAULT_THREADS (the library does not import export)
+
+
+def bench_threads() -> int:
+    """The intra-op threads ``compress bench`` uses by default: the usable cores, at most 8."""
+    return max(1, min(usable_cores(), BENCH_MAX_THREADS))
+
+
+def chain_latency(members, *, num_classes: int, input_size=None, backend: str = "onnxruntime",
+                  timer: OnnxTimer | None = None, warmup: int = 10, seconds: float = 1.0) -> tuple[list, dict]:
+    """Batch-1 latency of every model of a finished run, in the deployed runtime.
+
+    ``members``: ``(arch, model_kwargs)`` pairs. Each is built at ``input_size`` and timed
+    once, uncached, with the onnxruntime timer (``timer``, else :func:`set_onnx_timer`'s):
+    fp32, CPU, :func:`bench_threads` threads and graph optimisation ``all`` -- what
+    ``compress bench`` does by default -- the median (p50) of ``seconds`` of calls in
+    3 rounds after ``warmup``. Call it on one process after training (the pipeline's main process
+    while the others wait), so nothing else of the run competes for the cores.
+    Returns ``(latencies_ms, info)``; with ``backend="none"`` or no timer installed,
+    latencies are ``None`` and ``info["note"]`` says why.
+    """
+    members = list(members)
+    timer = timer or _onnx_timer
+    if backend == "none" or timer is None:
+        why = ("--latency-backend none" if backend == "none" else
+               "no onnxruntime timer installed (from Python: compressor.latency.set_onnx_timer("
+               "export.bench.onnx_model_latency_ms))")
+        return [None] * len(members), {"backend": "none", "note": f"latency not measured: {why}"}
+    threads = bench_threads()
+    out, failed = [], {}
+    for arch, kwargs in members:
+        try:
+            out.append(round(onnx_latency_ms(arch, num_classes=num_classes, model_kwargs=kwargs, threads=threads,
+                                             warmup=warmup, use_cache=False, input_size=input_size, timer=timer,
+                                             seconds=seconds), 4))
+        except Exception as exc:  # a model that does not export must not fail a finished run: say so instead
+            out.append(None)
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            failed[arch] = f"{type(exc).__name__}: {first}"
+    info = {"backend": "onnxruntime", "precision": "fp32", "provider": "cpu", "batch_size": 1, "threads": threads,
+            "statistic": "p50", "warmup": int(warmup), "seconds": float(seconds),
+            "when": "once, after training, on the main process"}
+    if failed:
+        info["failed"] = failed
+    return out, info
+
+
+def describe_latency(info: dict | None, legacy_backend: str | None = None) -> str:
+    """One line saying how a run table's latency column was measured."""
+    if not info:  # a summary written before the run table's latency was measured after training
+        return {"torch": "latency: torch eager, batch 1, measured when the run was planned",
+                "onnxruntime": "latency: onnxruntime, batch 1, measured when the run was planned"}.get(
+            legacy_backend or "", "latency: not measured")
+    if info.get("backend") != "onnxruntime":
+        return info.get("note", "latency: not measured")
+    line = (f"latency: onnxruntime {info['precision']} on the CPU, batch {info['batch_size']}, {info['statistic']} "
+            f"of {info['seconds']:g} s of calls, {info['threads']} threads (as 'compress bench'), measured "
+            f"{info['when']}")
+    failed = info.get("failed") or {}
+    return line + "".join(f"; not measured for {arch} ({why})" for arch, why in failed.items())

@@ -37,6 +37,7 @@ from .config import DISTILL_LEGACY, DistillConfig, TrainConfig, config_to_dict
 from .bn_recalibration import recalibrate_bn
 from .data import (DataBundle, as_eval, augment_batch, batch_augments, channel_stats, load_data, make_loader,
                    normalize, resolve_policy, subset)
+from .data.unlabeled import UnlabeledStream, load_unlabeled, unlabeled_batch_size
 from .errors import CompressError
 from .evaluation import check_data_fits
 from .fileio import check_output_path, shorten, write_json, write_yaml
@@ -237,7 +238,12 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     if num_classes != bundle.num_classes:
         raise CompressError(f"--num-classes {num_classes} but the data has {bundle.num_classes} classes")
     c = bundle.input_size[0]
-    mean, std = _normalisation(cfg, bundle, c)
+    timm_norm = None  # a timm model: its pretrained_cfg's mean/std, not the data's (--init: the file's)
+    if entry.timm_name and not cfg.init and not (cfg.mean and cfg.std):
+        from .models.timm_models import pretrained_normalisation
+
+        timm_norm = pretrained_normalisation(entry.name, c, cfg.mean, cfg.std)
+    mean, std = timm_norm[:2] if timm_norm else _normalisation(cfg, bundle, c)
     if len(mean) != c or len(std) != c:
         raise CompressError(f"--mean/--std need {c} values (one per channel)")
     requested = config_to_dict(cfg)  # as given (e.g. mixed_precision auto); what it resolved to is "precision"
@@ -269,6 +275,8 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
             accelerator.print(f"normalisation: mean {','.join(f'{v:g}' for v in mean)}  "
                               f"std {','.join(f'{v:g}' for v in std)}, what the --init weights expect "
                               f"(--mean/--std to override)")
+    elif timm_norm:
+        accelerator.print(timm_norm[2])
     splits = prepare_splits(cfg, bundle)
     accelerator.wait_for_everyone()  # every process has checked the state folder before it is written
     if accelerator.is_main_process:  # after every check: a refused start leaves nothing to resume
@@ -374,6 +382,30 @@ def check_trains_at(arch: str, model_kwargs: dict, num_classes: int, input_size)
                    f"pass its size option if it has one (plain CNNs: --option input_hw={h}), or pick another model")
 
 
+# Bump when the code that makes an unlabeled batch changes (compressor.data.unlabeled, the trainer's
+# _unlabeled_input): cached guide logits of old unlabeled batches then miss.
+UNLABELED_BATCH_CODE = 1
+
+
+def _load_unlabeled(cfg: DistillConfig, bundle: DataBundle, num_processes: int):
+    """``--unlabeled DIR`` at the labelled training split's size, channels and policy (or ``None``)."""
+    if not cfg.unlabeled:
+        return None
+    unlabeled = load_unlabeled(cfg.unlabeled, input_size=bundle.input_size, policy=bundle.augment,
+                               mode=cfg.data_mode, skip_bad_images=cfg.skip_bad_images, processes=num_processes)
+    for note in unlabeled.notes:
+        _say(f"data: {note}")
+    return unlabeled
+
+
+def _unlabeled_stream(run: "_Run"):
+    """The stage's unlabeled batches: the same for every stage (seeded by the run's seed alone)."""
+    cfg, accelerator = run.cfg, run.accelerator
+    return UnlabeledStream(run.unlabeled, unlabeled_batch_size(cfg.batch_size, cfg.unlabeled_ratio),
+                           seed=stable_seed(cfg.seed, "unlabeled"), policy=cfg.augment,
+                           rank=accelerator.process_index, world=accelerator.num_processes, workers=cfg.data_workers)
+
+
 def _guide_cache_opener(cfg: DistillConfig, accelerator, splits: Splits, num_classes: int, mean, std):
     """``open(guides, epochs, steps)`` -> one logit cache per guide, when ``cache_guides`` is on
     (single process only; else ``None``).
@@ -393,7 +425,9 @@ def _guide_cache_opener(cfg: DistillConfig, accelerator, splits: Splits, num_cla
     settings: dict = {}
     fingerprints: dict[int, str] = {}
 
-    def open_caches(guides, epochs: int, steps: int):
+    def open_caches(guides, epochs: int, steps: int, unlabeled=None, unlabeled_batch: int | None = None):
+        """``unlabeled`` (an UnlabeledSet): the caches of the unlabeled batches instead, keyed by the
+        labelled settings (they fix the steps) plus the unlabeled set's fingerprint and batch size."""
         if not guides:
             return None
         if not settings:
@@ -401,8 +435,13 @@ def _guide_cache_opener(cfg: DistillConfig, accelerator, splits: Splits, num_cla
         for g in guides:
             if id(g) not in fingerprints:
                 fingerprints[id(g)] = weights_fingerprint(g)
-        return [open_guide_cache(cache_dir() / "guides", g, settings, epochs=epochs, steps=steps,
-                                 batch_size=cfg.batch_size, num_classes=num_classes, fingerprint=fingerprints[id(g)])
+        keyed, batch = settings, cfg.batch_size
+        if unlabeled is not None:
+            keyed = {**settings, "unlabeled": {"fingerprint": unlabeled.fingerprint(), "images": len(unlabeled),
+                                               "batch_size": unlabeled_batch, "batch_code": UNLABELED_BATCH_CODE}}
+            batch = unlabeled_batch
+        return [open_guide_cache(cache_dir() / "guides", g, keyed, epochs=epochs, steps=steps,
+                                 batch_size=batch, num_classes=num_classes, fingerprint=fingerprints[id(g)])
                 for g in guides]
 
     return open_caches
@@ -485,6 +524,7 @@ class _Run:
     precision: object
     teacher_top1: float | None = None
     dropped: dict = field(default_factory=dict)  # chain index -> its gate record (guide_gate), kept out of later stages
+    unlabeled: object = None  # --unlabeled: an UnlabeledSet (compressor.data.unlabeled)
 
     @property
     def main(self) -> bool:
@@ -513,10 +553,29 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
         model, row = _run_stage(run, k, member, chain_models)
         chain_models.append(model)
         rows.append(row)
-    summary = _summary(run, rows, teacher_sha256=teacher_sha256, command=command,
-                       wall_seconds=time.perf_counter() - total_start)
+    wall_seconds = time.perf_counter() - total_start
+    latency = _measure_run_latency(run, rows)
+    summary = _summary(run, rows, teacher_sha256=teacher_sha256, command=command, wall_seconds=wall_seconds)
+    summary.update({"latency_backend": latency["backend"], "latency": latency})
     _finish_run(run, summary)
     return summary
+
+
+def _measure_run_latency(run: _Run, rows: list[dict]) -> dict:
+    """The run table's latency column: every model of the chain timed once, after training, on the
+    main process, in the deployed runtime (:func:`compressor.latency.chain_latency`: onnxruntime fp32,
+    ``compress bench``'s settings) while the other processes wait; fills ``rows[i]["latency_ms"]``."""
+    from .latency import chain_latency
+
+    info = {"backend": "none"}
+    if run.main:
+        latencies, info = chain_latency([(r["arch"], r.get("model_kwargs") or {}) for r in rows],
+                                        num_classes=run.tmeta.num_classes, input_size=run.bundle.input_size,
+                                        backend=run.cfg.latency_backend)
+        for r, ms in zip(rows, latencies):
+            r["latency_ms"] = ms
+    run.accelerator.wait_for_everyone()
+    return info
 
 
 def _load_teacher_and_data(cfg: DistillConfig, data: DataBundle | None):
@@ -556,6 +615,9 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     # The process count is part of the config: it changes the batches (refused on resume).
     resolved = {**requested, "target": target, "num_processes": accelerator.num_processes,
                 "precision": precision.to_dict()}
+    unlabeled = _load_unlabeled(cfg, bundle, accelerator.num_processes)
+    if unlabeled is not None:  # recorded, so a resume with other unlabeled images is refused
+        resolved["unlabeled_data"] = unlabeled.record()
     if resume:
         _check_resume_config(run_dir, resolved)
     accelerator.wait_for_everyone()  # every process has checked the run directory before anything is written
@@ -597,7 +659,7 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
                 splits=splits, mean=mean, std=std, loss_cfg=loss_cfg, stage_cfgs=stage_cfgs, resume=resume,
                 progress=Progress(enabled=accelerator.is_main_process and show_progress),
                 open_guide_caches=_guide_cache_opener(cfg, accelerator, splits, tmeta.num_classes, mean, std),
-                epochs=epochs, assistant_epochs=assistant_epochs, precision=precision)
+                epochs=epochs, assistant_epochs=assistant_epochs, precision=precision, unlabeled=unlabeled)
 
 
 def _load_or_make_plan(cfg: DistillConfig, tmeta, target: str, run_dir: Path, *, resume: bool, epochs: int,
@@ -616,7 +678,8 @@ def _load_or_make_plan(cfg: DistillConfig, tmeta, target: str, run_dir: Path, *,
                       assistants=cfg.assistants, by=cfg.by, max_assistants=cfg.max_assistants,
                       spacing=cfg.spacing, method=cfg.method, model_kwargs=cfg.model_kwargs,
                       latency_backend=cfg.latency_backend, drop_guides=cfg.drop_guides,
-                      epochs=epochs, assistant_epochs=assistant_epochs, input_size=tmeta.input_size)
+                      epochs=epochs, assistant_epochs=assistant_epochs, input_size=tmeta.input_size,
+                      measure_latency=False)  # the run table's latency is measured once, after training
 
 
 def _stage_training_settings(cfg: DistillConfig, plan: Plan, epochs: int, assistant_epochs: int,
@@ -755,12 +818,21 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
     guides = [chain_models[i] for i in guide_idx]
     run.progress.start_stage(label, stage_epochs, 0, len(splits.train))
     caches = run.open_guide_caches(guides, stage_epochs, len(train_loader)) if run.open_guide_caches else None
+    unlabeled = _unlabeled_stream(run) if run.unlabeled is not None and guides else None
+    unlabeled_caches = None
+    if unlabeled is not None:
+        run.say(f"{label}: each step also takes {unlabeled.batch_size} of the {len(run.unlabeled)} unlabeled "
+                f"images, labelled by the guides (KD terms only)")
+        if run.open_guide_caches:
+            unlabeled_caches = run.open_guide_caches(guides, stage_epochs, len(train_loader),
+                                                     unlabeled=run.unlabeled, unlabeled_batch=unlabeled.batch_size)
     try:
         result = fit(accelerator, model, guides, train_loader, eval_loader,
                      cfg=run.stage_cfgs[member.arch], loss_cfg=loss_cfg, epochs=stage_epochs, mean=run.mean,
                      std=run.std, stage_seed=stable_seed(cfg.seed, "stage", member.arch), stage_dir=stage_dir,
                      stage_label=label, resume=run.resume, progress=run.progress,
-                     aug_seed=stable_seed(cfg.seed, "aug"), guide_caches=caches, eval_split=splits.eval_name)
+                     aug_seed=stable_seed(cfg.seed, "aug"), guide_caches=caches, eval_split=splits.eval_name,
+                     unlabeled=unlabeled, unlabeled_caches=unlabeled_caches)
     finally:
         run.progress.close()
     model = result.model
@@ -873,6 +945,9 @@ def _summary(run: _Run, rows: list[dict], *, teacher_sha256: str, command: str |
         "student_near_chance": student["final_test_top1"] is not None and student["final_test_top1"]
         <= chance_top1(run.tmeta.num_classes) + NEAR_CHANCE_POINTS,
         "warnings": list(student.get("warnings") or []), "chain": rows,
+        "unlabeled": None if run.unlabeled is None else {
+            **run.unlabeled.record(), "ratio": cfg.unlabeled_ratio,
+            "batch_size": unlabeled_batch_size(cfg.batch_size, cfg.unlabeled_ratio)},
     }
 
 

@@ -1,6 +1,6 @@
 """Teacher-assistant planning: which models go between the teacher and the student.
 
-Rule for ``assistants="auto"`` (documented in the README): take the fewest
+Rule for ``assistants="auto"`` (documented in docs/distillation.md): take the fewest
 assistants such that no two neighbours in the chain differ by more than
 ``spacing`` (default 2.5x) in the chosen metric (MACs by default), i.e.
 ``n = ceil(log(M_teacher / M_student) / log(spacing)) - 1``, capped by
@@ -93,7 +93,7 @@ def _student_kwargs(arch: str, model_kwargs: dict, input_size=None) -> dict:
     import inspect
 
     entry = get_entry(arch)
-    if entry.user_ref:
+    if entry.user_ref or entry.timm_name:  # timm models take any timm option (checked when built)
         kwargs = accepted_options(entry, model_kwargs)
     else:
         accepted = inspect.signature(entry.builder).parameters
@@ -121,10 +121,13 @@ def _candidates(teacher_entry, student_entry, student_kwargs: dict, model_kwargs
                 if kwargs != student_kwargs:
                     out.append((f"{student_entry.name}[{label}]", student_entry.name, kwargs))
             return out, f"the LADDER of {student_entry.name}"
-        if teacher_entry.user_ref:
-            return [], "no LADDER on the student and a user-code teacher: name assistants with --assistants"
+        if teacher_entry.user_ref or teacher_entry.timm_name:
+            return [], ("no LADDER on the student and a user-code or timm teacher: name assistants with "
+                        "--assistants")
         family = teacher_entry.family
         source = f"the teacher's family {family} ({student_entry.name} has no LADDER)"
+    elif student_entry.timm_name:
+        return [], "no ladder for a timm student: name assistants with --assistants (e.g. timm:NAME,...)"
     else:
         family = student_entry.family
         source = f"the student's family {family}"
@@ -324,7 +327,12 @@ def format_plan(plan: Plan) -> str:
         rows.append([m.role, member_label(m.arch, m.model_kwargs), f"{m.params:,}", f"{m.macs / 1e6:.1f}M",
                      "-" if m.latency_ms is None else f"{m.latency_ms:.3f}"])
     lat = {"torch": "torch eager", "onnxruntime": "onnxruntime", "none": "not measured"}[plan.latency_backend]
-    table = format_table(["role", "model", "params", "MACs", f"latency ms ({lat}, batch 1)"], rows)
+    after = plan.latency_backend != "none" and all(m.latency_ms is None for m in plan.members)
+    if after:  # distill does not time the plan: the run table's latency is measured after training (pipeline)
+        table = format_table(["role", "model", "params", "MACs"], [r[:4] for r in rows])
+        table += "\nlatency: measured once after training, in onnxruntime (the final table)"
+    else:
+        table = format_table(["role", "model", "params", "MACs", f"latency ms ({lat}, batch 1)"], rows)
     stems = {}
     for m in plan.members[1:]:
         if "stem" in m.model_kwargs:

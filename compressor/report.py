@@ -47,9 +47,25 @@ def format_summary(summary: dict) -> str:
     if summary.get("per_epoch_split") == "test":
         table += ("\nnote: no validation split (val_fraction 0, the paper's protocol): the per-epoch 'best' "
                   "column was chosen on the test split")
+    if any(m.get("latency_ms") is not None for m in summary["chain"]):
+        table += "\n" + latency_note(summary)
     for line in stability_notes(summary):
         table += "\n" + line
     return table
+
+
+def latency_note(summary: dict) -> str:
+    """How the latency column was measured (one line; see :func:`compressor.latency.describe_latency`)."""
+    from .latency import describe_latency
+
+    return describe_latency(summary.get("latency"), summary.get("latency_backend"))
+
+
+def _latency_axis(summary: dict) -> str:
+    info = summary.get("latency") or {}
+    if info.get("backend") == "onnxruntime":
+        return f"batch-1 latency (ms, onnxruntime {info.get('precision', 'fp32')}, {info.get('threads')} threads)"
+    return {"torch": "batch-1 latency (ms, torch eager)"}.get(summary.get("latency_backend"), "batch-1 latency (ms)")
 
 
 def stability_notes(summary: dict) -> list[str]:
@@ -109,7 +125,7 @@ def _plot_tradeoff(run_dir: Path, summary: dict) -> str | None:
         ax.annotate(f"{m['arch']} ({m['role']})", (x, m["final_test_top1"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("batch-1 latency (ms)" if use_latency else "parameters")
+    ax.set_xlabel(_latency_axis(summary) if use_latency else "parameters")
     ax.set_ylabel("final test top-1 (%)")
     ax.set_title("accuracy vs " + ("latency" if use_latency else "size"))
     ax.grid(alpha=0.3)

@@ -43,7 +43,7 @@ from .data import augment_batch, batch_augments, normalize
 from .errors import CompressError
 from .fileio import append_jsonl, read_jsonl, write_text
 from .guides import GuideLogitCache, GuideSet
-from .losses import dgkd_loss, kd_weight_at, kept_guides
+from .losses import dgkd_loss, kd_loss, kd_weight_at, kept_guides
 from .progress import Progress
 
 
@@ -273,7 +273,7 @@ def compile_for_training(module: nn.Module) -> nn.Module:
     wrapper; Accelerate keeps the plain module, so saved states, checkpoints and the
     per-epoch evaluation (eval mode, another batch size: it would recompile) use it
     unchanged. Compilation is lazy: a guide whose logits all come from the cache is
-    never compiled. Measured cost and gain: README, Performance.
+    never compiled. Measured cost and gain: docs/performance.md.
     """
     return torch.compile(module)
 
@@ -294,11 +294,35 @@ def _to_input(images, mean, std, channels_last: bool):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def unlabeled_kd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor], *, temperature: float,
+                      reduction: str = "sum") -> torch.Tensor:
+    """The loss of an unlabeled batch before its weight: the KD terms of the kept guides alone (no
+    CE: there is no label), ``Σ_g KD_g`` or with ``reduction="mean"`` ``(1/|G'|)·Σ_g KD_g``, each
+    ``KD_g = T²·KL(softmax(z_g/T) ‖ softmax(z_s/T))`` averaged over the batch (:func:`losses.kd_loss`).
+
+    A step's loss is then ``L_labelled + λ_t·KD_unlabeled`` (:func:`train_one_epoch`): the labelled
+    batch keeps its ``(1−λ_t)·CE + λ_t·KD``, and λ_t (with its warm-up) weighs the unlabeled KD
+    as it weighs the labelled one."""
+    if not guide_logits:
+        return torch.zeros((), device=student_logits.device)
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    terms = torch.stack([kd_loss(student_logits, g, temperature=temperature) for g in guide_logits])
+    return terms.sum() if reduction == "sum" else terms.mean()
+
+
 def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, cfg: OptimConfig, loss_cfg: LossSettings,
                     mean, std, epoch: int, stage_seed: int, aug_seed: int | None = None,
                     progress: Progress | None = None, start_step: int = 0, partial: dict | None = None,
-                    stop_requested=None, epochs: int | None = None) -> dict:
+                    stop_requested=None, epochs: int | None = None, unlabeled=None,
+                    unlabeled_guides: GuideSet | None = None) -> dict:
     """One pass over ``loader``; returns mean loss terms and training top-1.
+
+    ``unlabeled`` (a :class:`compressor.data.unlabeled.UnlabeledStream`): every step also takes
+    an unlabeled batch; the student runs on both at once (one forward, BatchNorm over both), the
+    kept guides (the same draw as the labelled batch) label it through ``unlabeled_guides`` (their
+    own logit caches), and it adds ``λ_t·`` :func:`unlabeled_kd_loss` to the step's loss
+    (``train_kd_unlabeled`` is its mean). The labelled batches define the epoch.
 
     ``epochs`` is the run's length (the cosine's span; default ``epoch + 1``).
 
@@ -315,7 +339,8 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
     model.train()
     device = accelerator.device
     partial = partial or {}
-    sums = {k: torch.tensor(float(partial.get("sums", {}).get(k, 0.0)), device=device) for k in ("loss", "ce", "kd")}
+    sum_keys = ("loss", "ce", "kd") + (("kd_unlabeled",) if unlabeled is not None else ())
+    sums = {k: torch.tensor(float(partial.get("sums", {}).get(k, 0.0)), device=device) for k in sum_keys}
     correct = torch.tensor(float(partial.get("correct", 0.0)), device=device)
     seen = int(partial.get("seen", 0))
     guide_uses = list(partial.get("guide_uses", [0] * len(guides)))
@@ -327,6 +352,8 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
     batches = loader
     if start_step:  # resumed mid-epoch: skip the finished batches in the sampler, without loading them
         batches = accelerator.skip_first_batches(loader, start_step)
+    # the unlabeled batches of this epoch's steps (a pure function of seed, epoch and step)
+    unlabeled_batches = unlabeled.epoch(epoch, len(loader), start_step) if unlabeled is not None else None
     for step, (images, labels) in enumerate(batches, start=start_step):
         if warmup_steps:  # warmup raises the lr every step, not every epoch; so does the cosine
             for group in optimizer.param_groups:
@@ -336,16 +363,28 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
         x = _to_input(images, mean, std, cfg.channels_last)
         kept = kept_guides(len(guides), loss_cfg.drop_guides, seeded_generator(stage_seed, epoch, step))
         guide_logits = guides.logits(kept, x, epoch, step, accelerator.autocast)
+        x_unlabeled = None
+        if unlabeled_batches is not None:
+            x_unlabeled = _unlabeled_input(next(unlabeled_batches), unlabeled, cfg, mean, std, device,
+                                           aug_seed=aug_seed, epoch=epoch, step=step, accelerator=accelerator)
+            guide_logits_u = (unlabeled_guides or guides).logits(kept, x_unlabeled, epoch, step, accelerator.autocast)
         for i in kept:
             guide_uses[i] += 1
         with accelerator.accumulate(model):
+            kd_weight = kd_weight_at(loss_cfg.kd_weight, epoch + step / max(len(loader), 1), loss_cfg.kd_warmup_epochs)
             with accelerator.autocast():
-                logits = model(x)
+                if x_unlabeled is None:
+                    logits = model(x)
+                else:  # one forward over both batches: BatchNorm sees them together
+                    both = model(torch.cat([x, x_unlabeled]))
+                    logits, logits_u = both[: x.shape[0]], both[x.shape[0]:]
             terms = dgkd_loss(logits, guide_logits, labels, temperature=loss_cfg.temperature,
-                              kd_weight=kd_weight_at(loss_cfg.kd_weight, epoch + step / max(len(loader), 1),
-                                                     loss_cfg.kd_warmup_epochs),
-                              reduction=loss_cfg.kd_reduction,
+                              kd_weight=kd_weight, reduction=loss_cfg.kd_reduction,
                               label_smoothing=float(cfg.label_smoothing or 0.0))
+            if x_unlabeled is not None:
+                terms["kd_unlabeled"] = unlabeled_kd_loss(logits_u, guide_logits_u, temperature=loss_cfg.temperature,
+                                                          reduction=loss_cfg.kd_reduction)
+                terms["loss"] = terms["loss"] + kd_weight * terms["kd_unlabeled"]
             loss = terms["loss"]
             if _test_nan_hook(accelerator, epoch, step):
                 loss = loss * float("nan")
@@ -376,11 +415,23 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
     totals = accelerator.reduce(torch.stack([*sums.values(), correct, torch.tensor(float(seen), device=device)]),
                                 reduction="sum")
     n_all = max(float(totals[-1]), 1.0)
-    out = {f"train_{k}": float(v) / n_all for k, v in zip(sums, totals[:3])}
-    out["train_top1"] = 100.0 * float(totals[3]) / n_all
+    out = {f"train_{k}": float(v) / n_all for k, v in zip(sums, totals[:len(sums)])}
+    out["train_top1"] = 100.0 * float(totals[len(sums)]) / n_all
     out["guide_uses"] = guide_uses
     out["steps"] = step + 1 if seen else 0  # optimisation micro-steps of this process
     return out
+
+
+def _unlabeled_input(images, unlabeled, cfg: OptimConfig, mean, std, device, *, aug_seed: int, epoch: int,
+                     step: int, accelerator):
+    """An unlabeled batch as the model takes it: on the device, augmented like a labelled batch
+    (cifar: the batch crop + flip, from its own generator seeded by (seed, "unlabeled", epoch, step,
+    process); imagenet: already done per sample by the loader), normalised."""
+    images = images.to(device, non_blocking=True)
+    if batch_augments(cfg.augment) and not unlabeled.augments:
+        rank = accelerator.process_index if accelerator is not None else 0
+        images = augment_batch(images, seeded_generator(aug_seed, "unlabeled", epoch, step, rank))
+    return _to_input(images, mean, std, cfg.channels_last)
 
 
 @torch.inference_mode()
@@ -429,6 +480,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
     lr = cfg.lr if cfg.lr is not None else LEGACY["lr"]
     wd = cfg.weight_decay if cfg.weight_decay is not None else LEGACY["weight_decay"]
+    if (getattr(cfg, "optimizer", None) or LEGACY["optimizer"]) == "adamw":  # decoupled wd, betas (0.9, 0.999)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=wd, nesterov=cfg.nesterov)
 
 
@@ -463,8 +516,13 @@ def find_state(stage_dir: Path) -> Path | None:
 def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader, test_loader, *,
         cfg: OptimConfig, loss_cfg: LossSettings, epochs: int, mean, std, stage_seed: int, stage_dir: Path,
         stage_label: str, resume: bool, progress: Progress, aug_seed: int | None = None,
-        guide_caches: Sequence[GuideLogitCache | None] | None = None, eval_split: str = "val") -> FitResult:
+        guide_caches: Sequence[GuideLogitCache | None] | None = None, eval_split: str = "val",
+        unlabeled=None, unlabeled_caches: Sequence[GuideLogitCache | None] | None = None) -> FitResult:
     """Train ``model`` for ``epochs`` from its ``guides``; state saved in ``stage_dir/state``.
+
+    ``unlabeled`` (an :class:`~compressor.data.unlabeled.UnlabeledStream`, with ``guides`` only):
+    each step also learns from an unlabeled batch (:func:`train_one_epoch`); ``unlabeled_caches``
+    are the guides' logit caches for those batches.
 
     ``test_loader`` is the per-epoch evaluation split named ``eval_split`` (``val``, or
     ``test`` under the paper's protocol); its metrics are logged as ``<eval_split>_top1`` etc.
@@ -475,6 +533,9 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
     optimizer = build_optimizer(model, cfg)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     guides = _prepare_guides(guides, accelerator.device, cfg.channels_last, guide_caches, compile=cfg.compile)
+    if not len(guides):
+        unlabeled = None  # nobody to label the images (a stage without guides)
+    unlabeled_guides = GuideSet(guides.guides, unlabeled_caches) if unlabeled is not None else None
     step_model = compile_for_training(model) if cfg.compile else model
     resume_state = ResumeState(stage=stage_label, num_processes=accelerator.num_processes)
     metrics_path = stage_dir / "metrics.jsonl"
@@ -524,17 +585,24 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
                                                 loss_cfg=loss_cfg, mean=mean, std=std, epoch=epoch,
                                                 stage_seed=stage_seed, aug_seed=aug_seed, progress=progress,
                                                 start_step=resume_state.step, partial=resume_state.partial,
-                                                stop_requested=lambda: ctrl_c.hit, epochs=epochs)
+                                                stop_requested=lambda: ctrl_c.hit, epochs=epochs,
+                                                unlabeled=unlabeled, unlabeled_guides=unlabeled_guides)
             except EpochInterrupted as stop:  # Ctrl-C: keep the steps done so far
                 guides.flush()
+                if unlabeled_guides is not None:
+                    unlabeled_guides.flush()
                 resume_state.step, resume_state.partial = stop.steps_done, stop.partial
                 _save_state_atomically(accelerator, stage_dir / "state", resume_state)
                 raise KeyboardInterrupt from None
             resume_state.step, resume_state.partial = 0, {}
             guides.flush()
+            if unlabeled_guides is not None:
+                unlabeled_guides.flush()
             record = {"epoch": epoch + 1, "lr": lr, **train_metrics}
             if guide_caches and any(c is not None for c in guide_caches):
                 record["guide_cache_hits_misses"] = guides.cache_stats()
+            if unlabeled_guides is not None and unlabeled_caches and any(c is not None for c in unlabeled_caches):
+                record["unlabeled_cache_hits_misses"] = unlabeled_guides.cache_stats()
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
                 test = evaluate(accelerator, model, test_loader, mean=mean, std=std, channels_last=cfg.channels_last)
                 record.update({f"{eval_split}_top1": test["top1"], f"{eval_split}_top5": test["top5"],

@@ -37,8 +37,9 @@ TRUST_KEYS = ("trust_code", "allow_pickle", "accept_code_change")
 
 
 def is_code_ref(name) -> bool:
-    """Zoo names never contain ``:``; every code reference does."""
-    return isinstance(name, str) and ":" in name
+    """Zoo names never contain ``:``; every code reference does. ``timm:NAME`` is a timm model
+    name, not code (:mod:`compressor.models.timm_models`): it needs no trust."""
+    return isinstance(name, str) and ":" in name and not name.strip().startswith("timm:")
 
 
 def same_code_ref(a, b) -> bool:

@@ -8,7 +8,7 @@ Use it wherever compress takes a model name:
     compress export  runs/latest --arch examples/my_model.py:SmallCNN
     compress eval    runs/latest/student.safetensors --arch examples/my_model.py:SmallCNN --data demo
 
-Rules (README "Your own model"):
+Rules (docs/models.md, "Your own model"):
 
 * ``NAME`` after the colon is an ``nn.Module`` class or a function returning one;
   ``--option KEY=VALUE`` become its keyword arguments. ``num_classes`` and

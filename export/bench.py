@@ -112,19 +112,56 @@ def _torch_fn(module, x):
     return run
 
 
-def _file_sha(path) -> str:
+_SHA_MEMO: dict = {}
+
+
+def file_sha(path) -> str:
+    """sha256 of a file, hashed once per process while its size and mtime stay the same
+    (a gate's context check and its report both need it)."""
     from compressor.checkpoint import file_sha256
 
-    return file_sha256(path)
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        _SHA_MEMO[key] = file_sha256(p)
+    return _SHA_MEMO[key]
 
 
-def _model_entry(role: str, m: OnnxModel) -> dict:
+def model_entry(m: OnnxModel, role: str | None = None) -> dict:
+    """What a report records about one ONNX file (``bench`` results' ``models[]``, the gate's
+    ``candidate``/``baseline``)."""
     meta = m.meta
     return {
-        "role": role, "path": str(m.path), "sha256": _file_sha(m.path), "size_bytes": m.path.stat().st_size,
+        **({"role": role} if role is not None else {}),
+        "path": str(m.path), "sha256": file_sha(m.path), "size_bytes": m.path.stat().st_size,
         "arch": meta.arch if meta else None, "input_shape": list(m.chw),
         "preprocessing": m.preprocessing, "quantization": m.metadata.get("quantization", "none"),
     }
+
+
+def open_models(path, compare=None, *, roles=("model", "compare"), threads: int | None = None, providers=None,
+                graph_optimization: str = "all", precision: str = "f32") -> dict:
+    """``{roles[0]: session of path, roles[1]: session of compare}`` with the same settings, checked to
+    take the same input. A path that is already an :class:`OnnxModel` is used as it is (no second
+    session, no second hash)."""
+    def session(src):
+        if isinstance(src, OnnxModel):
+            return src
+        return OnnxModel(src, threads=threads, providers=providers, graph_optimization=graph_optimization,
+                         precision=precision)
+
+    main = session(path)
+    models = {roles[0]: main}
+    if compare is not None:
+        other = session(compare)
+        if tuple(other.chw) != tuple(main.chw) or other.preprocessing != main.preprocessing:
+            raise CompressError(
+                f"cannot compare {main.path} (input {main.chw}, preprocessing {main.preprocessing}) with "
+                f"{other.path} (input {other.chw}, preprocessing {other.preprocessing}): inputs differ"
+            )
+        models[roles[1]] = other
+    return models
 
 
 def benchmark_onnx(path, *, batch_sizes=(1,), threads: int | None = None, warmup: int = 10,
@@ -132,6 +169,9 @@ def benchmark_onnx(path, *, batch_sizes=(1,), threads: int | None = None, warmup
                    graph_optimization: str = "all", torch_model=None, compare=None, seed: int = 0,
                    rounds: int = ROUNDS, precision: str = "f32") -> dict:
     """Benchmark ``path`` (and ``compare``, another .onnx, and ``torch_model``) on the same inputs.
+
+    ``path`` and ``compare`` may be paths or :class:`OnnxModel` sessions already built (then
+    used as they are: their own threads, provider and graph level).
 
     ``torch_model`` is the PyTorch module the file was exported from; it is
     timed in eager mode with ``torch.set_num_threads(threads)``. When the ONNX
@@ -150,24 +190,16 @@ def benchmark_onnx(path, *, batch_sizes=(1,), threads: int | None = None, warmup
         raise CompressError(f"seconds must be > 0, got {seconds}")
     if iters is None and seconds is None:
         seconds = DEFAULT_SECONDS
-    threads = int(threads) if threads else default_threads()
+    threads = int(threads) if threads else (path.threads if isinstance(path, OnnxModel) else default_threads())
     if threads < 1:
         raise CompressError(f"threads must be >= 1, got {threads}")
     if str(graph_optimization).lower() not in GRAPH_OPT_LEVELS:
         raise CompressError(f"unknown --graph-opt {graph_optimization!r}; use one of {', '.join(GRAPH_OPT_LEVELS)}")
 
-    main = OnnxModel(path, threads=threads, providers=providers, graph_optimization=graph_optimization,
-                     precision=precision)
-    models = {"model": main}
-    if compare is not None:
-        other = OnnxModel(compare, threads=threads, providers=providers, graph_optimization=graph_optimization,
-                          precision=precision)
-        if tuple(other.chw) != tuple(main.chw) or other.preprocessing != main.preprocessing:
-            raise CompressError(
-                f"cannot compare {main.path} (input {main.chw}, preprocessing {main.preprocessing}) with "
-                f"{other.path} (input {other.chw}, preprocessing {other.preprocessing}): inputs differ"
-            )
-        models["compare"] = other
+    models = open_models(path, compare, threads=threads, providers=providers, graph_optimization=graph_optimization,
+                         precision=precision)
+    main = models["model"]
+    threads = main.threads
 
     torch_module = None
     if torch_model is not None:
@@ -207,7 +239,7 @@ def benchmark_onnx(path, *, batch_sizes=(1,), threads: int | None = None, warmup
     return {
         "schema": SCHEMA,
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "models": [_model_entry(role, m) for role, m in models.items()],
+        "models": [model_entry(m, role) for role, m in models.items()],
         "machine": machine_info(),
         "versions": versions(),
         "provider": main.provider,
@@ -227,9 +259,11 @@ def benchmark_onnx(path, *, batch_sizes=(1,), threads: int | None = None, warmup
     }
 
 
-def onnx_model_latency_ms(model, meta, *, threads: int | None = None, warmup: int = 10, iters: int = 50) -> float:
+def onnx_model_latency_ms(model, meta, *, threads: int | None = None, warmup: int = 10, iters: int | None = 50,
+                          seconds: float | None = None) -> float:
     """Median batch-1 onnxruntime latency (ms) of a torch ``model`` (with its ``meta``), exported to a
-    temporary ONNX file. The timer latency planning uses (``compressor.latency.set_onnx_timer``)."""
+    temporary ONNX file. The timer latency planning uses (``compressor.latency.set_onnx_timer``).
+    ``seconds``: time that long in :data:`ROUNDS` rounds instead of ``iters`` calls (as :func:`benchmark_onnx`)."""
     import tempfile
 
     from .onnx_export import export_onnx
@@ -237,8 +271,12 @@ def onnx_model_latency_ms(model, meta, *, threads: int | None = None, warmup: in
     with tempfile.TemporaryDirectory(prefix="compress-latency-") as tmp:
         onnx_model = OnnxModel(export_onnx((model, meta), Path(tmp) / "model.onnx"), threads=threads)
         x = onnx_model.random_input(1)
-        samples = time_engines({"model": lambda: onnx_model.predict(x)}, warmup=warmup, iters=max(1, int(iters)),
-                               seconds=None, rounds=1)
+        if seconds is not None:
+            samples = time_engines({"model": lambda: onnx_model.predict(x)}, warmup=warmup, iters=None,
+                                   seconds=float(seconds), rounds=ROUNDS)
+        else:
+            samples = time_engines({"model": lambda: onnx_model.predict(x)}, warmup=warmup,
+                                   iters=max(1, int(iters or 50)), seconds=None, rounds=1)
         return float(np.median(samples["model"]))
 
 

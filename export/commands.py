@@ -43,7 +43,11 @@ def _kb(path) -> str:
 @click.option("--onnx", "onnx_flag", is_flag=True, help="export to ONNX (the only format; the flag may be left out)")
 @click.option("--out", default=None, help="output .onnx path  [default: the checkpoint path with .onnx]")
 @click.option("--opset", type=int, default=None, help="ONNX opset  [default: the exporter's recommended one]")
-@click.option("--legacy", is_flag=True, help="use the TorchScript exporter instead of torch.export (dynamo)")
+@click.option("--legacy", is_flag=True, help="use the TorchScript exporter  [default: per model family, the one that "
+                                             "agrees in every runtime; see docs/deployment.md]")
+@click.option("--runtimes", default="installed", show_default=True,
+              help="parity: runtimes checked besides onnxruntime, a comma list of openvino, opencv, opencv-classic "
+                   "(installed: every one installed; onnxruntime: none)")
 @click.option("--include-preprocessing", is_flag=True,
               help="fold (x - mean) / std into the graph; the input becomes float images in [0, 1]")
 @click.option("--data", default=None, help="validate on 32 of this data's test images (and calibrate --quantize on "
@@ -59,16 +63,26 @@ def _kb(path) -> str:
               help="--quantize: number of training images used for calibration (spread over the classes)")
 @click.option("--max-accuracy-drop", type=float, default=None,
               help="--quantize: try calibration methods (minmax, entropy, percentile), then the first conv and last "
-                   "layer in float, until top-1 is at most this many points below fp32; exit 1 if none is")
+                   "layer in float, until top-1 is at most this many points below fp32; exit 1 if none is; kept only "
+                   "if also faster than fp32 (batch 1, timed interleaved). "
+                   "--target: the accuracy budget of every candidate  [default: 0.5]")
 @click.option("--eval-images", type=int, default=None,
               help="--quantize: compare fp32 and INT8 top-1 on N test images spread over the classes  "
                    "[default: 1000]")
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for checks and the INT8 report")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for checks and the INT8 report; "
+                                                       "--target: the one count to try  [default: 1, 2, 4 ... cores]")
 @click.option("--arch", default=None, help="the file.py:NAME a checkpoint of your own model names (runs that code)")
 @click.option("--trust-code", is_flag=True, help="I trust the code this checkpoint names (file.py:NAME): import it")
+@click.option("--target", type=click.Choice(["cpu"]), default=None,
+              help="write a deploy bundle folder (--out DIR; model.onnx, deploy.json, predict.py) with the fastest "
+                   "provider x precision x threads that passes validation on --data; see docs/deployment.md")
+@click.option("--batch-size", "deploy_batch", type=int, default=1, show_default=True,
+              help="--target: the batch size the configuration is picked for")
+@click.option("--provider", "deploy_provider", type=click.Choice(["cpu", "openvino", "all"], case_sensitive=False),
+              default="all", show_default=True, help="--target: the execution providers to try (all: every usable one)")
 def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data, no_validate, atol, rtol,
                min_agreement, quantize, calibration_size, max_accuracy_drop, eval_images, threads, arch,
-               trust_code):
+               trust_code, target=None, deploy_batch=1, deploy_provider="all", runtimes="installed"):
     """Export a checkpoint to ONNX, check it against PyTorch, optionally quantise to INT8.
 
     MODEL is a .safetensors checkpoint or a run folder (its student.safetensors);
@@ -79,6 +93,7 @@ def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data
     \b
     Example:  compress export --onnx runs/latest --out student.onnx --data demo --quantize int8
     Example:  compress export runs/latest --data demo --quantize int8 --max-accuracy-drop 0.5
+    Example:  compress export runs/latest --target cpu --data demo --out deploy/
     """
     from compressor.checkpoint import load_model
     from compressor.fileio import check_output_path
@@ -86,8 +101,18 @@ def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data
     from .onnx_export import default_onnx_path, export_onnx, resolve_checkpoint
     from .validate import validate_onnx
 
+    if target:
+        return _export_target(model, target, out, data, deploy_batch, deploy_provider.lower(), max_accuracy_drop,
+                              threads, calibration_size, opset, legacy, include_preprocessing, arch, trust_code,
+                              conflicts={"--quantize": quantize, "--no-validate": no_validate,
+                                         "--eval-images": eval_images})
+    if deploy_batch != 1 or deploy_provider.lower() != "all":
+        raise CompressError("--batch-size/--provider choose the deploy bundle's configuration; add --target cpu")
     if quantize and not data:
         raise CompressError("--quantize int8 needs --data for calibration images (e.g. --data demo)")
+    from .parity import resolve_runtimes
+
+    runtimes = resolve_runtimes(runtimes)  # an unknown or missing runtime fails before the export
     if not 0 <= min_agreement <= 100:
         raise CompressError(f"--min-agreement is a percentage in [0, 100], got {min_agreement:g}")
     if atol < 0 or rtol < 0:
@@ -134,11 +159,13 @@ def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data
 
     info = OnnxModel(written, threads=1).metadata
     click.echo(f"exported {written} ({meta.arch}, opset {info.get('opset')}, {_kb(written)}, "
-               f"preprocessing {info.get('preprocessing')}, {'TorchScript' if legacy else 'dynamo'} exporter)")
+               f"preprocessing {info.get('preprocessing')}, "
+               f"{'TorchScript' if 'TorchScript' in info.get('exporter', '') else 'dynamo'} exporter: "
+               f"{info.get('exporter_choice', '')})")
     if no_validate:
         click.echo("validation skipped (--no-validate)")
     else:
-        report = validate_onnx(written, torch_model, meta, data=bundle, atol=atol, rtol=rtol,
+        report = validate_onnx(written, torch_model, meta, data=bundle, atol=atol, rtol=rtol, runtimes=runtimes,
                                min_agreement=min_agreement / 100.0, threads=threads, data_label=data)
         click.echo(report.summary())
 
@@ -156,13 +183,38 @@ def export_cmd(model, onnx_flag, out, opset, legacy, include_preprocessing, data
         click.echo(format_int8_report(rep))
 
 
+def _export_target(model, target, out, data, batch, provider, max_accuracy_drop, threads, calibration_size, opset,
+                   legacy, include_preprocessing, arch, trust_code, conflicts) -> None:
+    """``export --target``: search the fastest validated configuration and write the bundle (export.bundle)."""
+    from .bundle import DEFAULT_BUDGET, build_bundle, default_bundle_path
+    from .onnx_export import resolve_checkpoint
+    from .options import PROVIDERS
+
+    given = [name for name, value in conflicts.items() if value]
+    if given:
+        raise CompressError(f"{', '.join(given)} do not apply to --target (it validates and tries INT8 itself); "
+                            f"drop {'them' if len(given) > 1 else 'it'}")
+    if threads is not None and threads < 1:
+        raise CompressError(f"--threads must be >= 1, got {threads}")
+    ckpt = resolve_checkpoint(model)
+    build_bundle(ckpt, out or default_bundle_path(ckpt, target), data, target=target, batch=batch,
+                 max_accuracy_drop=DEFAULT_BUDGET if max_accuracy_drop is None else max_accuracy_drop,
+                 providers=PROVIDERS if provider == "all" else (provider,), threads=threads,
+                 calibration_size=calibration_size, opset=opset, legacy=legacy,
+                 include_preprocessing=include_preprocessing, arch=arch, trust_code=trust_code, data_label=data,
+                 echo=click.echo)
+
+
 def _int8_search(written, q_out, bundle, max_drop, calibration_size, eval_images, threads) -> None:
     from .quantize import quantize_accuracy_aware
 
     res = quantize_accuracy_aware(written, q_out, bundle, max_drop, calibration_size=calibration_size,
                                   eval_images=eval_images, threads=threads, echo=click.echo)
     best = res["candidates"][res["best"]]
-    what = f"{best['candidate']}, top-1 {best['top1']:.2f}% (drop {best['drop']:+.2f} points), {_kb(q_out)}"
+    if not res["kept"]:  # within budget but not faster than fp32: the search printed why
+        return
+    what = (f"{best['candidate']}, top-1 {best['top1']:.2f}% (drop {best['drop']:+.2f} points), "
+            f"batch-1 {best['speedup']:.2f}x fp32, {_kb(q_out)}")
     if not res["passed"]:
         raise CheckFailed(f"no INT8 candidate within {max_drop:g} top-1 points of fp32 after "
                           f"{len(res['candidates'])} tries; the best ({what}) is written to {q_out}")
@@ -170,9 +222,10 @@ def _int8_search(written, q_out, bundle, max_drop, calibration_size, eval_images
 
 
 # ------------------------------------------------------------------- bench
-def find_torch_checkpoint(onnx_path, checkpoint=None) -> Path:
+def find_torch_checkpoint(onnx_path, checkpoint=None, *, metadata: dict | None = None) -> Path:
     """The .safetensors an ONNX file came from: ``checkpoint``, else its metadata
-    (``source_checkpoint``, relative to the ONNX file), else ``NAME.safetensors`` beside it."""
+    (``source_checkpoint``, relative to the ONNX file), else ``NAME.safetensors`` beside it.
+    ``metadata``: the file's metadata when the caller has read it already."""
     from compressor.checkpoint import check_readable_file
 
     from .runtime import OnnxModel
@@ -180,7 +233,7 @@ def find_torch_checkpoint(onnx_path, checkpoint=None) -> Path:
     if checkpoint:
         return check_readable_file(checkpoint, "checkpoint")
     onnx_path = Path(onnx_path)
-    meta = OnnxModel(onnx_path, threads=1).metadata
+    meta = metadata if metadata is not None else OnnxModel(onnx_path, threads=1).metadata
     candidates = []
     src = meta.get("source_checkpoint")
     if src:
@@ -202,9 +255,9 @@ def load_torch_for(onnx_path, checkpoint=None, *, echo=click.echo, trust_code: b
 
     from .runtime import OnnxModel
 
-    ckpt = find_torch_checkpoint(onnx_path, checkpoint)
-    model, meta = load_model(ckpt, trust_code=trust_code)
     props = OnnxModel(onnx_path, threads=1).metadata
+    ckpt = find_torch_checkpoint(onnx_path, checkpoint, metadata=props)
+    model, meta = load_model(ckpt, trust_code=trust_code)
     if props.get("arch") and props["arch"] != meta.arch:
         raise CompressError(f"{ckpt} is a {meta.arch} but {onnx_path} is a {props['arch']}; "
                             f"pass the matching --checkpoint")
@@ -220,7 +273,8 @@ def load_torch_for(onnx_path, checkpoint=None, *, echo=click.echo, trust_code: b
 @click.option("--torch", "with_torch", is_flag=True, help="also time PyTorch eager on the same inputs")
 @click.option("--checkpoint", default=None, help="--torch: the .safetensors  [default: from the ONNX metadata]")
 @click.option("--batch-size", "batch_sizes", multiple=True, help="batch size(s): repeat or comma list  [default: 1]")
-@click.option("--threads", type=int, default=None, help="intra-op threads  [default: usable cores, at most 8]")
+@click.option("--threads", type=int, default=None,
+              help="intra-op threads  [default: usable cores, at most 8; --provider all: 1, 2, 4 ... cores]")
 @click.option("--warmup", type=int, default=10, show_default=True, help="untimed runs per engine first")
 @click.option("--iters", type=int, default=None, help="timed runs per engine and batch size")
 @click.option("--seconds", type=float, default=None, help="time per engine and batch size instead of --iters  [default: 1]")
@@ -345,7 +399,8 @@ def _bench_all_providers(model, given_sizes, sizes, threads, warmup, iters, seco
 
     if json_out:
         check_output_path(json_out, inputs=[model])
-    rep = provider_table(model, batch_sizes=sizes if given_sizes else (1, 64), threads=threads, warmup=warmup,
+    rep = provider_table(model, batch_sizes=sizes if given_sizes else (1, 64), threads=threads or "search",
+                         warmup=warmup,
                          iters=iters, seconds=seconds if seconds is not None or iters is not None else 1.0,
                          data=data)
     click.echo(format_provider_table(rep))

@@ -100,9 +100,8 @@ def compare_latency(candidate, baseline, *, rounds: int = DEFAULT_ROUNDS, batch_
     Returns the gate report (``schema: compress.gate/1``); ``report["passed"]``
     is the verdict of all its gates.
     """
-    from .bench import latency_stats, time_engines
+    from .bench import latency_stats, model_entry, open_models, time_engines
     from .machine import default_threads, machine_info, versions
-    from .runtime import OnnxModel
 
     limit = _ratio(max_regression)
     sizes = [int(batch)] if batch is not None else [int(b) for b in batch_sizes]
@@ -116,13 +115,9 @@ def compare_latency(candidate, baseline, *, rounds: int = DEFAULT_ROUNDS, batch_
     if threads < 1:
         raise CompressError(f"threads must be >= 1, got {threads}")
     cost = compare_cost(graph_cost(candidate), graph_cost(baseline), max_cost_regression)
-    models = {role: OnnxModel(path, threads=threads, providers=provider, graph_optimization=graph_optimization,
-                              precision=precision)
-              for role, path in (("candidate", candidate), ("baseline", baseline))}
+    models = open_models(candidate, baseline, roles=("candidate", "baseline"), threads=threads, providers=provider,
+                         graph_optimization=graph_optimization, precision=precision)
     cand, base = models["candidate"], models["baseline"]
-    if tuple(cand.chw) != tuple(base.chw) or cand.preprocessing != base.preprocessing:
-        raise CompressError(f"cannot compare {cand.path} (input {cand.chw}, preprocessing {cand.preprocessing}) "
-                            f"with {base.path} (input {base.chw}, preprocessing {base.preprocessing}): inputs differ")
 
     batches, results, gates = [], [], []
     for b in sizes:
@@ -155,20 +150,13 @@ def compare_latency(candidate, baseline, *, rounds: int = DEFAULT_ROUNDS, batch_
     return {
         "schema": SCHEMA,
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "candidate": _entry(cand), "baseline": _entry(base),
+        "candidate": model_entry(cand), "baseline": model_entry(base),
         "machine": machine_info(), "versions": versions(),
         "provider": cand.provider, "precision": cand.precision, "graph_optimization": cand.graph_optimization,
         "threads": threads, "warmup": int(warmup), "rounds": int(rounds), "burst_seconds": float(burst_seconds),
         "batch_sizes": sizes, "batches": batches, "results": results, "cost": cost, "gates": gates,
         "passed": all(g["passed"] for g in gates),
     }
-
-
-def _entry(m) -> dict:
-    from compressor.checkpoint import file_sha256
-
-    return {"path": str(m.path), "sha256": file_sha256(m.path), "size_bytes": m.path.stat().st_size,
-            "arch": m.meta.arch if m.meta else None, "input_shape": list(m.chw)}
 
 
 def format_gate(report: dict) -> str:
@@ -322,13 +310,14 @@ def format_cost(cost: dict) -> str:
 def run_context(model, *, provider: str = "cpu", precision: str = "f32", threads: int | None = None,
                 graph_optimization: str = "all") -> dict:
     """What a ``bench`` run of ``model`` with these settings will record (before timing anything)."""
-    from compressor.checkpoint import check_readable_file, file_sha256
+    from compressor.checkpoint import check_readable_file
 
+    from .bench import file_sha
     from .machine import cpu_model, default_threads
     from .providers import OPENVINO_EP, PROVIDER_ALIASES
 
     names = {**PROVIDER_ALIASES, "openvino": OPENVINO_EP}  # as the session reports it (report["provider"])
-    return {"sha256": file_sha256(check_readable_file(model, "ONNX model")),
+    return {"sha256": file_sha(check_readable_file(model, "ONNX model")),
             "provider": names.get(str(provider).lower(), str(provider)),
             "precision": str(precision).lower(), "threads": int(threads) if threads else default_threads(),
             "graph_optimization": str(graph_optimization).lower(), "cpu": cpu_model()}

@@ -38,8 +38,29 @@ METADATA_KEYS = (
     "arch", "num_classes", "in_chans", "input_size", "mean", "std", "class_names", "model_kwargs",
     "metrics", "source", "format_version",          # copied from the checkpoint metadata
     "source_checkpoint", "source_sha256",            # where the weights came from
-    "opset", "exporter", "preprocessing", "input_name", "output_name",
+    "opset", "exporter", "exporter_choice", "preprocessing", "input_name", "output_name",
 )
+
+EXPORTERS = ("auto", "dynamo", "legacy")
+#: The opset the dynamo exporter translates to; below it, it converts down, which fails for most graphs
+#: (onnx has no Pad-18 -> 17 adapter and onnxscript converts only 18 and up).
+DYNAMO_MIN_OPSET = 18
+
+#: The exporter path each zoo family is exported with by default (``exporter="auto"``) and why.
+#: Measured with every family's smallest member (cifar stem, 32 px), BN statistics from demo images, 256 demo
+#: test images, both exporters (torch 2.14.1, onnxruntime 1.32.0, OpenVINO 2026.4.1 f32, OpenCV 5.0.0 default
+#: and classic engines; the table in docs/deployment.md#runtimes, the check in tests/test_runtime_parity.py). Families not listed: both paths agree with PyTorch in every runtime, and
+#: dynamo is torch's maintained exporter, so it is first (TorchScript is the fallback when dynamo cannot
+#: trace the model or reach the requested opset). A table rather than "export twice and keep what agrees":
+#: the choice is known before exporting, costs one export, and the same checkpoint always gives the same graph.
+FAMILY_EXPORTER = {
+    "mobilenetv3": ("legacy", "OpenCV DNN (every engine) computes the dynamo graph's squeeze-excitation "
+                              "(ReduceMean with an axes input, then HardSigmoid * x) wrong: 0 % top-1; the "
+                              "TorchScript graph (GlobalAveragePool) agrees in every runtime"),
+    "shufflenetv2": ("dynamo", "OpenCV's classic engine cannot load the TorchScript graph's channel shuffle "
+                               "(permute_layer assertion); the dynamo graph agrees in every runtime"),
+}
+DEFAULT_EXPORTER_REASON = "both exporters agree in every runtime for this family; dynamo is torch's maintained one"
 
 
 class NormalizedModel(nn.Module):
@@ -154,6 +175,41 @@ def main_opset(model_proto) -> int:
     return 0
 
 
+def model_family(arch: str) -> str:
+    """The zoo family of ``arch``; ``""`` for timm models and user code (never imported here)."""
+    from compressor.models.registry import MODELS
+
+    if not arch or ":" in str(arch):  # zoo names never contain ':'; code and timm references do
+        return ""
+    try:
+        return MODELS.get(arch).family
+    except (CompressError, KeyError, ValueError):
+        return ""
+
+
+def exporter_plan(arch: str, opset: int | None = None, exporter: str = "auto") -> list[tuple[str, str]]:
+    """``[(path, why), ...]``: the exporter paths to try in order (the next one when a path cannot export).
+
+    ``exporter="dynamo"``/``"legacy"`` is that path only. ``"auto"``: the family's entry in
+    :data:`FAMILY_EXPORTER` (else dynamo), then the other path; with ``opset`` below
+    :data:`DYNAMO_MIN_OPSET` TorchScript comes first (dynamo would export at 18 and then fail to convert
+    down, after 5-30 s): for ShuffleNetV2 that graph then fails OpenCV's classic engine in validation.
+    """
+    if exporter not in EXPORTERS:
+        raise CompressError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    if exporter != "auto":
+        return [(exporter, f"{exporter} requested")]
+    family = model_family(arch)
+    first, why = FAMILY_EXPORTER.get(family, ("dynamo", DEFAULT_EXPORTER_REASON))
+    why = f"{family} family: {why}" if family else "not a zoo family: dynamo first, TorchScript as the fallback"
+    if opset is not None and int(opset) < DYNAMO_MIN_OPSET and first == "dynamo":
+        first, why = "legacy", (f"opset {opset}: the dynamo exporter writes opset {DYNAMO_MIN_OPSET}+ and cannot "
+                                f"convert most graphs down (Pad, ReduceMean; measured for every zoo family but "
+                                f"the plain CNNs)")
+    other = "legacy" if first == "dynamo" else "dynamo"
+    return [(first, f"auto ({why})"), (other, f"auto (fallback: {first} could not export)")]
+
+
 def _export_dynamo(module: nn.Module, example: torch.Tensor, opset: int | None):
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
@@ -183,12 +239,17 @@ def _export_legacy(module: nn.Module, example: torch.Tensor, opset: int | None, 
 
 
 def export_onnx(source, out_path: str | os.PathLike, *, opset: int | None = None, example_batch: int = 2,
-                legacy: bool = False, include_preprocessing: bool = False, source_path=None) -> Path:
+                legacy: bool = False, include_preprocessing: bool = False, source_path=None,
+                exporter: str | None = None) -> Path:
     """Export ``source`` (a checkpoint path or ``(model, meta)``) to ``out_path``.
 
-    Uses the ``torch.export``-based exporter (``dynamo=True``) and writes one
-    self-contained file atomically; ``legacy=True`` selects the TorchScript
-    exporter. ``example_batch`` must be >= 2 (torch.export specialises a batch
+    Writes one self-contained file atomically. ``exporter``: ``"auto"`` (the
+    default; ``legacy=True`` means ``"legacy"``) picks the path per zoo family
+    (:func:`exporter_plan`, :data:`FAMILY_EXPORTER`): the ``torch.export``-based
+    exporter (``"dynamo"``) or the TorchScript one (``"legacy"``), falling back
+    to the other when the first cannot export (e.g. dynamo below opset 18).
+    The path used and why are recorded in the ``exporter`` and
+    ``exporter_choice`` metadata. ``example_batch`` must be >= 2 (torch.export specialises a batch
     of 1). ``source_path``: with ``(model, meta)``, the checkpoint file they
     were loaded from, recorded (with its sha256) as provenance. Returns the
     written path. The file is *not* validated here: call
@@ -226,18 +287,35 @@ def export_onnx(source, out_path: str | os.PathLike, *, opset: int | None = None
     # [0, 1] images when the graph normalises, else already-normalised inputs.
     example = torch.rand(shape) if include_preprocessing else torch.randn(shape)
 
+    if exporter is None:
+        exporter = "legacy" if legacy else "auto"
+    elif legacy and exporter != "legacy":
+        raise CompressError(f"legacy=True and exporter={exporter!r} disagree; pass one of them")
+    plan = exporter_plan(meta.arch, opset, exporter)
+    errors = []
     with tempfile.TemporaryDirectory(prefix="compress-export-") as tmpdir:
-        if legacy:
-            proto = _quiet(_export_legacy, module, example, opset, Path(tmpdir))
-            exporter = f"torch.onnx TorchScript (torch {torch.__version__})"
-        else:
-            proto = _quiet(_export_dynamo, module, example, opset)
-            exporter = f"torch.onnx dynamo (torch {torch.__version__})"
-    set_metadata(proto, onnx_metadata(
-        meta, opset=main_opset(proto), exporter=exporter,
+        for path, why in plan:
+            try:
+                if path == "legacy":
+                    proto = _quiet(_export_legacy, module, example, opset, Path(tmpdir))
+                    used = f"torch.onnx TorchScript (torch {torch.__version__})"
+                else:
+                    proto = _quiet(_export_dynamo, module, example, opset)
+                    used = f"torch.onnx dynamo (torch {torch.__version__})"
+            except CompressError as exc:
+                errors.append(str(exc))
+                if len(errors) == len(plan):
+                    raise CompressError(" | ".join(errors)) from None
+                continue
+            choice = why if not errors else f"{why}: {errors[-1][:300]}"
+            break
+    props = onnx_metadata(
+        meta, opset=main_opset(proto), exporter=used,
         preprocessing="normalize" if include_preprocessing else "none",
         source_checkpoint=ckpt_path, source_sha256=sha,
-    ))
+    )
+    props["exporter_choice"] = choice
+    set_metadata(proto, props)
     with atomic_write(out, suffix=".onnx") as tmp:
         onnx.save_model(proto, str(tmp), save_as_external_data=False)
     return out

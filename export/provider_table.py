@@ -16,6 +16,14 @@ Pass rules (documented in docs/deployment.md):
   checked. With ``data``: top-1 accuracy on the parity images at most
   ``max_accuracy_drop`` points below the fp32 reference; without data: top-1
   agreement with the reference at least ``min_agreement``.
+
+Thread search: ``threads="search"`` (what ``compress bench --provider all`` does
+without ``--threads``) or a list of counts repeats every row at each thread count
+of :func:`thread_counts` (1, 2, 4, ... and the usable cores): on a small CNN at
+batch 1 one thread can beat two (OpenVINO at batch 1 on 2 AMX cores: 2.8-3.9x vs
+0.23-0.30x onnxruntime fp32). Each row is checked at its own thread count. The
+``vs cpu fp32`` ratios and ``reference_threads`` refer to cpu fp32 at the default
+thread count (:func:`export.machine.default_threads`), what plain onnxruntime use gives.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from compressor.errors import CompressError
 from compressor.evaluation import accuracy, predictions, sample_arrays
 
 from .bench import benchmark_onnx, machine_info, versions
+from .machine import default_threads, usable_cores
 from .options import PROVIDERS
 from .providers import unavailable_reason
 from .quantize import int8_path
@@ -35,6 +44,35 @@ from .runtime import OnnxModel, check_fits_data, load_bundle
 SCHEMA = "compress.providers/1"   # the --provider all --json report; layout in docs/deployment.md
 ATOL, RTOL = 1e-4, 1e-3
 DATA_PARITY_IMAGES, RANDOM_PARITY_INPUTS = 1000, 256
+
+
+def thread_counts(cores: int | None = None) -> list[int]:
+    """1, 2, 4, ... up to ``cores`` (default: the usable cores), and ``cores`` itself."""
+    cores = max(1, int(cores if cores is not None else usable_cores()))
+    out, t = [], 1
+    while t < cores:
+        out.append(t)
+        t *= 2
+    return out + [cores]
+
+
+def resolve_thread_counts(threads) -> tuple[list[int], int]:
+    """``(counts to try, the baseline's count)`` for ``threads``: ``None`` (the default count only),
+    an int, ``"search"`` (:func:`thread_counts`) or a list of ints."""
+    if threads is None:
+        counts = [default_threads()]
+    elif isinstance(threads, str):
+        if threads != "search":
+            raise CompressError(f"threads must be a count, a list of counts or 'search', got {threads!r}")
+        counts = thread_counts()
+    elif isinstance(threads, int):
+        counts = [threads]
+    else:
+        counts = sorted({int(t) for t in threads})
+    if not counts or min(counts) < 1:
+        raise CompressError(f"thread counts must be >= 1, got {threads!r}")
+    base = default_threads()
+    return counts, (base if base in counts else max(counts))
 
 
 def _variants(provider: str, model: Path, int8: Path | None) -> list[tuple[str, Path, str]]:
@@ -50,12 +88,16 @@ def _predict(m: OnnxModel, x: np.ndarray, batch: int = 64) -> np.ndarray:
     return np.concatenate([m.predict(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
-def provider_table(model, *, int8=None, batch_sizes=(1, 64), threads: int | None = None, warmup: int = 10,
+def provider_table(model, *, int8=None, batch_sizes=(1, 64), threads=None, warmup: int = 10,
                    iters: int | None = None, seconds: float | None = 1.0, data=None, parity_images: int | None = None,
-                   max_accuracy_drop: float = 0.5, min_agreement: float = 0.99, providers=PROVIDERS) -> dict:
-    """Time and check every available provider x variant x batch size; see the module docstring."""
+                   max_accuracy_drop: float = 0.5, min_agreement: float = 0.99, providers=PROVIDERS,
+                   bench=benchmark_onnx) -> dict:
+    """Time and check every available provider x variant x thread count x batch size; see the module
+    docstring. ``threads``: see :func:`resolve_thread_counts`. ``bench``: the timer (the signature of
+    :func:`export.bench.benchmark_onnx`; tests inject fake timings)."""
     model = Path(model)
-    reference = OnnxModel(model, threads=threads, providers="cpu")
+    counts, base_threads = resolve_thread_counts(threads)
+    reference = OnnxModel(model, threads=base_threads, providers="cpu")
     if int8 is None and int8_path(model).is_file():
         int8 = int8_path(model)
     int8 = Path(int8) if int8 is not None else None
@@ -78,8 +120,8 @@ def provider_table(model, *, int8=None, batch_sizes=(1, 64), threads: int | None
         if reason:
             unavailable[provider] = reason
             continue
-        for variant, path, precision in _variants(provider, model, int8):
-            m = OnnxModel(path, threads=threads, providers=provider, precision=precision)
+        for (variant, path, precision), t in ((v, t) for v in _variants(provider, model, int8) for t in counts):
+            m = OnnxModel(path, threads=t, providers=provider, precision=precision)
             out = _predict(m, x)
             agreement = float((predictions(out) == ref_pred).mean())
             check = {"max_abs_diff": float(np.abs(out - ref).max()), "top1_agreement": agreement,
@@ -90,15 +132,16 @@ def provider_table(model, *, int8=None, batch_sizes=(1, 64), threads: int | None
                 passed = check["top1"] >= ref_top1 - max_accuracy_drop - 1e-9
             else:
                 passed = agreement >= min_agreement
-            rep = benchmark_onnx(path, batch_sizes=batch_sizes, threads=threads, warmup=warmup, iters=iters,
-                                 seconds=seconds, providers=provider, precision=precision)
+            rep = bench(path, batch_sizes=batch_sizes, threads=t, warmup=warmup, iters=iters,
+                        seconds=seconds, providers=provider, precision=precision)
             for r in rep["results"]:
                 rows.append({"provider": provider, "variant": variant, "path": str(path), "precision": precision,
-                             "active_provider": rep["provider"], "batch_size": r["batch_size"],
+                             "threads": t, "active_provider": rep["provider"], "batch_size": r["batch_size"],
                              "p50_ms": r["p50_ms"], "throughput_ips": r["throughput_ips"], "cv": r["cv"],
                              "iterations": r["iterations"], **check, "parity_passed": passed})
 
-    base = {r["batch_size"]: r for r in rows if r["provider"] == "cpu" and r["variant"] == "fp32"}
+    base = {r["batch_size"]: r for r in rows
+            if r["provider"] == "cpu" and r["variant"] == "fp32" and r["threads"] == base_threads}
     for r in rows:
         b = base.get(r["batch_size"])
         r["p50_speedup_vs_cpu_fp32"] = b["p50_ms"] / r["p50_ms"] if b else None
@@ -108,10 +151,12 @@ def provider_table(model, *, int8=None, batch_sizes=(1, 64), threads: int | None
         passing = [r for r in rows if r["batch_size"] == b and r["parity_passed"]]
         if passing:
             best = min(passing, key=lambda r: r["p50_ms"])
-            fastest[str(b)] = {k: best[k] for k in ("provider", "variant", "precision", "p50_ms", "throughput_ips",
-                                                    "p50_speedup_vs_cpu_fp32", "throughput_vs_cpu_fp32")}
+            fastest[str(b)] = {k: best[k] for k in ("provider", "variant", "precision", "threads", "p50_ms",
+                                                    "throughput_ips", "p50_speedup_vs_cpu_fp32",
+                                                    "throughput_vs_cpu_fp32")}
     return {"schema": SCHEMA, "model": str(model), "int8": str(int8) if int8 else None, "machine": machine_info(),
-            "versions": versions(), "threads": reference.threads, "parity_inputs": len(x),
+            "versions": versions(), "threads": reference.threads, "thread_counts": counts,
+            "reference_threads": base_threads, "parity_inputs": len(x),
             "parity_source": "data" if labels is not None else "random", "reference_top1": ref_top1,
             "rules": {"atol": ATOL, "rtol": RTOL, "max_accuracy_drop": max_accuracy_drop,
                       "min_agreement": min_agreement},
@@ -119,16 +164,19 @@ def provider_table(model, *, int8=None, batch_sizes=(1, 64), threads: int | None
 
 
 def format_provider_table(rep: dict) -> str:
-    head = (f"{'provider':<9} {'file':<5} {'batch':>5} {'p50 ms':>9} {'cv':>5} {'img/s':>10} {'vs cpu fp32':>11} "
-            f"{'agree %':>8} {'top-1 %':>8} {'max|diff|':>10}  parity")
+    head = (f"{'provider':<9} {'file':<5} {'batch':>5} {'thr':>3} {'p50 ms':>9} {'cv':>5} {'img/s':>10} "
+            f"{'vs cpu fp32':>11} {'agree %':>8} {'top-1 %':>8} {'max|diff|':>10}  parity")
     src = f"{rep['parity_inputs']} {'test images' if rep['parity_source'] == 'data' else 'random inputs'}"
-    lines = [f"{rep['machine']['cpu']} | {rep['threads']} threads | onnxruntime {rep['versions'].get('onnxruntime')} "
-             f"| parity on {src} vs cpu fp32", head, "-" * len(head)]
+    threads = ",".join(str(t) for t in rep.get("thread_counts", [rep["threads"]]))
+    lines = [f"{rep['machine']['cpu']} | {threads} threads | onnxruntime {rep['versions'].get('onnxruntime')} "
+             f"| parity on {src} vs cpu fp32 "
+             f"({rep.get('reference_threads', rep['threads'])} threads)", head, "-" * len(head)]
     for r in rep["rows"]:
         top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
         ratio = (f"{r['p50_speedup_vs_cpu_fp32']:.2f}x" if r["batch_size"] == 1 else
                  f"{r['throughput_vs_cpu_fp32']:.2f}x") if r["p50_speedup_vs_cpu_fp32"] else "-"
-        lines.append(f"{r['provider']:<9} {r['variant']:<5} {r['batch_size']:>5} {r['p50_ms']:>9.3f} {r['cv']:>5.2f} "
+        lines.append(f"{r['provider']:<9} {r['variant']:<5} {r['batch_size']:>5} {r.get('threads', ''):>3} "
+                     f"{r['p50_ms']:>9.3f} {r['cv']:>5.2f} "
                      f"{r['throughput_ips']:>10.1f} {ratio:>11} {100 * r['top1_agreement']:>8.2f} {top1:>8} "
                      f"{r['max_abs_diff']:>10.2e}  {'PASS' if r['parity_passed'] else 'FAIL'}")
     lines.append("img/s = batch / p50; vs cpu fp32: p50 speedup at batch 1, throughput ratio at larger batches")
@@ -136,6 +184,7 @@ def format_provider_table(rep: dict) -> str:
         lines.append(f"{provider}: not available: {reason}")
     for b, f in rep["fastest"].items():
         lines.append(f"fastest at batch {b} that passes parity: {f['provider']} {f['variant']} "
+                     f"{f.get('threads', '?')} thread(s) "
                      f"({f['p50_ms']:.3f} ms p50, {f['throughput_ips']:.0f} img/s)")
     if not rep["fastest"]:
         raise CompressError("no provider produced a row; is the CPU provider missing from onnxruntime?")

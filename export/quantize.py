@@ -10,7 +10,8 @@ The compress metadata of the fp32 file is carried over, plus
 
 :func:`quantize_accuracy_aware` (``compress export --quantize int8
 --max-accuracy-drop P``) tries the calibration methods and keeps the sensitive
-layers in float until the top-1 drop is within budget (see its docstring).
+layers in float until the top-1 drop is within budget, and keeps the INT8 file
+only when it is also faster than fp32 (timed interleaved; see its docstring).
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def _name_unnamed_nodes(model) -> bool:
 
 def quantize_static_int8(onnx_path, out_path, calibration, *, per_channel: bool = True,
                          preprocess: bool = True, calibration_batch: int = CALIBRATION_BATCH,
-                         method: str = "minmax", float_layers=()) -> Path:
+                         method: str = "minmax", float_layers=(), metadata_dir=None) -> Path:
     """Quantise ``onnx_path`` to INT8 at ``out_path`` (written atomically).
 
     ``calibration``: uint8 images ``(N, C, H, W)`` (prepared as the model
@@ -133,7 +134,9 @@ def quantize_static_int8(onnx_path, out_path, calibration, *, per_channel: bool 
     float arrays already in the model's input space, or a data spec/bundle.
     ``method``: the activation-range calibration, ``minmax | entropy | percentile``
     (percentile: the 99.999th). ``float_layers``: layers of :data:`SENSITIVE_LAYERS`
-    kept in float.
+    kept in float. ``metadata_dir``: the folder the file will be used from (default: ``out_path``'s);
+    the paths in its metadata (``source_checkpoint``, ``fp32_source``) are written relative to it,
+    so a file quantised in a scratch folder and copied elsewhere still finds its sources.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -187,13 +190,14 @@ def quantize_static_int8(onnx_path, out_path, calibration, *, per_channel: bool 
         except Exception as exc:
             raise CompressError(f"INT8 quantisation failed: {type(exc).__name__}: {exc}") from exc
         model = onnx.load(str(q))
+        home = os.path.abspath(metadata_dir if metadata_dir is not None else Path(out).parent)
         src_ckpt = props.get("source_checkpoint", "")
         if src_ckpt and not os.path.isabs(src_ckpt):  # keep it relative to the *new* file's folder
             absolute = os.path.abspath(os.path.join(fp32.path.parent, src_ckpt))
-            props["source_checkpoint"] = os.path.relpath(absolute, os.path.abspath(Path(out).parent))
+            props["source_checkpoint"] = os.path.relpath(absolute, home)
         props.update({"quantization": QUANTIZATION_TAG, "calibration_images": str(len(x)),
                       "calibration_method": method, "float_nodes": ",".join(exclude),
-                      "fp32_source": os.path.relpath(os.path.abspath(fp32.path), os.path.abspath(Path(out).parent))})
+                      "fp32_source": os.path.relpath(os.path.abspath(fp32.path), home)})
         set_metadata(model, props)
         with atomic_write(out, suffix=".onnx") as tmp:
             onnx.save_model(model, str(tmp))
@@ -213,7 +217,7 @@ def int8_report(fp32_path, int8_path_, data, *, threads: int | None = None, batc
     check_fits_data(fp32, bundle, images)
     fp32_acc = evaluate_arrays(fp32, images, labels, batch_size=batch_size)
     int8_acc = evaluate_arrays(int8, images, labels, batch_size=batch_size)
-    bench = benchmark_onnx(int8_path_, compare=fp32_path, batch_sizes=batch_sizes, threads=threads,
+    bench = benchmark_onnx(int8, compare=fp32, batch_sizes=batch_sizes, threads=threads,  # the sessions above
                            iters=iters, seconds=seconds, warmup=warmup)
     lat = {}
     for r in bench["results"]:
@@ -253,25 +257,46 @@ def _candidate_label(c: dict) -> str:
     return c["method"] + (" + float " + "/".join(c["float_layers"]) if c["float_layers"] else "")
 
 
+def interleaved_b1_p50(candidate, fp32_path, *, threads: int | None = None, seconds: float = 0.5,
+                       warmup: int = 5) -> tuple[float, float]:
+    """Batch-1 p50 latency (ms) of ``candidate`` and of ``fp32_path``, timed interleaved in this
+    process (:func:`export.bench.benchmark_onnx` with ``compare``): same runtime, threads and input.
+    Either may be an :class:`OnnxModel` session already built (used as it is)."""
+    from .bench import benchmark_onnx
+
+    rep = benchmark_onnx(candidate, compare=fp32_path, batch_sizes=(1,), threads=threads, seconds=seconds,
+                         warmup=warmup)
+    p50 = {r["role"]: r["p50_ms"] for r in rep["results"]}
+    return p50["model"], p50["compare"]
+
+
 def quantize_accuracy_aware(fp32_path, out_path, data, max_drop: float, *, calibration_size: int = DEFAULT_CALIBRATION_SIZE,
                             eval_images: int | None = None, threads: int | None = None, candidates=None,
-                            latency_seconds: float = 0.5, echo=print) -> dict:
-    """Search INT8 settings until the top-1 drop vs fp32 is at most ``max_drop`` points.
+                            latency_seconds: float = 0.5, echo=print, speed_timer=None) -> dict:
+    """Search INT8 settings until the top-1 drop vs fp32 is at most ``max_drop`` points;
+    keep the INT8 file only when it is also faster than fp32.
 
     Accuracy: top-1 on ``eval_images`` test images of ``data`` (default
     :data:`DEFAULT_EVAL_IMAGES`; seeded and spread over the classes, never the first
     N of a class-sorted split), fp32 and every candidate on the same images;
     calibration: ``calibration_size`` train images, sampled the same way. Candidates
     (:func:`int8_candidates`) are tried in order and the search stops at the first
-    within budget. The best candidate so far (highest top-1, then lowest batch-1
-    latency) is written to ``out_path`` atomically each time it improves, so an
-    interrupted or failed search still leaves the best file. Every candidate is
-    printed with ``echo`` (accuracy, drop, size, batch-1 p50). Returns
-    ``{"fp32": {...}, "candidates": [...], "best": index, "passed": bool, "path": out_path}``.
+    within budget. Speed: every candidate's batch-1 p50 is timed interleaved with the
+    fp32 file's, in this process on the same runtime (onnxruntime CPU, ``threads``):
+    ``speed_timer(candidate, fp32) -> (candidate_p50_ms, fp32_p50_ms)`` (both :class:`OnnxModel`
+    sessions), default :func:`interleaved_b1_p50` (``latency_seconds`` each).
+    The best candidate so far (highest top-1, then lowest batch-1 latency) is written
+    to ``out_path`` atomically each time it improves, so an interrupted or failed search
+    still leaves the best file. When the candidate within budget is not faster than
+    fp32 it is not kept: ``out_path`` is removed and ``reason`` says why in one line
+    (the later candidates keep more layers in float, so they would not be faster).
+    Every candidate is printed with ``echo`` (accuracy, drop, size, batch-1 p50, speed
+    vs fp32). Returns ``{"fp32": {...}, "candidates": [...], "best": index, "passed": bool,
+    "kept": bool, "reason": str, "path": out_path, ...}`` (``passed``: within the
+    accuracy budget; ``kept``: an INT8 file is left at ``path``).
     """
     import shutil
 
-    from .bench import benchmark_onnx
     from .runtime import check_fits_data, evaluate_arrays
 
     if max_drop < 0:
@@ -283,28 +308,35 @@ def quantize_accuracy_aware(fp32_path, out_path, data, max_drop: float, *, calib
     check_fits_data(fp32, bundle, images)
     calib = calibration_images(data if isinstance(data, (str, os.PathLike)) else bundle, calibration_size,
                                meta=fp32.meta)
-
-    def latency_ms(path) -> float:
-        rep = benchmark_onnx(path, batch_sizes=(1,), threads=threads, seconds=latency_seconds, warmup=5)
-        return rep["results"][0]["p50_ms"]
+    if speed_timer is None:
+        def speed_timer(path, ref):
+            return interleaved_b1_p50(path, ref, threads=threads, seconds=latency_seconds)
+    runtime = {"engine": "onnxruntime", "provider": "cpu", "threads": fp32.threads, "batch_size": 1,
+               "statistic": "p50", "timing": "interleaved with fp32, same process"}
 
     base = {"top1": evaluate_arrays(fp32, images, labels)["top1"], "size_bytes": fp32.path.stat().st_size,
-            "p50_ms": latency_ms(fp32.path)}
+            "p50_ms": None}
     echo(f"INT8 search: budget {max_drop:g} top-1 points on {len(labels)} test images of {getattr(bundle, 'name', data)}, "
-         f"{len(calib)} calibration images")
-    header = f"{'#':>2}  {'candidate':40} {'top-1 %':>8} {'drop':>6} {'size KB':>8} {'b1 p50 ms':>9}  verdict"
+         f"{len(calib)} calibration images; kept only if faster than fp32 (batch 1, onnxruntime CPU, "
+         f"{fp32.threads} threads, timed interleaved)")
+    header = (f"{'#':>2}  {'candidate':40} {'top-1 %':>8} {'drop':>6} {'size KB':>8} {'b1 p50 ms':>9} "
+              f"{'vs fp32':>7}  verdict")
     echo(header)
-    echo(f"{'':>2}  {'fp32':40} {base['top1']:>8.2f} {'':>6} {base['size_bytes'] / 1024:>8.0f} {base['p50_ms']:>9.3f}")
+    echo(f"{'':>2}  {'fp32':40} {base['top1']:>8.2f} {'':>6} {base['size_bytes'] / 1024:>8.0f} {'':>9} {'1.00x':>7}")
     results, best = [], None
     with tempfile.TemporaryDirectory(prefix="compress-int8-search-") as tmpdir:
         for i, cand in enumerate(candidates if candidates is not None else int8_candidates()):
             path = Path(tmpdir) / f"candidate{i}.onnx"
-            quantize_static_int8(fp32.path, path, calib, method=cand["method"], float_layers=cand["float_layers"])
+            # metadata paths relative to where the kept file will live, not to the scratch folder
+            quantize_static_int8(fp32.path, path, calib, method=cand["method"], float_layers=cand["float_layers"],
+                                 metadata_dir=Path(out).parent)
             q = OnnxModel(path, threads=threads)
             row = {"candidate": _candidate_label(cand), "method": cand["method"],
                    "float_layers": list(cand["float_layers"]), "float_nodes": q.metadata.get("float_nodes", ""),
-                   "top1": evaluate_arrays(q, images, labels)["top1"], "size_bytes": path.stat().st_size,
-                   "p50_ms": latency_ms(path)}
+                   "top1": evaluate_arrays(q, images, labels)["top1"], "size_bytes": path.stat().st_size}
+            p50, ref = speed_timer(q, fp32)
+            row.update({"p50_ms": float(p50), "fp32_p50_ms": float(ref), "speedup": float(ref) / float(p50)})
+            row["faster"] = row["speedup"] > 1.0
             row["drop"] = base["top1"] - row["top1"]
             row["within_budget"] = row["drop"] <= max_drop + 1e-9
             improved = best is None or (row["top1"], -row["p50_ms"]) > (results[best]["top1"], -results[best]["p50_ms"])
@@ -313,11 +345,25 @@ def quantize_accuracy_aware(fp32_path, out_path, data, max_drop: float, *, calib
                 best = i
                 with atomic_write(out, suffix=".onnx") as tmp:
                     shutil.copyfile(path, tmp)
-            verdict = ("within budget" if row["within_budget"] else "over budget") + (", kept" if improved else "")
+            verdict = "within budget" if row["within_budget"] else "over budget"
+            if row["within_budget"] and not row["faster"]:
+                verdict += ", not faster than fp32: not kept"
+            elif improved:
+                verdict += ", kept"
             echo(f"{i + 1:>2}  {row['candidate']:40} {row['top1']:>8.2f} {row['drop']:>+6.2f} "
-                 f"{row['size_bytes'] / 1024:>8.0f} {row['p50_ms']:>9.3f}  {verdict}")
+                 f"{row['size_bytes'] / 1024:>8.0f} {row['p50_ms']:>9.3f} {row['speedup']:>6.2f}x  {verdict}")
             if row["within_budget"]:
                 break
-    return {"fp32": base, "candidates": results, "best": best, "passed": results[best]["within_budget"],
-            "path": str(out), "max_drop": max_drop, "eval_images": int(len(labels)),
-            "calibration_images": int(len(calib))}
+    chosen = results[best]
+    base["p50_ms"] = chosen["fp32_p50_ms"]
+    kept, reason = True, ""
+    if chosen["within_budget"] and not chosen["faster"]:
+        kept = False
+        out.unlink(missing_ok=True)
+        reason = (f"INT8 not kept: {chosen['candidate']} is within {max_drop:g} top-1 points but not faster than fp32 "
+                  f"(batch-1 p50 {chosen['p50_ms']:.3f} vs {chosen['fp32_p50_ms']:.3f} ms, {chosen['speedup']:.2f}x, "
+                  f"onnxruntime CPU, {fp32.threads} threads, timed interleaved); deploy {fp32.path.name}")
+        echo(reason)
+    return {"fp32": base, "candidates": results, "best": best, "passed": chosen["within_budget"], "kept": kept,
+            "reason": reason, "runtime": runtime, "path": str(out), "max_drop": max_drop,
+            "eval_images": int(len(labels)), "calibration_images": int(len(calib))}

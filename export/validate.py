@@ -11,6 +11,12 @@ least ``min_agreement``. A sample whose two candidate classes are tied within
 that same tolerance in the PyTorch logits counts as agreeing: a tie cannot be
 broken reliably by either runtime.
 
+The same inputs, in the same batches, then go through every other installed
+runtime (OpenVINO f32, OpenCV DNN: :mod:`export.parity`), compared with PyTorch
+by the same rule with a 10x looser logit tolerance (their kernels sum in another
+order); the report lists each with its max|diff| and top-1 agreement, and one
+that disagrees fails the check too (``runtimes=`` narrows the list).
+
 On failure the file is renamed to ``NAME.invalid.onnx`` (so nothing downstream
 picks it up by its usual name) and :class:`CheckFailed` carries the numbers.
 """
@@ -28,6 +34,7 @@ from compressor.checkpoint import CheckpointMeta
 from compressor.errors import CheckFailed, CompressError
 
 from .onnx_export import invalid_path
+from .parity import TOLERANCE_FACTOR, RuntimeResult, first_error_line, resolve_runtimes, run_runtime, runtime_version
 from .runtime import OnnxModel, load_bundle, normalize_float
 
 DEFAULT_ATOL = 1e-4
@@ -54,16 +61,27 @@ class ValidationReport:
     min_agreement: float
     checker: str = "ok"
     failures: list = field(default_factory=list)
+    exporter: str = ""           # the file's ``exporter`` metadata (which path wrote it)
+    runtimes: list = field(default_factory=list)  # per other runtime: export.parity.RuntimeResult.to_dict()
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
         status = "PASS" if self.passed else "FAIL"
-        return (f"parity {status}: max|diff| {self.max_abs_diff:.2e}, max rel {self.max_rel_diff:.2e}, "
+        text = (f"parity {status}: max|diff| {self.max_abs_diff:.2e}, max rel {self.max_rel_diff:.2e}, "
                 f"top-1 agreement {100 * self.top1_agreement:.2f}% on {self.n} {self.inputs} inputs "
                 f"(batches {', '.join(map(str, self.batch_sizes))}; atol {self.atol:g}, rtol {self.rtol:g}, "
                 f"min agreement {100 * self.min_agreement:g}%)")
+        if self.runtimes:
+            text += "; vs PyTorch in " + "; ".join(RuntimeResult(**r).summary() for r in self.runtimes)
+        return text
+
+    @property
+    def agreed_runtimes(self) -> list[str]:
+        """onnxruntime (when the check passed) and every other runtime that agreed."""
+        ok = ["onnxruntime"] if not [f for f in self.failures if not f.startswith("runtime ")] else []
+        return ok + [r["runtime"] for r in self.runtimes if r["passed"]]
 
 
 def _mark_invalid(path: Path) -> Path:
@@ -138,16 +156,39 @@ def compare_logits(ort_out: np.ndarray, ref: np.ndarray, *, atol: float, rtol: f
     }
 
 
+def check_runtime(runtime: str, path, batches, reference: np.ndarray, *, atol: float, rtol: float,
+                  min_agreement: float, threads: int | None = None) -> RuntimeResult:
+    """Run ``path`` in ``runtime`` on ``batches`` and compare with ``reference`` (PyTorch logits)."""
+    version = runtime_version(runtime)
+    n = int(len(reference))
+    try:
+        out = run_runtime(runtime, path, batches, threads=threads)
+    except CompressError:
+        raise
+    except Exception as exc:  # the runtime cannot load or run this graph: a result, not a crash
+        return RuntimeResult(runtime, version, False, float("inf"), 0.0, n, error=first_error_line(exc))
+    if out.shape != reference.shape:
+        return RuntimeResult(runtime, version, False, float("inf"), 0.0, n,
+                             error=f"output shape {out.shape} vs PyTorch {reference.shape}")
+    # their kernels sum in another order: logits within TOLERANCE_FACTOR x the onnxruntime tolerance
+    cmp = compare_logits(out, reference, atol=TOLERANCE_FACTOR * atol, rtol=TOLERANCE_FACTOR * rtol)
+    agreement = float(np.mean(cmp["agree"])) if n else 0.0
+    passed = cmp["finite"] and cmp["allclose"] and agreement >= min_agreement
+    return RuntimeResult(runtime, version, bool(passed), cmp["max_abs_diff"], agreement, n)
+
+
 def validate_onnx(onnx_path, model: nn.Module, meta: CheckpointMeta, *, data=None,
                   atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
                   min_agreement: float = DEFAULT_MIN_AGREEMENT, batch_sizes=DEFAULT_BATCH_SIZES,
                   seed: int = 0, threads: int | None = None, rename_invalid: bool = True,
-                  data_label: str | None = None) -> ValidationReport:
+                  data_label: str | None = None, runtimes="installed") -> ValidationReport:
     """Check ``onnx_path`` against ``model`` (the PyTorch model it was exported from).
 
     ``data``: a data spec or a loaded bundle (32 test images spread over the classes, seeded by
     ``seed``, are used and only those are decoded;
-    ``data_label`` names it in the report), else random inputs. Raises
+    ``data_label`` names it in the report), else random inputs. ``runtimes``: the other runtimes
+    checked on the same inputs (``"installed"``: every installed one of :data:`export.parity.RUNTIMES`;
+    a list or comma string; ``()`` for onnxruntime only). Raises
     :class:`CheckFailed` (after renaming the file to ``*.invalid.onnx`` when
     ``rename_invalid``) if the checker or the parity check fails.
     """
@@ -161,6 +202,7 @@ def validate_onnx(onnx_path, model: nn.Module, meta: CheckpointMeta, *, data=Non
     batch_sizes = [int(b) for b in batch_sizes]
     if not batch_sizes or min(batch_sizes) < 1:
         raise CompressError(f"batch sizes must be >= 1, got {batch_sizes}")
+    others = resolve_runtimes(runtimes)
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -175,16 +217,20 @@ def validate_onnx(onnx_path, model: nn.Module, meta: CheckpointMeta, *, data=Non
         label = f"data:{data_label}"
 
     model = model.eval()
-    outs, refs = [], []
+    outs, refs, chunks = [], [], []
     start = 0
     with torch.inference_mode():
         for b in batch_sizes:
-            outs.append(sess.predict(onnx_in[start:start + b]))
+            chunks.append(onnx_in[start:start + b])
+            outs.append(sess.predict(chunks[-1]))
             refs.append(model(torch.from_numpy(np.ascontiguousarray(torch_in[start:start + b]))).float().numpy())
             start += b
     ort_out, ref = np.concatenate(outs), np.concatenate(refs)
     preprocessing = sess.preprocessing
+    exporter = sess.metadata.get("exporter", "")
     del sess  # release the file (it may be renamed below)
+    results = [check_runtime(r, path, chunks, ref, atol=atol, rtol=rtol, min_agreement=min_agreement,
+                             threads=threads) for r in others]
 
     failures = []
     if ort_out.shape != ref.shape:
@@ -201,17 +247,23 @@ def validate_onnx(onnx_path, model: nn.Module, meta: CheckpointMeta, *, data=Non
                         f"(worst element {cmp['tolerance_ratio']:.3g}x the tolerance)")
     if agreement < min_agreement:
         failures.append(f"top-1 agreement {100 * agreement:.2f}% < {100 * min_agreement:g}%")
+    failures += [f"runtime {r.summary()}" for r in results if not r.passed]
 
     report = ValidationReport(
         path=str(path), passed=not failures, max_abs_diff=cmp["max_abs_diff"], max_rel_diff=cmp["max_rel_diff"],
         tolerance_ratio=cmp["tolerance_ratio"], top1_agreement=agreement, n=int(len(ref)),
         batch_sizes=batch_sizes, inputs=label, preprocessing=preprocessing, atol=atol, rtol=rtol,
-        min_agreement=min_agreement, failures=failures,
+        min_agreement=min_agreement, failures=failures, exporter=exporter,
+        runtimes=[r.to_dict() for r in results],
     )
     if failures:
         where = _mark_invalid(path) if rename_invalid else path
         report.path = str(where)
+        hint = ("re-export (e.g. --legacy or another --opset) or loosen --atol/--rtol if the difference is "
+                "acceptable")
+        if all(f.startswith("runtime ") for f in failures):  # onnxruntime agrees; another runtime does not
+            hint = ("re-export with the other exporter (--legacy, or without it), or check only the runtimes you "
+                    "deploy with (--runtimes onnxruntime,openvino)")
         raise CheckFailed(f"ONNX parity check failed for {path}: {'; '.join(failures)}. {report.summary()}. "
-                          f"File moved to {where}; re-export (e.g. --legacy or another --opset) or loosen "
-                          f"--atol/--rtol if the difference is acceptable")
+                          f"File moved to {where}; {hint}")
     return report

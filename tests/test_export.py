@@ -138,7 +138,7 @@ def test_explicit_opset(tmp):
     with pytest.raises(CompressError):
         export_onnx((model, meta), tmp / "bad.onnx", example_batch=1)
     with pytest.raises(CompressError, match="--legacy"):
-        export_onnx((model, meta), tmp / "opset13.onnx", opset=13)  # below what dynamo can reach
+        export_onnx((model, meta), tmp / "opset13.onnx", opset=13, exporter="dynamo")  # below what dynamo reaches
     assert not (tmp / "opset13.onnx").exists()
     old = export_onnx((model, meta), tmp / "opset13.onnx", opset=13, legacy=True)
     assert OnnxModel(old, threads=1).metadata["opset"] == "13" and validate_onnx(old, model, meta).passed

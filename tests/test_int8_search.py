@@ -3,6 +3,8 @@
 The test data are labelled with the fp32 model's own predictions, so fp32 scores
 100% and every prediction the INT8 file changes is a lost point: an untrained
 model's logits are close together, so some do change with every candidate.
+Speed (INT8 is kept only when faster than fp32) is decided on injected timings
+(``speed_timer``), so no test depends on how busy the machine is.
 """
 from __future__ import annotations
 
@@ -15,7 +17,16 @@ from compressor.errors import CheckFailed, CompressError
 from compressor.models import create_model
 from conftest import run_export_cli
 from export import OnnxModel, export_onnx
-from export.quantize import SENSITIVE_LAYERS, int8_candidates, quantize_accuracy_aware, sensitive_node_names
+from export.quantize import (SENSITIVE_LAYERS, int8_candidates, interleaved_b1_p50, quantize_accuracy_aware,
+                             sensitive_node_names)
+
+
+def faster(path, ref):  # injected timings: INT8 0.5 ms, fp32 1.0 ms (2x faster)
+    return 0.5, 1.0
+
+
+def slower(path, ref):  # INT8 2.0 ms, fp32 1.0 ms (0.5x: slower, as MobileNetV3 INT8 on a CPU)
+    return 2.0, 1.0
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +62,9 @@ def test_search_stops_at_the_first_candidate_within_budget(setup):
     tmp, _, fp32, data = setup
     lines = []
     res = quantize_accuracy_aware(fp32, tmp / "pass.int8.onnx", data, 100.0, calibration_size=32, threads=1,
-                                  latency_seconds=0.05, echo=lines.append)
+                                  echo=lines.append, speed_timer=faster)
     assert res["fp32"]["top1"] == 100.0 and res["passed"] and res["best"] == 0
+    assert res["kept"] and res["reason"] == "" and res["candidates"][0]["speedup"] == 2.0
     assert len(res["candidates"]) == 1 and res["candidates"][0]["candidate"] == "minmax"
     q = OnnxModel(tmp / "pass.int8.onnx", threads=1)
     assert q.metadata["calibration_method"] == "minmax" and q.metadata["float_nodes"] == ""
@@ -63,7 +75,7 @@ def test_no_candidate_within_budget_keeps_the_best(setup):
     tmp, _, fp32, data = setup
     lines = []
     res = quantize_accuracy_aware(fp32, tmp / "fail.int8.onnx", data, 0.0, calibration_size=32, threads=1,
-                                  latency_seconds=0.05, echo=lines.append)
+                                  echo=lines.append, speed_timer=faster)
     rows = res["candidates"]
     assert not res["passed"] and len(rows) == 6 and all(r["drop"] > 0 for r in rows)
     best = rows[res["best"]]
@@ -101,3 +113,111 @@ def test_cli_bad_search_options(setup, args, message):
     res = run_export_cli("export", ckpt, "--out", tmp / "bad.onnx", *args)
     assert isinstance(res.exception, CompressError) and message in str(res.exception)
     assert not (tmp / "bad.onnx").exists()
+
+
+def test_within_budget_but_slower_than_fp32_is_not_kept(setup):
+    tmp, _, fp32, data = setup
+    out = tmp / "slow.int8.onnx"
+    lines, calls = [], []
+
+    def timer(path, ref):
+        calls.append((path, ref))
+        return slower(path, ref)
+
+    res = quantize_accuracy_aware(fp32, out, data, 100.0, calibration_size=32, threads=1, echo=lines.append,
+                                  speed_timer=timer)
+    assert res["passed"] and not res["kept"] and not out.exists()  # accuracy fine, speed not: no INT8 file
+    row = res["candidates"][0]
+    assert len(res["candidates"]) == 1 and len(calls) == 1  # the sessions the search evaluated, reused
+    assert calls[0][1].path == OnnxModel(fp32, threads=1).path and calls[0][0].metadata["calibration_method"] == "minmax"
+    assert (row["p50_ms"], row["fp32_p50_ms"], row["speedup"], row["faster"]) == (2.0, 1.0, 0.5, False)
+    assert res["fp32"]["p50_ms"] == 1.0 and res["runtime"]["threads"] == 1
+    assert "not faster than fp32: not kept" in lines[-2]
+    assert lines[-1] == res["reason"]
+    assert res["reason"].startswith("INT8 not kept: minmax is within 100 top-1 points but not faster than fp32 "
+                                    "(batch-1 p50 2.000 vs 1.000 ms, 0.50x")
+    assert "deploy m.onnx" in res["reason"] and "\n" not in res["reason"]
+
+
+def test_equal_speed_is_not_faster(setup):
+    tmp, _, fp32, data = setup
+    res = quantize_accuracy_aware(fp32, tmp / "tie.int8.onnx", data, 100.0, calibration_size=32, threads=1,
+                                  echo=lambda line: None, speed_timer=lambda path, ref: (1.0, 1.0))
+    assert not res["kept"] and not (tmp / "tie.int8.onnx").exists()
+
+
+def test_interleaved_timer_times_both_files(setup):
+    tmp, _, fp32, data = setup
+    from export.quantize import calibration_images, quantize_static_int8
+
+    q = quantize_static_int8(fp32, tmp / "timed.int8.onnx", calibration_images(data, 16))
+    p50, ref = interleaved_b1_p50(q, fp32, threads=1, seconds=0.02, warmup=1)
+    assert p50 > 0 and ref > 0
+    p50, ref = interleaved_b1_p50(OnnxModel(q, threads=1), OnnxModel(fp32, threads=1), seconds=0.02, warmup=1)
+    assert p50 > 0 and ref > 0  # sessions the search built are timed as they are
+
+
+def test_cli_slower_int8_is_not_kept_exit_0(setup, monkeypatch):
+    import export.quantize
+    import export.runtime
+
+    tmp, ckpt, _, data = setup
+    monkeypatch.setattr(export.runtime, "load_bundle", lambda spec, *args, **kwargs: data)
+    monkeypatch.setattr(export.quantize, "interleaved_b1_p50", lambda path, ref, **kwargs: slower(path, ref))
+    res = run_export_cli("export", ckpt, "--out", tmp / "clislow.onnx", "--data", "relabelled", "--no-validate",
+                         "--quantize", "int8", "--calibration-size", "32", "--max-accuracy-drop", "100",
+                         "--threads", "1")
+    assert res.exit_code == 0, res.output
+    assert "INT8 not kept: minmax" in res.output and "deploy clislow.onnx" in res.output
+    assert (tmp / "clislow.onnx").exists() and not (tmp / "clislow.int8.onnx").exists()
+    assert "quantised" not in res.output
+
+
+def test_kept_int8_metadata_points_at_the_kept_files(setup, tmp_path):
+    """The search quantises in a scratch folder: the kept file's metadata must name the checkpoint and
+    the fp32 file relative to where the kept file is, so 'bench --torch' finds the checkpoint."""
+    import os
+
+    _, ckpt, fp32, data = setup
+    out = tmp_path / "elsewhere" / "m.int8.onnx"  # another folder than the fp32 file and the checkpoint
+    out.parent.mkdir()
+    res = quantize_accuracy_aware(fp32, out, data, 100.0, calibration_size=32, threads=1,
+                                  echo=lambda line: None, speed_timer=faster)
+    assert res["kept"] and out.exists()
+    meta = OnnxModel(out, threads=1).metadata
+    assert (out.parent / meta["source_checkpoint"]).resolve() == ckpt.resolve()
+    assert (out.parent / meta["fp32_source"]).resolve() == fp32.resolve()
+    assert not os.path.isabs(meta["source_checkpoint"]) and "compress-int8" not in meta["source_checkpoint"]
+    bench = run_export_cli("bench", out, "--torch", "--iters", "2", "--warmup", "0", "--threads", "1")
+    assert bench.exit_code == 0, bench.output
+    assert "torch eager" in bench.output
+
+
+def test_int8_report_builds_each_session_and_hash_once(setup, monkeypatch):
+    """int8_report hands its sessions to benchmark_onnx (before: 4 sessions for 2 files), and a file is
+    hashed once per process while it is unchanged."""
+    import compressor.checkpoint
+    import export.bench
+    import export.runtime
+    from export.quantize import calibration_images, int8_report, quantize_static_int8
+
+    tmp, _, fp32, data = setup
+    q = quantize_static_int8(fp32, tmp / "once.int8.onnx", calibration_images(data, 16))
+    built, hashed = [], []
+    init = export.runtime.OnnxModel.__init__
+
+    def counting_init(self, path, *args, **kwargs):
+        built.append(str(path))
+        init(self, path, *args, **kwargs)
+
+    real_sha = compressor.checkpoint.file_sha256
+    monkeypatch.setattr(export.runtime.OnnxModel, "__init__", counting_init)
+    monkeypatch.setattr(compressor.checkpoint, "file_sha256", lambda p: hashed.append(str(p)) or real_sha(p))
+    monkeypatch.setattr(export.bench, "_SHA_MEMO", {})
+    rep = int8_report(fp32, q, data, threads=1, iters=3, seconds=None, warmup=0, eval_images=32)
+    assert sorted(built) == sorted([str(fp32), str(q)]) and rep["threads"] == 1
+    assert export.bench.file_sha(q) == export.bench.file_sha(q)
+    assert sorted(hashed) == sorted(str(p) for p in (fp32, q))  # the report's two entries; then memoised
+    q.write_bytes(q.read_bytes() + b"\0")  # another file now: hashed again
+    export.bench.file_sha(q)
+    assert len(hashed) == 3

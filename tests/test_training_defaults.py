@@ -29,13 +29,13 @@ def test_every_zoo_family_has_its_own_defaults():
 
 def test_mobilenetv3_defaults_scaled_to_the_batch_and_printed():
     cfg, rec = resolve_training_defaults(_train(epochs=1, batch_size=128), "mobilenetv3")
-    # 0.4 per 1024 images x 128 = 0.05; warm-up min(5, 0.2 x 1 epoch) = 0.2
-    assert (cfg.lr, cfg.schedule, cfg.warmup_epochs) == (0.05, "cosine", 0.2)
-    assert (cfg.weight_decay, cfg.label_smoothing, cfg.grad_clip) == (4e-5, 0.1, 5.0)
+    # AdamW, 6e-3 per 128 images x sqrt(128/128) = 6e-3; warm-up min(5, 0.2 x 1 epoch) = 0.2
+    assert (cfg.optimizer, cfg.lr, cfg.schedule, cfg.warmup_epochs) == ("adamw", 0.006, "cosine", 0.2)
+    assert (cfg.weight_decay, cfg.label_smoothing, cfg.grad_clip) == (0.05, 0.1, 5.0)
     assert rec["defaulted"] == list(DEFAULTED) and rec["family"] == "mobilenetv3"
-    assert describe(rec) == ("training defaults for mobilenetv3: lr 0.05 (0.4 per 1024 images x 128), cosine, "
-                             "warm-up 0.2 epochs, wd 4e-05, label smoothing 0.1, grad-norm clip 5 "
-                             "-- set any with a flag or recipe")
+    assert describe(rec) == ("training defaults for mobilenetv3: AdamW, lr 0.006 (0.006 per 128 images x "
+                             "sqrt(128/128)), cosine, warm-up 0.2 epochs, wd 0.05, label smoothing 0.1, "
+                             "grad-norm clip 5 -- set any with a flag or recipe")
 
 
 def test_lr_scales_with_images_per_step_and_warmup_capped_by_the_run():
@@ -43,18 +43,19 @@ def test_lr_scales_with_images_per_step_and_warmup_capped_by_the_run():
                                          num_processes=2)
     assert rec["images_per_step"] == 256 and cfg.lr == pytest.approx(0.2)  # 0.1 per 128 x 256
     assert cfg.warmup_epochs == 1.0 and cfg.label_smoothing == 0.0 and cfg.grad_clip == 0.0
-    _, rec = resolve_training_defaults(_train(epochs=100), "regnety")
-    assert rec["warmup_epochs"] == 5.0 and rec["lr"] == pytest.approx(0.1)  # 0.8 per 1024 x 128
+    _, rec = resolve_training_defaults(_train(epochs=100, optimizer="sgd"), "regnety")
+    assert rec["warmup_epochs"] == 5.0 and rec["lr"] == pytest.approx(0.1)  # SGD: 0.8 per 1024 x 128
 
 
 def test_flags_and_recipes_win_and_nothing_is_mutated():
-    given = _train(epochs=10, lr=0.3, schedule="step", label_smoothing=0.0)
+    given = _train(epochs=10, lr=0.3, schedule="step", label_smoothing=0.0, optimizer="sgd")
     cfg, rec = resolve_training_defaults(given, "mobilenetv2")
     assert (cfg.lr, cfg.schedule, cfg.label_smoothing) == (0.3, "step", 0.0)
     assert rec["defaulted"] == ["warmup_epochs", "weight_decay", "grad_clip"]
     assert given.weight_decay is None and given.warmup_epochs is None  # the given config is left as it was
     line = describe(rec)
-    assert "lr" not in line.split(":")[1] and "warm-up 2 epochs" in line and "wd 4e-05" in line
+    assert "lr" not in line.split(":")[1] and "warm-up 2 epochs" in line and "wd 4e-05" in line  # SGD's wd
+    assert "AdamW" not in line
 
 
 def test_user_models_get_the_fallback():
@@ -65,7 +66,7 @@ def test_user_models_get_the_fallback():
 
 def test_describe_when_everything_is_set():
     _, rec = resolve_training_defaults(_train(lr=0.1, schedule="step", warmup_epochs=0, weight_decay=1e-4,
-                                              label_smoothing=0.0, grad_clip=0.0), "wrn")
+                                              label_smoothing=0.0, grad_clip=0.0, optimizer="sgd"), "wrn")
     assert rec["defaulted"] == [] and "none used" in describe(rec)
 
 
@@ -181,3 +182,63 @@ def test_train_prints_and_records_the_defaults(tmp_path, capsys, one_torch_threa
     assert rec["lr"] == 0.0125 and rec["weight_decay"] == 1e-4 and "weight_decay" not in rec["defaulted"]
     _, meta = read_checkpoint(tmp_path / "m.safetensors")
     assert meta.metrics["training_defaults"] == rec
+
+
+# --- issue 18: AdamW for the depthwise families (docs/results.md §5) ---
+
+@pytest.mark.parametrize("batch, accum, processes, lr", [
+    (128, 1, 1, 0.006),       # 6e-3 x sqrt(128/128)
+    (32, 1, 1, 0.003),        # 6e-3 x sqrt(32/128) = 6e-3 / 2
+    (512, 1, 1, 0.012),       # 6e-3 x sqrt(4)
+    (64, 2, 2, 0.008485),     # 256 images per step: 6e-3 x sqrt(2) = 0.0084853 (rounded to 6 places)
+])
+def test_adamw_families_scale_the_lr_by_the_square_root_of_the_batch(batch, accum, processes, lr):
+    for family in ("mobilenetv2", "mobilenetv3", "shufflenetv2", "efficientnet", "regnety"):
+        cfg, rec = resolve_training_defaults(_train(epochs=1, batch_size=batch, grad_accum=accum), family,
+                                             num_processes=processes)
+        assert (cfg.optimizer, cfg.lr, cfg.weight_decay) == ("adamw", lr, 0.05), family
+        assert rec["lr_rule"] == f"0.006 per 128 images x sqrt({batch * accum * processes}/128)"
+
+
+def test_sgd_families_keep_sgd_and_linear_scaling():
+    for family, lr in (("cifar_resnet", 0.1), ("wrn", 0.1), ("vgg", 0.05), ("plain_cnn", 0.05),
+                       ("imagenet_resnet", 0.05)):  # imagenet_resnet: 0.1 per 256 x 128
+        cfg, rec = resolve_training_defaults(_train(epochs=1), family)
+        assert (cfg.optimizer, cfg.lr) == ("sgd", lr), family
+        assert "AdamW" not in describe(rec) and "SGD" not in describe(rec)
+    cfg, _ = resolve_training_defaults(_train(epochs=1), "user:my.py:Net")
+    assert cfg.optimizer == "sgd"
+
+
+def test_an_explicit_optimizer_brings_its_own_lr_and_weight_decay():
+    cfg, rec = resolve_training_defaults(_train(epochs=1, optimizer="sgd"), "mobilenetv3")
+    assert (cfg.lr, cfg.weight_decay) == (0.05, 4e-5)  # torchvision's 0.4 per 1024 x 128, SGD's wd
+    assert "optimizer" not in rec["defaulted"] and rec["lr_rule"] == "0.4 per 1024 images x 128"
+    cfg, _ = resolve_training_defaults(_train(epochs=1, batch_size=512, optimizer="adamw"), "cifar_resnet")
+    assert (cfg.lr, cfg.weight_decay) == (0.012, 0.05)
+    cfg, _ = resolve_training_defaults(_train(epochs=1, lr=0.01, weight_decay=0.0), "mobilenetv2")
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay) == ("adamw", 0.01, 0.0)  # flags win, optimizer defaulted
+
+
+def test_build_optimizer_follows_the_resolved_optimizer():
+    from compressor.trainer import build_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    cfg, _ = resolve_training_defaults(_train(epochs=1), "mobilenetv3")
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert (opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]) == (0.006, 0.05)
+    cfg, _ = resolve_training_defaults(_train(epochs=1), "cifar_resnet")
+    opt = build_optimizer(model, cfg)
+    assert type(opt) is torch.optim.SGD and opt.param_groups[0]["momentum"] == 0.9
+    assert (opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]) == (0.1, 5e-4)
+    # a bare OptimConfig (benchmarks, tests) keeps the old SGD
+    from compressor.config import OptimConfig
+    assert type(build_optimizer(model, OptimConfig())) is torch.optim.SGD
+
+
+def test_optimizer_is_validated_and_a_resumed_old_run_keeps_sgd():
+    with pytest.raises(CompressError, match="optimizer must be one of sgd, adamw; got 'adam'"):
+        _train(optimizer="adam").validate()
+    old = {k: v for k, v in config_to_dict(TrainConfig(arch="x", out="y.safetensors")).items() if k != "optimizer"}
+    assert inherit_recorded(TrainConfig(arch="mobilenetv3_small_050", out="y.safetensors"), old).optimizer == "sgd"

@@ -31,6 +31,7 @@ class ModelEntry:
     defaults: dict = field(default_factory=dict)
     norm: str = "cifar"  # the normalisation its weights usually expect: cifar | imagenet
     user_ref: str = ""   # set for user code (``file.py:NAME``), see models.user
+    timm_name: str = ""  # set for timm models (``timm:NAME``), see models.timm_models
 
 
 MODELS: Registry[ModelEntry] = Registry("model")
@@ -54,9 +55,13 @@ def register_model(name: str, *, family: str, input_size=(3, 32, 32), descriptio
 
 
 def get_entry(name: str) -> ModelEntry:
-    """A zoo entry, or for ``file.py:NAME`` / ``package.module:NAME`` the user's code (imported)."""
+    """A zoo entry, for ``timm:NAME`` a timm model, or for ``file.py:NAME`` / ``package.module:NAME``
+    the user's code (imported)."""
+    from .timm_models import is_timm_ref, timm_entry
     from .user import is_user_ref, user_entry
 
+    if is_timm_ref(name):
+        return timm_entry(name)
     if is_user_ref(name):
         return user_entry(name)
     return MODELS.get(name)

@@ -69,8 +69,8 @@ def same_ref(a: str, b: str) -> bool:
 
 def arch_slug(arch: str) -> str:
     """A file-name-safe label for a zoo name or a reference (run and stage folder names)."""
-    if not is_user_ref(arch):
-        return arch
+    if not is_user_ref(arch):  # zoo names are safe already; timm:NAME -> timm_NAME
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", arch)
     target, attr = split_ref(arch)
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(target).stem if target.endswith('.py') else target}_{attr}")
 

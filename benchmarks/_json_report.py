@@ -1,0 +1,16 @@
+"""The common end of the benchmark scripts: print the JSON report, write it to ``--json``,
+and turn ``--check`` plus the report's ``goal.met`` into the exit code."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def emit_report(report: dict, json_path=None, check: bool = False) -> int:
+    """Print ``report`` as indented JSON (and write it to ``json_path`` when given); return 1
+    when ``check`` is set and ``report["goal"]["met"]`` is false, else 0."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if json_path:
+        Path(json_path).write_text(text + "\n")
+    return 1 if check and not report["goal"]["met"] else 0

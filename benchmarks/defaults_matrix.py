@@ -1,0 +1,816 @@
+#!/usr/bin/env python
+"""Defaults matrix: does the DEFAULT ``dgkd`` (and ``kd``) beat the student alone everywhere?
+
+Runs ``compress distill --method ce|kd|dgkd`` with every setting at its default except the
+data, the chain, the epochs, the train subset and the seed, over
+
+* data sets (built by ``tools/build_datasets.py`` under ``--data-root``): ``cifar10`` (32 px),
+  ``gray28`` (28 px grayscale), ``photo96`` (96 px), ``small`` (<= 100 images per class);
+* chains (``--assistants auto``, the default, picks the assistants): ``resnet`` (resnet20 ->
+  resnet8), ``resnet-mbv2`` (resnet20 -> mobilenetv2_035), ``mbv2`` (mobilenetv2_100 ->
+  mobilenetv2_035, a MobileNet ladder);
+* budgets: ``short`` (``--short-epochs``, 3, per stage) everywhere; ``cpu`` (epochs and train
+  subset of recipes/cpu_study.yaml) on cifar10 and photo96;
+* plus two extra cells: ``cifar10-labels10.resnet.*.labels10`` (10 % labels; ``kd+unl`` and
+  ``dgkd+unl`` add the other 90 % as ``--unlabeled``; skipped with a note while the CLI has no
+  ``--unlabeled``) and ``gray28.resnet.short.pretrained`` (every method's student starts from a
+  resnet8 pretrained here on cifar10, ``--init-student``; compared with the scratch cell).
+
+Teachers: the embedded pretrained ResNet-20 for the CIFAR-10 sets; the others are trained once
+with ``compress train`` (``--teacher-epochs``) and cached in ``OUT/teachers/``. The ``small`` set
+uses the ``cifar10`` teachers (a teacher from plentiful data, as in practice).
+
+Seeds are paired: within one seed every method shares the split, the student's initialisation and
+the data order, so ``dgkd - ce`` per seed is a paired difference.
+
+Output (resumable: a run whose JSON exists is skipped, an interrupted run resumes)::
+
+    OUT/cells/<cell>/<method>-s<seed>.json  one per run: config, seed, accuracy of every model, times
+    OUT/runs/<cell>/<method>-s<seed>/       the compress run directory
+    OUT/logs/...                            each subprocess's output
+    OUT/summary.json, OUT/matrix.md         the table and the "Done when" checks (issue 18)
+    OUT/matrix.png                          paired gains per cell (if matplotlib is installed)
+
+Usage::
+
+    python tools/build_datasets.py --cifar-tar ../shared/data/cifar10-jpeg.tar.gz --out data/matrix
+    python benchmarks/defaults_matrix.py --data-root data/matrix --out runs/matrix --jobs 12
+    python benchmarks/defaults_matrix.py --data-root data/matrix-quick --out runs/matrix-quick --quick
+
+``--quick``: one seed, the short budget only, 5-epoch teachers (build the data with ``--quick``
+too). ``--list`` prints the runs without running them; ``--table-only`` rebuilds the table from
+the JSON files. Works without installing the package (it runs ``python -m compressor.cli`` with
+this checkout on ``PYTHONPATH``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+PRETRAINED_TEACHER = REPO / "compressor" / "assets" / "resnet20_cifar10_pretrained.safetensors"
+CPU_RECIPE = REPO / "recipes" / "cpu_study.yaml"
+
+DATASETS = ("cifar10", "gray28", "photo96", "small")
+# chain -> (teacher arch, student arch); assistants: the default (auto)
+CHAINS = {
+    "resnet": ("resnet20", "resnet8"),
+    "resnet-mbv2": ("resnet20", "mobilenetv2_035"),
+    "mbv2": ("mobilenetv2_100", "mobilenetv2_035"),
+}
+CPU_BUDGET_DATASETS = ("cifar10", "photo96")
+# the data set a teacher is trained on (small: the cifar10 teachers; labels10: the pretrained one)
+TEACHER_DATA = {"small": "cifar10", "cifar10-labels10": "cifar10"}
+LABELS10 = "cifar10-labels10"
+PRETRAINED_CELL = ("gray28", "resnet")   # data set, chain of the pretrained-student cell
+PRETRAIN_DATA = "cifar10"                # what that student is pretrained on (another domain: no leak)
+BASE_METHODS = ("ce", "kd", "dgkd")
+UNL_METHODS = ("kd+unl", "dgkd+unl")
+DONE_MIN_CELL_GAIN = -0.5    # issue 18 "Done when": every cell dgkd - ce >= -0.5 points
+DONE_MEAN_GAIN = 1.5         # mean over the cells >= +1.5
+DONE_CHANCE_MARGIN = 2.0     # no student within 2 points of chance
+DONE_UNLABELED_GAIN = 2.0    # unlabeled images at 10 % labels add >= +2 points
+QUICK_TEACHER_EPOCHS, FULL_TEACHER_EPOCHS = 5, 30
+
+
+# ----------------------------------------------------------------------------- the runs
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    chain: str
+    budget: str
+    variant: str = ""          # "" | labels10 | pretrained
+
+    @property
+    def id(self) -> str:
+        return ".".join([self.dataset, self.chain, self.budget] + ([self.variant] if self.variant else []))
+
+    @property
+    def methods(self) -> tuple:
+        return BASE_METHODS + (UNL_METHODS if self.variant == "labels10" else ())
+
+
+@dataclass(frozen=True)
+class Run:
+    cell: Cell
+    method: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.cell.id}/{self.method}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class Prereq:
+    """A model trained once and cached: a teacher, or the pretrained student."""
+    kind: str       # teacher | pretrained
+    dataset: str
+    arch: str
+    epochs: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}:{self.dataset}-{self.arch}-e{self.epochs}"
+
+    def path(self, out: Path) -> Path:
+        folder = "teachers" if self.kind == "teacher" else "pretrained"
+        return out / folder / f"{self.dataset}-{self.arch}-e{self.epochs}.safetensors"
+
+
+@dataclass
+class Budget:
+    name: str
+    epochs: int
+    train_subset: int | None
+
+
+def cpu_budget() -> Budget:
+    """The CPU study's budget (epochs and train subset of recipes/cpu_study.yaml), not its settings."""
+    import yaml
+
+    recipe = yaml.safe_load(CPU_RECIPE.read_text())
+    return Budget("cpu", int(recipe["epochs"]), recipe.get("train_subset"))
+
+
+def enumerate_cells(budgets: list[str], datasets=DATASETS, chains=tuple(CHAINS)) -> list[Cell]:
+    """Every matrix cell, in a stable order: data set x chain x budget, then the two extra cells."""
+    cells = []
+    for budget in budgets:
+        for d in datasets:
+            if budget == "cpu" and d not in CPU_BUDGET_DATASETS:
+                continue
+            cells += [Cell(d, c, budget) for c in chains]
+        if "cifar10" in datasets and "resnet" in chains:
+            cells.append(Cell(LABELS10, "resnet", budget, "labels10"))
+        if budget == "short" and PRETRAINED_CELL[0] in datasets and PRETRAINED_CELL[1] in chains:
+            cells.append(Cell(*PRETRAINED_CELL, budget, "pretrained"))
+    return cells
+
+
+def enumerate_runs(cells: list[Cell], seeds: list[int]) -> list[Run]:
+    """Seed-major: every cell's seed 0 comes before any seed 1 (a partial matrix stays paired)."""
+    return [Run(c, m, s) for s in seeds for c in cells for m in c.methods]
+
+
+def teacher_for(cell: Cell, teacher_epochs: int) -> Prereq | None:
+    """None: the embedded pretrained ResNet-20 (CIFAR-10 sets, resnet teacher)."""
+    arch = CHAINS[cell.chain][0]
+    data = TEACHER_DATA.get(cell.dataset, cell.dataset)
+    if data == "cifar10" and arch == "resnet20":
+        return None
+    return Prereq("teacher", data, arch, teacher_epochs)
+
+
+def pretrained_for(cell: Cell, teacher_epochs: int) -> Prereq | None:
+    if cell.variant != "pretrained":
+        return None
+    return Prereq("pretrained", PRETRAIN_DATA, CHAINS[cell.chain][1], teacher_epochs)
+
+
+# ----------------------------------------------------------------------------- commands
+def cli_base() -> list[str]:
+    return [sys.executable, "-m", "compressor.cli"]
+
+
+def prereq_command(p: Prereq, data_root: Path, out: Path, extra: list[str], train_subset: int | None) -> list[str]:
+    path = p.path(out)
+    cmd = cli_base() + ["train", "--arch", p.arch, "--data", str(data_root / p.dataset), "--out", str(path),
+                        "--epochs", str(p.epochs), "--seed", "0"]
+    if train_subset:
+        cmd += ["--train-subset", str(train_subset)]
+    if Path(str(path) + ".train-state").is_dir():
+        cmd.append("--resume")
+    return cmd + extra
+
+
+def run_dir(out: Path, run: Run) -> Path:
+    return out / "runs" / run.cell.id / f"{run.method}-s{run.seed}"
+
+
+def record_path(out: Path, run: Run) -> Path:
+    return out / "cells" / run.cell.id / f"{run.method}-s{run.seed}.json"
+
+
+def run_command(run: Run, *, data_root: Path, out: Path, budget: Budget, teacher: Path, init: Path | None,
+                extra: list[str]) -> list[str]:
+    cell = run.cell
+    method, _, unl = run.method.partition("+")
+    student = CHAINS[cell.chain][1]
+    rd = run_dir(out, run)
+    cmd = cli_base() + ["distill", "--teacher", str(teacher), "--target", student, "--method", method,
+                        "--data", str(data_root / cell.dataset), "--out", str(rd), "--seed", str(run.seed),
+                        "--epochs", str(budget.epochs), "--latency-backend", "none"]
+    if budget.train_subset:
+        cmd += ["--train-subset", str(budget.train_subset)]
+    if unl:
+        cmd += ["--unlabeled", str(data_root / f"{cell.dataset}-unlabeled")]
+    if init is not None:
+        cmd += ["--init-student", str(init)]
+    if (rd / "config.yaml").exists() and not (rd / "summary.json").exists():
+        cmd.append("--resume")
+    return cmd + extra
+
+
+_UNLABELED_SUPPORT: dict = {}
+
+
+def cli_has_unlabeled() -> bool:
+    """Whether this checkout's ``compress distill`` takes ``--unlabeled`` (asked once)."""
+    if "ok" not in _UNLABELED_SUPPORT:
+        try:
+            res = subprocess.run(cli_base() + ["distill", "--help"], capture_output=True, text=True,
+                                 env=child_env(None, 1), cwd=REPO, timeout=300)
+            _UNLABELED_SUPPORT["ok"] = "--unlabeled" in res.stdout
+        except (OSError, subprocess.SubprocessError):
+            _UNLABELED_SUPPORT["ok"] = False
+    return _UNLABELED_SUPPORT["ok"]
+
+
+def child_env(gpu: str | None, threads: int) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[k] = str(threads)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+# ----------------------------------------------------------------------------- records
+def chance(num_classes: int) -> float:
+    return 100.0 / num_classes
+
+
+def _first_epoch_top1(rd: Path, stage_dir: str | None, split: str | None) -> float | None:
+    if not stage_dir:
+        return None
+    path = rd / stage_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        for key in (f"{split}_top1", "val_top1", "test_top1"):
+            if row.get(key) is not None:
+                return float(row[key])
+    return None
+
+
+def make_record(run: Run, summary: dict, *, command: list[str], budget: Budget, wall: float | None,
+                num_classes: int, notes: list[str]) -> dict:
+    """One run's JSON: what ran, and the test top-1 of every model of its chain."""
+    chain = summary["chain"]
+    student = chain[-1]
+    rd_split = summary.get("per_epoch_split")
+    top1 = student.get("final_test_top1")
+    first = _first_epoch_top1(Path(command[command.index("--out") + 1]), student.get("stage_dir"), rd_split)
+    return {
+        "id": run.id, "cell": run.cell.id, **asdict(run.cell), "method": run.method, "seed": run.seed,
+        "status": "done",
+        "config": {"teacher": summary.get("teacher"), "student": student["arch"], "epochs": budget.epochs,
+                   "train_subset": budget.train_subset, "library_method": summary.get("method"),
+                   "kd_weight": summary.get("kd_weight"), "temperature": summary.get("temperature"),
+                   "kd_reduction": summary.get("kd_reduction"), "precision": summary.get("precision")},
+        "command": " ".join(shlex.quote(c) for c in command),
+        "num_classes": num_classes, "chance_top1": round(chance(num_classes), 3),
+        "teacher_top1": chain[0].get("final_test_top1"),
+        "student_top1": top1,
+        "student_epoch1_top1": first, "epoch1_split": rd_split,
+        "models": [{"role": m.get("role"), "arch": m.get("arch"), "test_top1": m.get("final_test_top1"),
+                    "train_seconds": m.get("train_seconds")} for m in chain],
+        "dropped_assistants": summary.get("dropped_assistants", []),
+        "near_chance": top1 is not None and top1 <= chance(num_classes) + DONE_CHANCE_MARGIN,
+        "warnings": summary.get("warnings", []),
+        "train_seconds": summary.get("total_seconds"), "wall_seconds": None if wall is None else round(wall, 1),
+        "notes": notes, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def num_classes_of(folder: Path) -> int:
+    train = folder / "train"
+    n = len([p for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")]) if train.is_dir() else 0
+    return n or 10
+
+
+def load_records(out: Path) -> list[dict]:
+    recs = []
+    for p in sorted((out / "cells").glob("*/*.json")):
+        try:
+            recs.append(json.loads(p.read_text()))
+        except ValueError:
+            continue
+    return recs
+
+
+# ----------------------------------------------------------------------------- the table
+def _mean(xs):
+    return statistics.fmean(xs) if xs else None
+
+
+def _std(xs):
+    return statistics.stdev(xs) if len(xs) > 1 else None
+
+
+def paired_gain(by_seed: dict, a: str, b: str) -> dict | None:
+    """Paired a - b over the seeds both have: {n, mean, std, per_seed}."""
+    seeds = sorted(s for s in by_seed.get(a, {}) if s in by_seed.get(b, {}))
+    if not seeds:
+        return None
+    d = [by_seed[a][s] - by_seed[b][s] for s in seeds]
+    return {"n": len(d), "mean": statistics.fmean(d), "std": _std(d), "per_seed": dict(zip(map(str, seeds), d))}
+
+
+def cell_sort_key(cell_id: str) -> tuple:
+    """The order of :func:`enumerate_cells`: budget, then data set, chain, variant (unknown ids last)."""
+    parts = cell_id.split(".")
+    order = {"budget": ("short", "cpu"), "dataset": DATASETS + (LABELS10,), "chain": tuple(CHAINS)}
+    if len(parts) < 3:
+        return (9, cell_id)
+    data, chain, budget = parts[:3]
+
+    def rank(kind, value):
+        return order[kind].index(value) if value in order[kind] else len(order[kind])
+
+    return (rank("budget", budget), rank("dataset", data), rank("chain", chain), len(parts), cell_id)
+
+
+def headline_methods(cell_id: str) -> tuple[str, str]:
+    """(kd, dgkd) of a cell for the checks: with 10 % labels, the ones that use the unlabeled images."""
+    return ("kd+unl", "dgkd+unl") if cell_id.endswith(".labels10") else ("kd", "dgkd")
+
+
+def aggregate(records: list[dict]) -> dict:
+    """Per cell: per-method mean, paired gains over ce, teacher, times; plus the extra comparisons."""
+    cells: dict = {}
+    for r in records:
+        if r.get("status") != "done" or r.get("student_top1") is None:
+            continue
+        c = cells.setdefault(r["cell"], {"by_seed": {}, "teacher": [], "wall": [], "min_student": None,
+                                         "epoch1": [], "chance": r["chance_top1"], "records": 0})
+        c["by_seed"].setdefault(r["method"], {})[r["seed"]] = r["student_top1"]
+        if r.get("teacher_top1") is not None:
+            c["teacher"].append(r["teacher_top1"])
+        if r.get("wall_seconds") is not None:
+            c["wall"].append(r["wall_seconds"])
+        if r.get("student_epoch1_top1") is not None:
+            c["epoch1"].append(r["student_epoch1_top1"])
+        c["min_student"] = r["student_top1"] if c["min_student"] is None else min(c["min_student"], r["student_top1"])
+        c["records"] += 1
+    out = {}
+    for cid, c in sorted(cells.items(), key=lambda kv: cell_sort_key(kv[0])):
+        kd, dgkd = headline_methods(cid)
+        row = {
+            "cell": cid, "chance_top1": c["chance"], "runs": c["records"],
+            "seeds": sorted({s for m in c["by_seed"].values() for s in m}),
+            "teacher_top1": _mean(c["teacher"]),
+            "mean_top1": {m: _mean(list(v.values())) for m, v in c["by_seed"].items()},
+            "kd_minus_ce": paired_gain(c["by_seed"], kd, "ce"),
+            "dgkd_minus_ce": paired_gain(c["by_seed"], dgkd, "ce"),
+            "min_student_top1": c["min_student"],
+            "min_epoch1_top1": min(c["epoch1"]) if c["epoch1"] else None,
+            "wall_seconds_per_run": _mean(c["wall"]),
+            "per_seed": {m: {str(s): v for s, v in sorted(d.items())} for m, d in c["by_seed"].items()},
+        }
+        if cid.endswith(".labels10"):
+            row["unlabeled_gain"] = paired_gain(c["by_seed"], "dgkd+unl", "dgkd")
+        out[cid] = row
+    for cid, row in out.items():  # the pretrained student against the same cell from scratch
+        if cid.endswith(".pretrained"):
+            scratch = out.get(cid[: -len(".pretrained")])
+            if scratch:
+                row["init_gain"] = {m: _cross_gain(row, scratch, m) for m in BASE_METHODS}
+    return out
+
+
+def _cross_gain(row: dict, other: dict, method: str) -> dict | None:
+    a, b = row["per_seed"].get(method, {}), other["per_seed"].get(method, {})
+    seeds = sorted(s for s in a if s in b)
+    if not seeds:
+        return None
+    d = [a[s] - b[s] for s in seeds]
+    return {"n": len(d), "mean": statistics.fmean(d), "std": _std(d)}
+
+
+def checks(cells: dict) -> dict:
+    """The issue-18 "Done when" checks on the finished cells (None: nothing to judge yet)."""
+    gains = {cid: r["dgkd_minus_ce"]["mean"] for cid, r in cells.items() if r["dgkd_minus_ce"]}
+    failing = sorted(cid for cid, g in gains.items() if g < DONE_MIN_CELL_GAIN)
+    near = sorted(cid for cid, r in cells.items()
+                  if r["min_student_top1"] is not None and r["min_student_top1"] <= r["chance_top1"] + DONE_CHANCE_MARGIN)
+    near1 = sorted(cid for cid, r in cells.items()
+                   if r["min_epoch1_top1"] is not None and r["min_epoch1_top1"] <= r["chance_top1"] + DONE_CHANCE_MARGIN)
+    unl = {cid: r["unlabeled_gain"]["mean"] for cid, r in cells.items() if r.get("unlabeled_gain")}
+    mean_gain = _mean(list(gains.values()))
+    return {
+        "every_cell_dgkd_ge_ce_minus_0.5": {"pass": not failing if gains else None, "failing": failing},
+        "mean_gain_ge_1.5": {"pass": None if mean_gain is None else mean_gain >= DONE_MEAN_GAIN,
+                             "mean": mean_gain, "cells": len(gains)},
+        "no_student_near_chance_final": {"pass": not near if cells else None, "cells": near},
+        "no_student_near_chance_epoch1": {"pass": not near1 if any(r["min_epoch1_top1"] is not None
+                                                                   for r in cells.values()) else None,
+                                          "cells": near1},
+        "unlabeled_gain_ge_2": {"pass": None if not unl else all(v >= DONE_UNLABELED_GAIN for v in unl.values()),
+                                "gains": unl},
+    }
+
+
+def _f(v, digits=2, sign=False) -> str:
+    if v is None:
+        return "–"
+    v = 0.0 if v == 0 else v  # never "-0.00"
+    return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
+
+
+def _gain(g) -> str:
+    if not g:
+        return "–"
+    return _f(g["mean"], sign=True) + (f" ± {g['std']:.2f}" if g.get("std") is not None else "")
+
+
+def _verdict(p) -> str:
+    return {True: "PASS", False: "FAIL", None: "n/a"}[p]
+
+
+def markdown_table(cells: dict, chk: dict) -> str:
+    lines = ["| cell | seeds | teacher | ce | kd | dgkd | kd − ce | dgkd − ce | min student (chance) | s/run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for cid, r in cells.items():
+        kd, dgkd = headline_methods(cid)
+        m = r["mean_top1"]
+        lines.append(f"| {cid} | {len(r['seeds'])} | {_f(r['teacher_top1'])} | {_f(m.get('ce'))} | "
+                     f"{_f(m.get(kd))} | {_f(m.get(dgkd))} | {_gain(r['kd_minus_ce'])} | "
+                     f"{_gain(r['dgkd_minus_ce'])} | {_f(r['min_student_top1'])} ({r['chance_top1']:g}) | "
+                     f"{_f(r['wall_seconds_per_run'], 0)} |")
+    lines.append("")
+    extra = []
+    for cid, r in cells.items():
+        if r.get("unlabeled_gain"):
+            extra.append(f"- {cid}: unlabeled images add {_gain(r['unlabeled_gain'])} points to dgkd "
+                         f"(dgkd+unl − dgkd; kd/dgkd columns are the +unl runs; plain dgkd "
+                         f"{_f(r['mean_top1'].get('dgkd'))}, kd {_f(r['mean_top1'].get('kd'))})")
+        if r.get("init_gain"):
+            parts = ", ".join(f"{m} {_gain(g)}" for m, g in r["init_gain"].items() if g)
+            extra.append(f"- {cid}: pretrained student minus the same from scratch: {parts or '–'}")
+    if extra:
+        lines += extra + [""]
+    c = chk
+    lines += [
+        "Done-when checks (issue 18):",
+        f"- every cell dgkd − ce ≥ {DONE_MIN_CELL_GAIN}: {_verdict(c['every_cell_dgkd_ge_ce_minus_0.5']['pass'])}"
+        + (f" (failing: {', '.join(c['every_cell_dgkd_ge_ce_minus_0.5']['failing'])})"
+           if c["every_cell_dgkd_ge_ce_minus_0.5"]["failing"] else ""),
+        f"- mean gain ≥ +{DONE_MEAN_GAIN}: {_verdict(c['mean_gain_ge_1.5']['pass'])} "
+        f"(mean {_f(c['mean_gain_ge_1.5']['mean'], sign=True)} over {c['mean_gain_ge_1.5']['cells']} cells)",
+        f"- no student within {DONE_CHANCE_MARGIN:g} points of chance (final): "
+        f"{_verdict(c['no_student_near_chance_final']['pass'])}"
+        + (f" ({', '.join(c['no_student_near_chance_final']['cells'])})" if c["no_student_near_chance_final"]["cells"] else ""),
+        f"- … after epoch 1 (per-epoch eval): {_verdict(c['no_student_near_chance_epoch1']['pass'])}"
+        + (f" ({', '.join(c['no_student_near_chance_epoch1']['cells'])})" if c["no_student_near_chance_epoch1"]["cells"] else ""),
+        f"- unlabeled images at 10 % labels add ≥ +{DONE_UNLABELED_GAIN:g}: {_verdict(c['unlabeled_gain_ge_2']['pass'])}",
+    ]
+    return "\n".join(lines)
+
+
+def plot(cells: dict, path: Path) -> str | None:
+    """Paired gains per cell; returns a note instead when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    from compressor.fileio import atomic_write
+
+    rows = [(cid, r) for cid, r in cells.items() if r["dgkd_minus_ce"] or r["kd_minus_ce"]]
+    if not rows:
+        return "no finished cell to plot"
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
+    y = list(range(len(rows)))
+    for off, key, color, label in ((-0.18, "kd_minus_ce", "#9ecae1", "kd − ce"),
+                                   (0.18, "dgkd_minus_ce", "#2b5d8a", "dgkd − ce")):
+        vals = [(r[key] or {}).get("mean", 0.0) for _, r in rows]
+        errs = [(r[key] or {}).get("std") or 0.0 for _, r in rows]
+        ax.barh([i + off for i in y], vals, height=0.34, xerr=errs, color=color, label=label, capsize=2)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.axvline(DONE_MIN_CELL_GAIN, color="red", lw=0.8, ls="--", label=f"{DONE_MIN_CELL_GAIN} floor")
+    ax.set_yticks(y, [cid for cid, _ in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("student test top-1 gain over the student alone (points, paired mean over seeds)")
+    ax.legend(fontsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    with atomic_write(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return None
+
+
+def machine() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda: {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, {os.cpu_count()} cores"
+    except ImportError:
+        pass
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {name}, {os.cpu_count()} cores"
+
+
+def write_outputs(out: Path, *, settings: dict, skipped: list[str], failed: list[str]) -> tuple[dict, str]:
+    from compressor.fileio import write_json, write_text
+
+    records = load_records(out)
+    cells = aggregate(records)
+    chk = checks(cells)
+    table = markdown_table(cells, chk)
+    note = plot(cells, out / "matrix.png")
+    summary = {"settings": settings, "machine": machine(), "cells": cells, "checks": chk,
+               "skipped": skipped, "failed": failed, "plot": None if note else "matrix.png", "plot_note": note,
+               "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_json(out / "summary.json", summary)
+    head = [f"# Defaults matrix ({'quick mode' if settings.get('quick') else 'full'})", "",
+            f"- machine: {summary['machine']}; written {summary['written']}",
+            f"- command: `{settings.get('command', '')}`",
+            f"- mean test top-1 (%) per method; gains are paired means over seeds ± std, in points", ""]
+    tail = [""] + ([f"Skipped: {'; '.join(skipped)}", ""] if skipped else []) + \
+        ([f"Failed (see OUT/logs): {', '.join(failed)}", ""] if failed else []) + \
+        ([f"Plot: {note}"] if note else ["![matrix](matrix.png)"])
+    write_text(out / "matrix.md", "\n".join(head) + "\n" + table + "\n" + "\n".join(tail) + "\n")
+    return summary, table
+
+
+# ----------------------------------------------------------------------------- running
+def say(*parts) -> None:
+    print(*parts, flush=True)  # progress lines show up at once in a redirected log
+
+
+class Runner:
+    """Runs subprocesses on ``jobs`` slots; each slot has its own GPU (round robin) and CPU threads."""
+
+    def __init__(self, out: Path, jobs: int, device: str, echo=say):
+        self.out, self.jobs, self.echo = out, jobs, echo
+        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        gpus = 0
+        if device != "cpu":
+            try:
+                import torch
+
+                gpus = torch.cuda.device_count()
+            except ImportError:
+                gpus = 0
+        if device == "cuda" and gpus == 0:
+            raise SystemExit("error: --device cuda but no CUDA device is visible; use --device auto or cpu")
+        self.gpu_of_slot = [("" if device == "cpu" else None) if gpus <= 1 else str(i % gpus) for i in range(jobs)]
+        self.slots: queue.Queue = queue.Queue()
+        for i in range(jobs):
+            self.slots.put(i)
+        self.lock = threading.Lock()
+        self.t0 = time.time()
+
+    def call(self, label: str, cmd: list[str], log: Path) -> tuple[int, float]:
+        slot = self.slots.get()
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with self.lock:
+                self.echo(f"[{time.time() - self.t0:7.0f}s] start {label}")
+            t = time.perf_counter()
+            with open(log, "a") as fh:
+                fh.write(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}\n")
+                fh.flush()
+                rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+                                     env=child_env(self.gpu_of_slot[slot], self.threads))
+            wall = time.perf_counter() - t
+            with self.lock:
+                self.echo(f"[{time.time() - self.t0:7.0f}s] {'done' if rc == 0 else f'FAILED (exit {rc})'} "
+                          f"{label} in {wall:.0f} s" + ("" if rc == 0 else f"; log: {log}"))
+            return rc, wall
+        finally:
+            self.slots.put(slot)
+
+
+def _tail(path: Path, n: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def execute(runs: list[Run], *, args, budgets: dict, echo=say) -> tuple[list[str], list[str]]:
+    out, data_root = args.out, args.data_root
+    extra = shlex.split(args.extra_args or "")
+    runner = Runner(out, args.jobs, args.device, echo)
+    skipped, failed = [], []
+    todo = [r for r in runs if not record_path(out, r).is_file()]
+    done_before = len(runs) - len(todo)
+    if any("+unl" in r.method for r in todo) and not cli_has_unlabeled():
+        note = "kd+unl/dgkd+unl: this checkout's `compress distill` has no --unlabeled yet"
+        skipped.append(note)
+        echo(f"skipping {sum('+unl' in r.method for r in todo)} runs: {note}")
+        todo = [r for r in todo if "+unl" not in r.method]
+    echo(f"{len(runs)} runs, {done_before} done earlier, "
+         f"{len(todo)} to run on {args.jobs} job(s) ({runner.threads} CPU thread(s) each)")
+    prereqs: dict = {}
+    for r in todo:
+        for p in (teacher_for(r.cell, args.teacher_epochs), pretrained_for(r.cell, args.teacher_epochs)):
+            if p is not None and not p.path(out).is_file():
+                prereqs[p.id] = p
+    ok_prereq: dict = {}
+
+    def do_prereq(p: Prereq):
+        folder = data_root / p.dataset
+        if not folder.is_dir():
+            ok_prereq[p.id] = f"no data set {folder} (tools/build_datasets.py)"
+            return
+        p.path(out).parent.mkdir(parents=True, exist_ok=True)  # compress train wants the folder to exist
+        cmd = prereq_command(p, data_root, out, extra, args.train_subset)
+        rc, _ = runner.call(p.id, cmd, out / "logs" / f"{p.id.replace(':', '-')}.log")
+        ok_prereq[p.id] = None if rc == 0 else f"exit {rc}: {_tail(out / 'logs' / (p.id.replace(':', '-') + '.log'))}"
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(do_prereq, prereqs.values()))
+    for pid, err in ok_prereq.items():
+        if err:
+            failed.append(pid)
+            echo(f"{pid} failed: {err}")
+
+    def do_run(r: Run):
+        budget = budgets[r.cell.budget]
+        folder = data_root / r.cell.dataset
+        if not folder.is_dir():
+            skipped.append(f"{r.id}: no data set {folder}")
+            return
+        t, p = teacher_for(r.cell, args.teacher_epochs), pretrained_for(r.cell, args.teacher_epochs)
+        if any(x is not None and ok_prereq.get(x.id) for x in (t, p)):
+            skipped.append(f"{r.id}: its teacher/pretrained model failed")
+            return
+        teacher = PRETRAINED_TEACHER if t is None else t.path(out)
+        init = None if p is None else p.path(out)
+        cmd = run_command(r, data_root=data_root, out=out, budget=budget, teacher=teacher, init=init, extra=extra)
+        log = out / "logs" / r.cell.id / f"{r.method}-s{r.seed}.log"
+        rc, wall = runner.call(r.id, cmd, log)
+        summary_path = run_dir(out, r) / "summary.json"
+        if rc != 0 or not summary_path.is_file():
+            failed.append(r.id)
+            return
+        from compressor.fileio import write_json
+
+        resumed = "--resume" in cmd
+        rec = make_record(r, json.loads(summary_path.read_text()), command=cmd, budget=budget,
+                          wall=None if resumed else wall, num_classes=num_classes_of(folder),
+                          notes=["resumed: wall time covers part of the run"] if resumed else [])
+        write_json(record_path(out, r), rec)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(do_run, todo))
+    return skipped, failed
+
+
+# ----------------------------------------------------------------------------- main
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--data-root", type=Path, required=True, help="folder made by tools/build_datasets.py")
+    ap.add_argument("--out", type=Path, default=Path("runs/defaults-matrix"), help="[default: %(default)s]")
+    ap.add_argument("--quick", action="store_true", help="one seed, short budget only, 5-epoch teachers")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel processes [default: 1]")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: CUDA when present (jobs spread over the GPUs), else CPU [default: auto]")
+    ap.add_argument("--seeds", default=None, help="comma-separated [default: 0,1,2; quick: 0]")
+    ap.add_argument("--budgets", default=None, help="short,cpu [default: both; quick: short]")
+    ap.add_argument("--datasets", default=",".join(DATASETS), help="[default: %(default)s]")
+    ap.add_argument("--chains", default=",".join(CHAINS), help="[default: %(default)s]")
+    ap.add_argument("--only", default=None, help="regular expression on the cell ids (see --list)")
+    ap.add_argument("--short-epochs", type=int, default=3, help="epochs per stage, short budget [default: 3]")
+    ap.add_argument("--teacher-epochs", type=int, default=None,
+                    help=f"epochs of the teachers trained here [default: {FULL_TEACHER_EPOCHS}; quick: "
+                         f"{QUICK_TEACHER_EPOCHS}]")
+    ap.add_argument("--train-subset", type=int, default=None,
+                    help="cap the training images of every short-budget run and teacher (0: all)")
+    ap.add_argument("--extra-args", default=None,
+                    help="appended to every compress command, e.g. \"--data-workers 2\"")
+    ap.add_argument("--list", action="store_true", help="print the runs and exit")
+    ap.add_argument("--table-only", action="store_true", help="rebuild the table from the JSON files and exit")
+    args = ap.parse_args(argv)
+    try:
+        args.seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else ([0] if args.quick else [0, 1, 2])
+    except ValueError:
+        ap.error(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {args.seeds!r}")
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+        ap.error("--seeds needs distinct integers, e.g. 0,1,2")
+    if args.only:
+        try:
+            re.compile(args.only)
+        except re.error as exc:
+            ap.error(f"--only {args.only!r} is not a regular expression ({exc}); e.g. --only '^cifar10\\.'")
+    args.budgets = _csv(args.budgets) if args.budgets else (["short"] if args.quick else ["short", "cpu"])
+    args.datasets, args.chains = _csv(args.datasets), _csv(args.chains)
+    for what, vals, allowed in (("budget", args.budgets, ("short", "cpu")), ("data set", args.datasets, DATASETS),
+                                ("chain", args.chains, tuple(CHAINS))):
+        bad = [v for v in vals if v not in allowed]
+        if bad:
+            ap.error(f"unknown {what}(s) {bad}; choose from {', '.join(allowed)}")
+    if args.jobs < 1:
+        ap.error("--jobs must be >= 1")
+    if args.short_epochs < 1 or (args.teacher_epochs is not None and args.teacher_epochs < 1):
+        ap.error("--short-epochs and --teacher-epochs must be >= 1")
+    if args.teacher_epochs is None:
+        args.teacher_epochs = QUICK_TEACHER_EPOCHS if args.quick else FULL_TEACHER_EPOCHS
+    if args.train_subset == 0:
+        args.train_subset = None
+    # the subprocesses run in the repository root: relative paths are the caller's
+    args.data_root_given = str(args.data_root)  # as typed, for the records (no machine paths)
+    args.data_root, args.out = args.data_root.resolve(), args.out.resolve()
+    return args
+
+
+def select_runs(args) -> tuple[list[Run], dict]:
+    cells = enumerate_cells(args.budgets, tuple(args.datasets), tuple(args.chains))
+    if args.only:
+        rx = re.compile(args.only)
+        cells = [c for c in cells if rx.search(c.id)]
+    budgets = {"short": Budget("short", args.short_epochs, args.train_subset), "cpu": cpu_budget()}
+    return enumerate_runs(cells, args.seeds), budgets
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    runs, budgets = select_runs(args)
+    command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/defaults_matrix.py",
+                                                 *(sys.argv[1:] if argv is None else argv)])
+    settings = {"command": command, "quick": args.quick, "seeds": args.seeds, "budgets":
+                {k: asdict(v) for k, v in budgets.items() if k in args.budgets},
+                "teacher_epochs": args.teacher_epochs, "data_root": args.data_root_given,
+                "extra_args": args.extra_args}
+    manifest = args.data_root / "datasets.json"
+    if manifest.is_file():
+        settings["datasets"] = {k: {"note": v.get("note"), "counts": v.get("counts"), "mode": v.get("mode")}
+                                for k, v in json.loads(manifest.read_text()).items()}
+    if args.list:
+        for r in runs:
+            done = "done" if record_path(args.out, r).is_file() else "todo"
+            print(f"{done}  {r.id}")
+        print(f"{len(runs)} runs in {len({r.cell.id for r in runs})} cells")
+        return 0
+    if not args.table_only:
+        if not args.data_root.is_dir():
+            print(f"error: --data-root {args.data_root} is not a folder; build it with "
+                  f"python tools/build_datasets.py --cifar-tar PATH --out {args.data_root}", file=sys.stderr)
+            return 2
+        args.out.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        skipped, failed = execute(runs, args=args, budgets=budgets)
+        settings["wall_seconds_this_session"] = round(time.time() - t0, 1)
+    else:
+        skipped, failed = [], []
+        previous = args.out / "summary.json"
+        if previous.is_file():  # keep what the runs were made with; note the redraw
+            try:
+                old = json.loads(previous.read_text())
+                settings = {**old.get("settings", {}), "table_redrawn_by": command}
+                skipped, failed = old.get("skipped", []), old.get("failed", [])
+            except ValueError:
+                pass
+    summary, table = write_outputs(args.out, settings=settings, skipped=skipped, failed=failed)
+    print()
+    print(table)
+    if skipped:
+        print("\nskipped: " + "; ".join(skipped))
+    if failed:
+        print("\nfailed: " + ", ".join(failed) + f" (logs in {args.out / 'logs'})")
+    print(f"\nwrote {args.out / 'summary.json'}, {args.out / 'matrix.md'}"
+          + ("" if summary["plot_note"] else f", {args.out / 'matrix.png'}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

