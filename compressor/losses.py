@@ -40,6 +40,24 @@ def kd_loss(student_logits: torch.Tensor, guide_logits: torch.Tensor, *, tempera
     return kl * (t * t)
 
 
+def guides_kd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor], *, temperature: float,
+                   reduction: str = "sum") -> torch.Tensor:
+    """The KD terms of the kept guides, before any weight: ``Σ_g KD_g`` or, with ``reduction="mean"``,
+    ``(1/|G'|)·Σ_g KD_g`` (:func:`kd_loss` each); 0 without guides. An unlabeled batch's whole loss
+    (no label, so no CE): the trainer adds ``λ_t·`` this to the step's loss."""
+    if not guide_logits:
+        _reduce_kd(torch.zeros(1), reduction)  # a bad reduction is refused even without guides
+        return torch.zeros((), device=student_logits.device)
+    return _reduce_kd(torch.stack([kd_loss(student_logits, g, temperature=temperature) for g in guide_logits]),
+                      reduction)
+
+
+def _reduce_kd(terms: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    return terms.sum() if reduction == "sum" else terms.mean()
+
+
 def dgkd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor], labels: torch.Tensor, *,
               temperature: float, kd_weight: float, reduction: str = "sum",
               label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
@@ -60,9 +78,7 @@ def dgkd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor]
     kd_terms = [kd_loss(student_logits, g, temperature=temperature) for g in guide_logits]
     for i, term in enumerate(kd_terms):
         terms[f"kd_{i}"] = term
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    kd = torch.stack(kd_terms).sum() if reduction == "sum" else torch.stack(kd_terms).mean()
+    kd = _reduce_kd(torch.stack(kd_terms), reduction)
     terms["kd"] = kd
     terms["loss"] = (1.0 - kd_weight) * ce + kd_weight * kd
     return terms

@@ -43,7 +43,7 @@ from .data import augment_batch, batch_augments, normalize
 from .errors import CompressError
 from .fileio import append_jsonl, read_jsonl, write_text
 from .guides import GuideLogitCache, GuideSet
-from .losses import dgkd_loss, kd_loss, kd_weight_at, kept_guides
+from .losses import dgkd_loss, guides_kd_loss, kd_weight_at, kept_guides
 from .progress import Progress
 
 
@@ -294,23 +294,6 @@ def _to_input(images, mean, std, channels_last: bool):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def unlabeled_kd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor], *, temperature: float,
-                      reduction: str = "sum") -> torch.Tensor:
-    """The loss of an unlabeled batch before its weight: the KD terms of the kept guides alone (no
-    CE: there is no label), ``Σ_g KD_g`` or with ``reduction="mean"`` ``(1/|G'|)·Σ_g KD_g``, each
-    ``KD_g = T²·KL(softmax(z_g/T) ‖ softmax(z_s/T))`` averaged over the batch (:func:`losses.kd_loss`).
-
-    A step's loss is then ``L_labelled + λ_t·KD_unlabeled`` (:func:`train_one_epoch`): the labelled
-    batch keeps its ``(1−λ_t)·CE + λ_t·KD``, and λ_t (with its warm-up) weighs the unlabeled KD
-    as it weighs the labelled one."""
-    if not guide_logits:
-        return torch.zeros((), device=student_logits.device)
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    terms = torch.stack([kd_loss(student_logits, g, temperature=temperature) for g in guide_logits])
-    return terms.sum() if reduction == "sum" else terms.mean()
-
-
 def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, cfg: OptimConfig, loss_cfg: LossSettings,
                     mean, std, epoch: int, stage_seed: int, aug_seed: int | None = None,
                     progress: Progress | None = None, start_step: int = 0, partial: dict | None = None,
@@ -321,7 +304,7 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
     ``unlabeled`` (a :class:`compressor.data.unlabeled.UnlabeledStream`): every step also takes
     an unlabeled batch; the student runs on both at once (one forward, BatchNorm over both), the
     kept guides (the same draw as the labelled batch) label it through ``unlabeled_guides`` (their
-    own logit caches), and it adds ``λ_t·`` :func:`unlabeled_kd_loss` to the step's loss
+    own logit caches), and it adds ``λ_t·`` :func:`~compressor.losses.guides_kd_loss` to the step's loss
     (``train_kd_unlabeled`` is its mean). The labelled batches define the epoch.
 
     ``epochs`` is the run's length (the cosine's span; default ``epoch + 1``).
@@ -382,7 +365,7 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
                               kd_weight=kd_weight, reduction=loss_cfg.kd_reduction,
                               label_smoothing=float(cfg.label_smoothing or 0.0))
             if x_unlabeled is not None:
-                terms["kd_unlabeled"] = unlabeled_kd_loss(logits_u, guide_logits_u, temperature=loss_cfg.temperature,
+                terms["kd_unlabeled"] = guides_kd_loss(logits_u, guide_logits_u, temperature=loss_cfg.temperature,
                                                           reduction=loss_cfg.kd_reduction)
                 terms["loss"] = terms["loss"] + kd_weight * terms["kd_unlabeled"]
             loss = terms["loss"]

@@ -254,6 +254,7 @@ def build_bundle(checkpoint, out, data, *, target: str = "cpu", batch: int = 1,
         echo(report.summary())
         q = None
         if int8:
+            # metadata paths relative to tmp, a sibling of out that becomes it: valid in the bundle
             q = quantize_static_int8(fp32, tmp / "model.int8.onnx",
                                      calibration_images(data, calibration_size, meta=meta))
         table = provider_table(fp32, int8=q, batch_sizes=(int(batch),), threads=threads or "search",
@@ -265,7 +266,8 @@ def build_bundle(checkpoint, out, data, *, target: str = "cpu", batch: int = 1,
         best = choice["chosen"]
         chosen = Path(best["path"])
         os.replace(chosen, tmp / "model.onnx")
-        for leftover in (fp32, q):
+        # an INT8 winner keeps the fp32 file it was validated against (its metadata's fp32_source)
+        for leftover in ((q,) if best["variant"] == "int8" else (fp32, q)):
             if leftover is not None and Path(leftover).exists():
                 Path(leftover).unlink()
         record = deploy_record(meta=meta, onnx_file=tmp / "model.onnx", table=table, choice=choice, batch=batch,

@@ -176,6 +176,22 @@ def test_bundle_files_and_schema(cifar_bundle):
     assert acc["images"] == 200 and acc["top1"] == acc["fp32_top1"] and acc["budget_points"] == 0.5
 
 
+def test_int8_winner_keeps_its_fp32_source_and_valid_metadata_paths(tmp_path, pretrained_teacher):
+    """An INT8 winner's metadata names its fp32 source and checkpoint; both resolve inside/beside the bundle."""
+    from export.runtime import OnnxModel
+
+    ckpt = checkpoint_at(tmp_path, pretrained_teacher, 32, "cifar")
+    timer = fake_bench({("fp32", 1): 1.0, ("int8", 1): 0.5})
+    record = build_bundle(ckpt, tmp_path / "deploy", "demo", providers=("cpu",), threads=[1], calibration_size=32,
+                          parity_images=50, bench=timer, max_accuracy_drop=100.0, echo=lambda *a, **k: None)
+    out = tmp_path / "deploy"
+    assert record["model"]["precision"] == "int8"
+    assert sorted(p.name for p in out.iterdir()) == sorted(BUNDLE_FILES + ("model.fp32.onnx",))
+    meta = OnnxModel(out / "model.onnx").metadata
+    assert (out / meta["fp32_source"]).resolve() == (out / "model.fp32.onnx").resolve()
+    assert (out / meta["source_checkpoint"]).resolve() == Path(ckpt).resolve()
+
+
 def test_predict_imports_only_numpy_pillow_onnxruntime():
     tree = ast.parse((Path(__file__).resolve().parents[1] / "export" / "bundle_predict.py").read_text())
     mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

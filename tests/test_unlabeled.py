@@ -15,7 +15,8 @@ from compressor.data.unlabeled import (UnlabeledStream, list_unlabeled, load_unl
                                        unlabeled_positions)
 from compressor.errors import CompressError
 from compressor.guides import GuideSet
-from compressor.trainer import LossSettings, train_one_epoch, unlabeled_kd_loss
+from compressor.losses import guides_kd_loss as unlabeled_kd_loss
+from compressor.trainer import LossSettings, train_one_epoch
 
 from conftest import run_cli_inprocess
 

@@ -1,7 +1,7 @@
 """Unlabeled images for distillation (``compress distill --unlabeled DIR``).
 
 The guides label these images with their softened outputs; the student learns
-from the KD terms alone (:func:`compressor.trainer.unlabeled_kd_loss`).
+from the KD terms alone (:func:`compressor.losses.guides_kd_loss`).
 
 **Folder.** ``DIR`` holds images, in any layout: flat, nested, or an ImageFolder
 (class folders are listed like any sub-folder; their names are never read). When
