@@ -292,5 +292,6 @@ def format_choice(record: dict, out) -> str:
         lines.append(f"accuracy: top-1 {acc['top1']:.2f}% vs fp32 {acc['fp32_top1']:.2f}% on {acc['images']} test "
                      f"images of {acc['data']} (budget {acc['budget_points']:g} points)")
     lines.append(record["decision"]["int8"])
-    lines.append(f"wrote {out}/ ({', '.join(BUNDLE_FILES)}); try: python {Path(out) / 'predict.py'} IMAGE_OR_FOLDER")
+    files = BUNDLE_FILES + (("model.fp32.onnx",) if record["model"]["precision"] == "int8" else ())
+    lines.append(f"wrote {out}/ ({', '.join(files)}); try: python {Path(out) / 'predict.py'} IMAGE_OR_FOLDER")
     return "\n".join(lines)
