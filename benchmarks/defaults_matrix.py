@@ -557,7 +557,7 @@ def write_outputs(out: Path, *, settings: dict, skipped: list[str], failed: list
     head = [f"# Defaults matrix ({'quick mode' if settings.get('quick') else 'full'})", "",
             f"- machine: {summary['machine']}; written {summary['written']}",
             f"- command: `{settings.get('command', '')}`",
-            f"- mean test top-1 (%) per method; gains are paired means over seeds ± std, in points", ""]
+            "- mean test top-1 (%) per method; gains are paired means over seeds ± std, in points", ""]
     tail = [""] + ([f"Skipped: {'; '.join(skipped)}", ""] if skipped else []) + \
         ([f"Failed (see OUT/logs): {', '.join(failed)}", ""] if failed else []) + \
         ([f"Plot: {note}"] if note else ["![matrix](matrix.png)"])
