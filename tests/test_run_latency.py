@@ -8,7 +8,6 @@ when and how it is called; the two-process test compares the table with ``compre
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from compressor.config import DistillConfig, resolve_config
 from compressor.data import synthetic_data
 from compressor.pipeline import _measure_run_latency, run_distillation
 from compressor.report import format_summary
+from tests.test_multiprocess import free_port
 
 FAKE_MS = {"resnet20": 3.0, "resnet8": 1.0}
 
@@ -132,12 +132,6 @@ def test_old_summaries_say_their_latency_came_from_the_plan():
     assert "latency: torch eager, batch 1, measured when the run was planned" in format_summary(summary)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(420)
 def test_two_process_run_table_agrees_with_compress_bench(tmp_path, pretrained_teacher):
     """torchrun with 2 CPU processes: the student's table latency is within 1.5x of 'compress bench' on its
@@ -145,7 +139,7 @@ def test_two_process_run_table_agrees_with_compress_bench(tmp_path, pretrained_t
     compress = shutil.which("compress", path=str(Path(sys.executable).parent))
     assert compress, "the compress console script is installed next to the interpreter"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            compress, "distill", "--teacher", str(pretrained_teacher), "--target", "resnet8", "--method", "kd",
            "--data", "demo", "--train-subset", "128", "--batch-size", "32", "--epochs", "1",
            "--out", str(tmp_path / "run")]
