@@ -219,20 +219,20 @@ def build_bundle(checkpoint, out, data, *, target: str = "cpu", batch: int = 1,
                  calibration_size: int = 512, parity_images: int | None = None, seconds: float | None = 1.0,
                  iters: int | None = None, warmup: int = 10, opset: int | None = None, legacy: bool = False,
                  include_preprocessing: bool = False, arch: str | None = None, trust_code: bool = False,
-                 data_label: str | None = None, echo=print, bench=None, model=None) -> dict:
+                 data_label: str | None = None, echo=print, timer=None, model=None) -> dict:
     """Search the fastest validated configuration of ``checkpoint`` and write the bundle folder ``out``.
 
     ``data``: a data spec (validation, calibration, accuracy). ``threads``: ``None`` searches
     (:func:`export.provider_table.thread_counts`), an int fixes it. ``providers``: default every
-    usable one. ``bench``: the timer (tests inject one). ``model``: an already loaded
+    usable one. ``timer``: times the candidates' sessions
+    (:func:`export.provider_table.time_interleaved`; tests inject one). ``model``: an already loaded
     ``(torch_model, meta)``. Returns the deploy.json dict.
     """
     from compressor.checkpoint import load_model
 
-    from .bench import benchmark_onnx
     from .onnx_export import export_onnx
     from .options import PROVIDERS
-    from .provider_table import format_provider_table, provider_table
+    from .provider_table import format_provider_table, provider_table, time_interleaved
     from .quantize import calibration_images, quantize_static_int8
     from .validate import validate_onnx
 
@@ -260,7 +260,7 @@ def build_bundle(checkpoint, out, data, *, target: str = "cpu", batch: int = 1,
         table = provider_table(fp32, int8=q, batch_sizes=(int(batch),), threads=threads or "search",
                                warmup=warmup, iters=iters, seconds=seconds, data=data, parity_images=parity_images,
                                max_accuracy_drop=max_accuracy_drop, providers=providers or PROVIDERS,
-                               bench=bench or benchmark_onnx)
+                               timer=timer or time_interleaved)
         echo(format_provider_table(table))
         choice = choose_config(table, batch)
         best = choice["chosen"]

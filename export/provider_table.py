@@ -24,6 +24,11 @@ batch 1 one thread can beat two (OpenVINO at batch 1 on 2 AMX cores: 2.8-3.9x vs
 0.23-0.30x onnxruntime fp32). Each row is checked at its own thread count. The
 ``vs cpu fp32`` ratios and ``reference_threads`` refer to cpu fp32 at the default
 thread count (:func:`export.machine.default_threads`), what plain onnxruntime use gives.
+
+Timing is interleaved (:func:`time_interleaved`): every row's session is built first, then
+in each of :data:`TABLE_ROUNDS` rounds every row runs its share of the timed calls on the
+same input, so a load spike on a shared runner hits all rows alike and the ratios between
+rows (the choice of ``compress export --target``) hold where the absolute times do not.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ import numpy as np
 from compressor.errors import CompressError
 from compressor.evaluation import accuracy, predictions, sample_arrays
 
-from .bench import benchmark_onnx, machine_info, versions
+from .bench import DEFAULT_SECONDS, latency_stats, machine_info, time_engines, versions
 from .machine import default_threads, usable_cores
 from .options import PROVIDERS
 from .providers import unavailable_reason
@@ -44,6 +49,25 @@ from .runtime import OnnxModel, check_fits_data, load_bundle
 SCHEMA = "compress.providers/1"   # the --provider all --json report; layout in docs/deployment.md
 ATOL, RTOL = 1e-4, 1e-3
 DATA_PARITY_IMAGES, RANDOM_PARITY_INPUTS = 1000, 256
+TABLE_ROUNDS = 6  # rounds of interleaved timing: each row runs 1/6 of its calls per round
+
+
+def time_interleaved(sessions: dict, *, batch_sizes, warmup: int, iters: int | None, seconds: float | None,
+                     rounds: int = TABLE_ROUNDS, seed: int = 0) -> dict:
+    """``{key: {batch: latency stats}}`` for every :class:`~export.runtime.OnnxModel` in ``sessions``,
+    timed interleaved (:func:`export.bench.time_engines`): per batch size one input, shared by all
+    rows; ``seconds`` (or ``iters``) per row, spread over ``rounds`` rounds."""
+    out = {key: {} for key in sessions}
+    if not sessions:
+        return out
+    first = next(iter(sessions.values()))
+    for b in batch_sizes:
+        x = first.random_input(int(b), seed=seed)
+        fns = {key: (lambda m=m: m.predict(x)) for key, m in sessions.items()}
+        samples = time_engines(fns, warmup=warmup, iters=iters, seconds=seconds, rounds=rounds)
+        for key, s in samples.items():
+            out[key][int(b)] = latency_stats(s, int(b))
+    return out
 
 
 def thread_counts(cores: int | None = None) -> list[int]:
@@ -91,11 +115,13 @@ def _predict(m: OnnxModel, x: np.ndarray, batch: int = 64) -> np.ndarray:
 def provider_table(model, *, int8=None, batch_sizes=(1, 64), threads=None, warmup: int = 10,
                    iters: int | None = None, seconds: float | None = 1.0, data=None, parity_images: int | None = None,
                    max_accuracy_drop: float = 0.5, min_agreement: float = 0.99, providers=PROVIDERS,
-                   bench=benchmark_onnx) -> dict:
+                   timer=time_interleaved) -> dict:
     """Time and check every available provider x variant x thread count x batch size; see the module
-    docstring. ``threads``: see :func:`resolve_thread_counts`. ``bench``: the timer (the signature of
-    :func:`export.bench.benchmark_onnx`; tests inject fake timings)."""
+    docstring. ``threads``: see :func:`resolve_thread_counts`. ``timer``: times the rows' sessions
+    (the signature of :func:`time_interleaved`; tests inject fake timings)."""
     model = Path(model)
+    if iters is None and seconds is None:
+        seconds = DEFAULT_SECONDS
     counts, base_threads = resolve_thread_counts(threads)
     reference = OnnxModel(model, threads=base_threads, providers="cpu")
     if int8 is None and int8_path(model).is_file():
@@ -114,7 +140,7 @@ def provider_table(model, *, int8=None, batch_sizes=(1, 64), threads=None, warmu
     ref_pred = predictions(ref)
     ref_top1 = accuracy(ref, labels)["top1"] if labels is not None else None
 
-    rows, unavailable = [], {}
+    configs, sessions, unavailable = {}, {}, {}
     for provider in providers:
         reason = unavailable_reason(provider)
         if reason:
@@ -132,13 +158,14 @@ def provider_table(model, *, int8=None, batch_sizes=(1, 64), threads=None, warmu
                 passed = check["top1"] >= ref_top1 - max_accuracy_drop - 1e-9
             else:
                 passed = agreement >= min_agreement
-            rep = bench(path, batch_sizes=batch_sizes, threads=t, warmup=warmup, iters=iters,
-                        seconds=seconds, providers=provider, precision=precision)
-            for r in rep["results"]:
-                rows.append({"provider": provider, "variant": variant, "path": str(path), "precision": precision,
-                             "threads": t, "active_provider": rep["provider"], "batch_size": r["batch_size"],
-                             "p50_ms": r["p50_ms"], "throughput_ips": r["throughput_ips"], "cv": r["cv"],
-                             "iterations": r["iterations"], **check, "parity_passed": passed})
+            key = (provider, variant, t)
+            sessions[key] = m
+            configs[key] = {"provider": provider, "variant": variant, "path": str(path), "precision": precision,
+                            "threads": t, "active_provider": m.provider, **check, "parity_passed": passed}
+    timings = timer(sessions, batch_sizes=[int(b) for b in batch_sizes], warmup=warmup, iters=iters,
+                    seconds=seconds if iters is None else None)
+    rows = [{**configs[key], "batch_size": b, **{k: s[k] for k in ("p50_ms", "throughput_ips", "cv", "iterations")}}
+            for key in configs for b in [int(b) for b in batch_sizes] for s in (timings[key][b],)]
 
     base = {r["batch_size"]: r for r in rows
             if r["provider"] == "cpu" and r["variant"] == "fp32" and r["threads"] == base_threads}
@@ -160,6 +187,8 @@ def provider_table(model, *, int8=None, batch_sizes=(1, 64), threads=None, warmu
             "parity_source": "data" if labels is not None else "random", "reference_top1": ref_top1,
             "rules": {"atol": ATOL, "rtol": RTOL, "max_accuracy_drop": max_accuracy_drop,
                       "min_agreement": min_agreement},
+            "timing": {"interleaved": True, "rounds": TABLE_ROUNDS, "warmup": int(warmup), "iterations": iters,
+                       "seconds": seconds if iters is None else None},
             "rows": rows, "unavailable": unavailable, "fastest": fastest}
 
 

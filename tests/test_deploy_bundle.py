@@ -51,13 +51,12 @@ def checkpoint_at(tmp: Path, pretrained: Path, size: int, policy: str) -> Path:
 
 def fake_bench(p50: dict):
     """A timer for provider_table: p50 (ms) by (variant file, threads); no real timing."""
-    def bench(path, *, batch_sizes, threads, providers, precision, **_):
-        variant = "int8" if str(path).endswith(".int8.onnx") else "fp32"
-        ms = p50[(variant, threads)]
-        return {"provider": "CPUExecutionProvider",
-                "results": [{"batch_size": b, "p50_ms": ms, "throughput_ips": 1000.0 * b / ms, "cv": 0.01,
-                             "iterations": 3} for b in batch_sizes]}
-    return bench
+    def timer(sessions, *, batch_sizes, **_):
+        return {(provider, variant, threads): {b: {"p50_ms": p50[(variant, threads)],
+                                                   "throughput_ips": 1000.0 * b / p50[(variant, threads)],
+                                                   "cv": 0.01, "iterations": 3} for b in batch_sizes}
+                for (provider, variant, threads) in sessions}
+    return timer
 
 
 def run_predict(bundle: Path, target: Path) -> subprocess.CompletedProcess:
@@ -140,7 +139,7 @@ def cifar_bundle(tmp_path_factory, pretrained_teacher):
     with pytest.MonkeyPatch.context() as mp:  # the baseline: cpu fp32 at the default count, 2 on any machine
         mp.setattr("export.provider_table.default_threads", lambda: 2)
         record = build_bundle(ckpt, tmp / "deploy", "demo", providers=("cpu",), threads=[1, 2], calibration_size=64,
-                              parity_images=200, bench=timer, echo=lambda *a, **k: None)
+                              parity_images=200, timer=timer, echo=lambda *a, **k: None)
     return tmp / "deploy", record, ckpt
 
 
@@ -183,7 +182,7 @@ def test_int8_winner_keeps_its_fp32_source_and_valid_metadata_paths(tmp_path, pr
     ckpt = checkpoint_at(tmp_path, pretrained_teacher, 32, "cifar")
     timer = fake_bench({("fp32", 1): 1.0, ("int8", 1): 0.5})
     record = build_bundle(ckpt, tmp_path / "deploy", "demo", providers=("cpu",), threads=[1], calibration_size=32,
-                          parity_images=50, bench=timer, max_accuracy_drop=100.0, echo=lambda *a, **k: None)
+                          parity_images=50, timer=timer, max_accuracy_drop=100.0, echo=lambda *a, **k: None)
     out = tmp_path / "deploy"
     assert record["model"]["precision"] == "int8"
     assert sorted(p.name for p in out.iterdir()) == sorted(BUNDLE_FILES + ("model.fp32.onnx",))
@@ -221,7 +220,7 @@ def test_predict_reproduces_compress_eval_32px_cifar(cifar_bundle, demo_jpegs):
 def test_predict_reproduces_compress_eval_64px_imagenet(tmp_path, pretrained_teacher, demo_jpegs):
     ckpt = checkpoint_at(tmp_path, pretrained_teacher, 64, "imagenet")
     record = build_bundle(ckpt, tmp_path / "b64", "demo", providers=("cpu",), threads=1, int8=False,
-                          parity_images=100, bench=fake_bench({("fp32", 1): 1.0}), echo=lambda *a, **k: None)
+                          parity_images=100, timer=fake_bench({("fp32", 1): 1.0}), echo=lambda *a, **k: None)
     assert (record["preprocessing"]["store"], record["preprocessing"]["crop"]) == ([73, 73], 0.875)
     res = run_predict(tmp_path / "b64", demo_jpegs / "test")  # the split folder itself works too
     assert res.returncode == 0, res.stderr
@@ -259,7 +258,7 @@ def test_failed_build_leaves_no_half_bundle(tmp_path):
 
     with pytest.raises(RuntimeError, match="timer broke"):
         build_bundle(ckpt, tmp_path / "new", "demo", providers=("cpu",), threads=1, int8=False, parity_images=50,
-                     bench=broken_timer, echo=lambda *a, **k: None)
+                     timer=broken_timer, echo=lambda *a, **k: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]  # no bundle, no temporary folder
 
     old = tmp_path / "old"  # an earlier bundle survives a failed rebuild untouched
@@ -267,7 +266,7 @@ def test_failed_build_leaves_no_half_bundle(tmp_path):
     (old / "deploy.json").write_text('{"schema": "compress.deploy/1", "old": true}')
     with pytest.raises(RuntimeError):
         build_bundle(ckpt, old, "demo", providers=("cpu",), threads=1, int8=False, parity_images=50,
-                     bench=broken_timer, echo=lambda *a, **k: None)
+                     timer=broken_timer, echo=lambda *a, **k: None)
     assert [p.name for p in old.iterdir()] == ["deploy.json"] and '"old": true' in (old / "deploy.json").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ckpt.name, "old"])
 
@@ -305,9 +304,38 @@ def test_provider_table_tries_thread_counts(tmp_path):
     assert thread_counts(8) == [1, 2, 4, 8]
     fp32 = export_onnx(tiny_checkpoint(tmp_path), tmp_path / "m.onnx")
     rep = provider_table(fp32, batch_sizes=(1,), threads=[1, 2], providers=("cpu",), parity_images=8,
-                         bench=fake_bench({("fp32", 1): 0.5, ("fp32", 2): 2.0}))
+                         timer=fake_bench({("fp32", 1): 0.5, ("fp32", 2): 2.0}))
     assert [(r["threads"], r["p50_ms"]) for r in rep["rows"]] == [(1, 0.5), (2, 2.0)]
     assert rep["thread_counts"] == [1, 2] and rep["fastest"]["1"]["threads"] == 1
     assert all(r["parity_passed"] for r in rep["rows"])
     assert " thr " in format_provider_table(rep).splitlines()[1]
     assert "cpu fp32 1 thread(s)" in format_provider_table(rep)
+
+
+def test_provider_table_rows_are_timed_interleaved_in_rounds():
+    """Every row runs in each of the TABLE_ROUNDS rounds, on one shared input: a load spike hits all alike."""
+    import numpy as np
+
+    from export.provider_table import TABLE_ROUNDS, time_interleaved
+
+    calls, inputs = [], set()
+
+    class Session:
+        def __init__(self, key):
+            self.key = key
+
+        def random_input(self, n, seed=0):
+            return np.zeros((n, 3, 4, 4), np.float32)
+
+        def predict(self, x):
+            calls.append(self.key)
+            inputs.add(id(x))
+
+    out = time_interleaved({"a": Session("a"), "b": Session("b"), "c": Session("c")}, batch_sizes=[1, 8],
+                           warmup=1, iters=12, seconds=None)
+    assert set(out) == {"a", "b", "c"} and set(out["a"]) == {1, 8}
+    assert all(out[k][b]["iterations"] == 12 for k in out for b in (1, 8))
+    timed = calls[3:3 + 36]  # batch 1 after the warm-up: blocks of 12 // TABLE_ROUNDS calls, row after row
+    blocks = [timed[i] for i in range(0, 36, 12 // TABLE_ROUNDS)]
+    assert blocks == ["a", "b", "c"] * TABLE_ROUNDS
+    assert len(inputs) == 2  # one input per batch size, shared by every row
