@@ -87,7 +87,8 @@ def config_options(cls, names: list[str], helps: dict[str, str]):
 
 OPTIM_HELP = {
     "data": "demo, a CIFAR-10/100 python dir, or an ImageFolder root",
-    "epochs": "training epochs", "batch_size": "images per step and process",
+    "epochs": "training epochs", "batch_size": "images per step and process [default: auto: 128, halved down to 16 while an epoch "
+                                    "would have fewer than 32 steps]",
     "lr": "peak learning rate [default: the model family's, scaled to the images per step]",
     "optimizer": "sgd | adamw [default: the model family's: adamw for MobileNet, ShuffleNet, EfficientNet and "
                  "RegNet, else sgd]",
@@ -286,9 +287,13 @@ DISTILL_HELP = {
     "spacing": "auto: max compute ratio between neighbours", "temperature": "KD temperature T",
     "kd_weight": "λ in (1-λ)·CE + λ·Σ KD",
     "kd_reduction": "mean: average the kept guides' KD terms, so the KD gradient does not grow with the number "
-                    "of guides; sum: add them (the paper)", "drop_guides": "stochastic teaching: guides dropped per batch",
+                    "of guides; sum: add them (the paper)",
+    "kd_weighting": "confidence: weigh each guide's KD term on an image by the probability it gives the label, "
+                    "the label taking the rest (a weak guide mostly hands its share back to the label); "
+                    "uniform: every term weight λ (the paper)", "drop_guides": "stochastic teaching: guides dropped per batch",
     "kd_warmup_epochs": "ramp λ from 0 over these epochs of each stage, CE filling in (at most 1/4 of a stage; 0: off)",
-    "gate_guides": "keep an assistant that ends near chance out of the later stages' guides",
+    "gate_guides": "keep an assistant that ends near chance or below half the teacher's lead over chance out of "
+                   "the later stages' guides, and drop a guide a later model beats by more than 2 points",
     "assistant_epochs": "epochs for each assistant (default: --epochs)", "name": "run name (runs/NAME)",
     "latency_backend": "plan table latency: torch | onnxruntime | none (distill's run table is timed once after "
                        "training in onnxruntime, as 'compress bench'; none: not timed)",
@@ -393,7 +398,7 @@ def plan_cmd(teacher, target, target_latency_ms, recipe, options, json_out, **fl
 @click.option("--resume", is_flag=True, help="continue an interrupted run (same config)")
 @config_options(DistillConfig,
                 ["method", "assistants", "by", "max_assistants", "spacing", "temperature", "kd_weight",
-                 "kd_reduction", "kd_warmup_epochs", "gate_guides", "drop_guides",
+                 "kd_reduction", "kd_weighting", "kd_warmup_epochs", "gate_guides", "drop_guides",
                  "assistant_epochs", "name", "latency_backend", "cache_guides",
                  "ignore_class_names", "trust_code", "accept_code_change", "init_student",
                  "unlabeled", "unlabeled_ratio"] + OPTIM_FIELDS,

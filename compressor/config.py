@@ -21,6 +21,7 @@ from .trust import check_recipe, without_trust_keys
 
 METHODS = ("dgkd", "takd", "kd", "ce")
 KD_REDUCTIONS = ("sum", "mean")
+KD_WEIGHTINGS = ("uniform", "confidence")  # compressor.losses.KD_WEIGHTINGS
 SCHEDULES = ("step", "cosine", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -43,7 +44,7 @@ class OptimConfig:
 
     data: str = "demo"
     epochs: int = 160
-    batch_size: int = 128
+    batch_size: typing.Optional[int] = None          # images per step and process; None: auto (128, less on small data)
     lr: typing.Optional[float] = None            # None: the family's, scaled to the batch (training_defaults)
     momentum: float = 0.9
     weight_decay: typing.Optional[float] = None  # None: the family's
@@ -147,8 +148,9 @@ class DistillConfig(OptimConfig):
     temperature: float = 5.0
     kd_weight: float = 0.5                            # λ: (1-λ)·CE + λ·KD (KD: mean or sum over the kept guides); paper: 1
     kd_reduction: str = "mean"                        # mean over the kept guides | sum (paper, official code)
+    kd_weighting: str = "uniform"                     # uniform (paper) | confidence: by the guide's p(label)
     kd_warmup_epochs: float = 1.0                     # λ ramps from 0 over these epochs (at most 1/4 of a stage)
-    gate_guides: bool = True                          # an assistant near chance guides no later stage
+    gate_guides: bool = True                          # weak or surpassed guides teach no later stage (stability)
     drop_guides: int = 1                              # stochastic teaching: guides dropped per batch
     model_kwargs: dict = field(default_factory=dict)  # options for student/assistants, e.g. {shortcut: B}
     assistant_epochs: typing.Optional[int] = None     # default: epochs
@@ -192,6 +194,7 @@ class DistillConfig(OptimConfig):
         if not 0.0 <= self.kd_weight <= 1.0:
             raise CompressError(f"kd_weight (λ) must be in [0, 1], got {self.kd_weight}")
         _choice(self, "kd_reduction", KD_REDUCTIONS)
+        _choice(self, "kd_weighting", KD_WEIGHTINGS)
         if not 0 <= self.kd_warmup_epochs <= 1e6:
             raise CompressError(f"kd_warmup_epochs must be >= 0, got {self.kd_warmup_epochs}; e.g. --kd-warmup-epochs 1")
         if self.drop_guides < 0:
@@ -227,7 +230,7 @@ def _finite(cfg) -> None:
 def _positive(cfg, *names):
     for n in names:
         v = getattr(cfg, n)
-        if v <= 0:
+        if v is not None and v <= 0:
             raise CompressError(f"{n} must be > 0, got {v}")
 
 

@@ -31,13 +31,24 @@ import torch
 import torch.nn.functional as F
 
 
-def kd_loss(student_logits: torch.Tensor, guide_logits: torch.Tensor, *, temperature: float) -> torch.Tensor:
-    """``T² · KL(softmax(z_g/T) ‖ softmax(z_s/T))`` averaged over the batch."""
+def kd_loss_per_sample(student_logits: torch.Tensor, guide_logits: torch.Tensor, *,
+                       temperature: float) -> torch.Tensor:
+    """``T² · KL(softmax(z_g/T) ‖ softmax(z_s/T))`` of every sample: shape ``(B,)``."""
     t = float(temperature)
     log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
     log_p_guide = F.log_softmax(guide_logits.float() / t, dim=1)
-    kl = F.kl_div(log_p_student, log_p_guide, reduction="batchmean", log_target=True)
+    kl = F.kl_div(log_p_student, log_p_guide, reduction="none", log_target=True).sum(dim=1)
     return kl * (t * t)
+
+
+def kd_loss(student_logits: torch.Tensor, guide_logits: torch.Tensor, *, temperature: float) -> torch.Tensor:
+    """``T² · KL(softmax(z_g/T) ‖ softmax(z_s/T))`` averaged over the batch."""
+    return kd_loss_per_sample(student_logits, guide_logits, temperature=temperature).mean()
+
+
+def guide_confidence(guide_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``softmax(z_g)[y]`` of every sample (T = 1, no gradient): how much the guide believes the label."""
+    return F.softmax(guide_logits.detach().float(), dim=1).gather(1, labels.long().unsqueeze(1)).squeeze(1)
 
 
 def guides_kd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor], *, temperature: float,
@@ -52,15 +63,18 @@ def guides_kd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Te
                       reduction)
 
 
+KD_WEIGHTINGS = ("uniform", "confidence")
+
+
 def _reduce_kd(terms: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    return terms.sum() if reduction == "sum" else terms.mean()
+    return terms.sum(dim=0) if reduction == "sum" else terms.mean(dim=0)
 
 
 def dgkd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor], labels: torch.Tensor, *,
               temperature: float, kd_weight: float, reduction: str = "sum",
-              label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+              label_smoothing: float = 0.0, weighting: str = "uniform") -> dict[str, torch.Tensor]:
     """DGKD objective; returns named terms ``loss``, ``ce``, ``kd`` and ``kd_<i>`` per guide.
 
     ``guide_logits`` holds the logits of the guides kept for this batch (after
@@ -68,19 +82,39 @@ def dgkd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor]
     with ``reduction="mean"`` their average: then the KD gradient keeps the size
     of one guide's however many guides are kept. ``label_smoothing`` ε smooths the CE
     target: ``(1−ε)·onehot(y) + ε/C`` (``F.cross_entropy``'s definition).
+
+    ``weighting="confidence"`` (:data:`KD_WEIGHTINGS`) weighs guide ``g``'s KD term on
+    sample ``i`` by ``c_gi = softmax(z_g)[y_i]``, the probability the guide gives the
+    label, and gives the label what the guides do not take:
+    ``L_i = (1 − λ·c̄_i)·CE_i + λ·Σ_g c_gi·KD_gi`` (``mean``: ``(1/|G'|)·Σ_g``), ``c̄_i``
+    the mean of ``c_gi`` over the kept guides. A guide teaches where it is right and
+    sure, the label where it is not: an assistant no better than the student mostly
+    hands its share back to the label. ``uniform`` (``c ≡ 1``) is the formula above.
+    ``kd`` and ``kd_<i>`` are then the weighted terms (batch means).
     """
-    ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=float(label_smoothing))
+    if weighting not in KD_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {KD_WEIGHTINGS}, got {weighting!r}")
+    _reduce_kd(torch.zeros(1), reduction)  # a bad reduction is refused even without guides
+    ce_each = F.cross_entropy(student_logits.float(), labels, label_smoothing=float(label_smoothing),
+                              reduction="none")
+    ce = ce_each.mean()
     terms: dict[str, torch.Tensor] = {"ce": ce}
     if not guide_logits:
         terms["kd"] = torch.zeros((), device=ce.device)
         terms["loss"] = ce
         return terms
-    kd_terms = [kd_loss(student_logits, g, temperature=temperature) for g in guide_logits]
-    for i, term in enumerate(kd_terms):
-        terms[f"kd_{i}"] = term
-    kd = _reduce_kd(torch.stack(kd_terms), reduction)
-    terms["kd"] = kd
-    terms["loss"] = (1.0 - kd_weight) * ce + kd_weight * kd
+    kd_each = torch.stack([kd_loss_per_sample(student_logits, g, temperature=temperature) for g in guide_logits])
+    if weighting == "confidence":
+        conf = torch.stack([guide_confidence(g, labels) for g in guide_logits])  # (G, B)
+        kd_each = conf * kd_each
+        ce_weight = 1.0 - kd_weight * conf.mean(dim=0)
+    else:
+        ce_weight = torch.full_like(ce_each, 1.0 - kd_weight)
+    for i in range(len(guide_logits)):
+        terms[f"kd_{i}"] = kd_each[i].mean()
+    kd_per_sample = _reduce_kd(kd_each, reduction)  # (B,): sum or mean over the kept guides
+    terms["kd"] = kd_per_sample.mean()
+    terms["loss"] = (ce_weight * ce_each + kd_weight * kd_per_sample).mean()
     return terms
 
 

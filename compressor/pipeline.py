@@ -49,11 +49,13 @@ from .planning import Plan, format_plan, guides_for_stage, pick_student_by_laten
 from .progress import Progress
 from .report import format_summary, write_report
 from .stability import (NEAR_CHANCE_POINTS, chance_top1, gated_guides, guide_gate, kd_warmup_for_stage,
+                        gate_text, surpassed_guides,
                         student_warnings)
 from .init_weights import init_from_checkpoint, init_normalisation
 from .trust import check_plan_code, trust_from_config
 from .trainer import LossSettings, check_compile_available, evaluate, find_state, fit, stable_seed
-from .training_defaults import LEGACY, describe as describe_defaults, inherit_recorded, resolve_training_defaults
+from .training_defaults import (LEGACY, describe as describe_defaults, inherit_recorded, resolve_batch_size,
+                                resolve_training_defaults)
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 # ``precision`` is what ``auto`` resolved to on the machine of the session that wrote config.yaml.
@@ -256,7 +258,10 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
                             what=f"the training of {out} ({work})",
                             fix=f"resume with the same flags, or delete {work} to start again")
     accelerator.print(precision.describe())
+    splits = prepare_splits(cfg, bundle)
+    cfg, batch_record = resolve_batch_size(cfg, len(splits.train), accelerator.num_processes)
     cfg, defaults_record = resolve_training_defaults(cfg, entry.family, num_processes=accelerator.num_processes)
+    defaults_record.update(batch_record)
     accelerator.print(describe_defaults(defaults_record))
     model_kwargs = with_auto_stem(entry.builder, cfg.model_kwargs, bundle.input_size)
     if model_kwargs.get("stem") != cfg.model_kwargs.get("stem"):
@@ -277,7 +282,6 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
                               f"(--mean/--std to override)")
     elif timm_norm:
         accelerator.print(timm_norm[2])
-    splits = prepare_splits(cfg, bundle)
     accelerator.wait_for_everyone()  # every process has checked the state folder before it is written
     if accelerator.is_main_process:  # after every check: a refused start leaves nothing to resume
         work.mkdir(exist_ok=True)
@@ -524,6 +528,7 @@ class _Run:
     precision: object
     teacher_top1: float | None = None
     dropped: dict = field(default_factory=dict)  # chain index -> its gate record (guide_gate), kept out of later stages
+    guide_scores: dict = field(default_factory=dict)  # chain index -> the score the gate judged it by (teacher: test)
     unlabeled: object = None  # --unlabeled: an UnlabeledSet (compressor.data.unlabeled)
 
     @property
@@ -547,6 +552,7 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
     run = _open_run(cfg, tmeta, bundle, resume=resume, show_progress=show_progress)
     teacher_row = _teacher_row(run, teacher, teacher_sha256)
     run.teacher_top1 = teacher_row["final_test_top1"]
+    run.guide_scores[0] = run.teacher_top1
     chain_models, rows = [teacher], [teacher_row]
     total_start = time.perf_counter()
     for k, member in enumerate(run.plan.members[1:]):
@@ -615,6 +621,8 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     # The process count is part of the config: it changes the batches (refused on resume).
     resolved = {**requested, "target": target, "num_processes": accelerator.num_processes,
                 "precision": precision.to_dict()}
+    splits = prepare_splits(cfg, bundle)
+    cfg, batch_record = resolve_batch_size(cfg, len(splits.train), accelerator.num_processes)
     unlabeled = _load_unlabeled(cfg, bundle, accelerator.num_processes)
     if unlabeled is not None:  # recorded, so a resume with other unlabeled images is refused
         resolved["unlabeled_data"] = unlabeled.record()
@@ -631,6 +639,8 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
                             f"({', '.join(assistants) or 'none'}); key it by the assistants the plan shows")
     stage_cfgs, defaults_records = _stage_training_settings(cfg, plan, epochs, assistant_epochs,
                                                             accelerator.num_processes)
+    for record in defaults_records.values():  # one batch size for the whole chain
+        record.update(batch_record)
     resolved["training_defaults"] = defaults_records
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -650,11 +660,10 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
         accelerator.init_trackers(run_dir.name, config={k: v for k, v in resolved.items()
                                                         if isinstance(v, (int, float, str, bool))})
     mean, std = list(tmeta.mean), list(tmeta.std)
-    splits = prepare_splits(cfg, bundle)
     for member in plan.members[1:]:  # every model of the chain takes the data's size, before the first stage trains
         check_trains_at(member.arch, member.model_kwargs, tmeta.num_classes, splits.bundle.input_size)
     loss_cfg = LossSettings(temperature=cfg.temperature, kd_weight=cfg.kd_weight, drop_guides=cfg.drop_guides,
-                            kd_reduction=cfg.kd_reduction)
+                            kd_reduction=cfg.kd_reduction, kd_weighting=cfg.kd_weighting)
     return _Run(cfg=cfg, accelerator=accelerator, run_dir=run_dir, plan=plan, tmeta=tmeta, bundle=bundle,
                 splits=splits, mean=mean, std=std, loss_cfg=loss_cfg, stage_cfgs=stage_cfgs, resume=resume,
                 progress=Progress(enabled=accelerator.is_main_process and show_progress),
@@ -739,16 +748,25 @@ def _run_stage(run: _Run, k: int, member, chain_models: list) -> tuple[object, d
 
 def _gate_assistant(run: _Run, index: int, arch: str, fields: dict) -> dict:
     """Measure a finished assistant (its final score on the per-epoch split: val, or test under
-    the paper's protocol) and keep it out of later guide sets when it is near chance."""
+    the paper's protocol): keep it out of later guide sets when it is near chance or far below the
+    teacher (:func:`~compressor.stability.guide_gate`), and drop the earlier guides it beats
+    (:func:`~compressor.stability.surpassed_guides`)."""
     score = fields.get("final_val_top1")
     if score is None:
         score = fields.get("final_test_top1")
     gate = guide_gate(score, num_classes=run.tmeta.num_classes, teacher_top1=run.teacher_top1)
     if not gate["kept"]:
         run.dropped[index] = gate
-        run.say(f"guide {arch} dropped: {gate['top1']:.1f}% is near chance {gate['chance']:.1f}% (needs more "
-                f"than {gate['threshold']:.1f}%); later stages learn from the models before it (--no-gate-guides "
-                f"keeps it)")
+        run.say(f"guide {arch} dropped: {gate_text(gate)}; later stages learn from the models before it "
+                f"(--no-gate-guides keeps it)")
+        return gate
+    run.guide_scores[index] = score
+    for j in surpassed_guides({i: s for i, s in run.guide_scores.items() if i not in run.dropped}, index, score):
+        earlier = run.plan.members[j]
+        run.dropped[j] = {"top1": round(float(run.guide_scores[j]), 3), "kept": False,
+                          "reason": f"surpassed by {arch}", "by": arch, "by_top1": round(float(score), 3)}
+        run.say(f"guide {earlier.arch}{' (the teacher)' if j == 0 else ''} dropped: {gate_text(run.dropped[j])}; "
+                f"later stages learn from the better models (--no-gate-guides keeps it)")
     return gate
 
 
@@ -798,6 +816,8 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
     guide_idx = gated_guides(planned, set(run.dropped)) if cfg.gate_guides else planned
     guide_names = [plan.members[i].arch for i in guide_idx]
     dropped_names = [plan.members[i].arch for i in planned if i not in guide_idx]
+    dropped_reasons = list(dict.fromkeys(run.dropped[i].get("reason") or "near chance" for i in planned
+                                         if i not in guide_idx and i in run.dropped))
     stage_epochs = run.epochs if member.role == "student" else run.assistant_epochs
     loss_cfg = replace(run.loss_cfg, kd_warmup_epochs=kd_warmup_for_stage(cfg.kd_warmup_epochs, stage_epochs)
                        if guide_idx else 0.0)
@@ -806,7 +826,7 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
     accelerator.wait_for_everyone()
     warm = f", KD weight warm-up {loss_cfg.kd_warmup_epochs:g} epochs" if loss_cfg.kd_warmup_epochs else ""
     run.say(f"{label}: guides {', '.join(guide_names) or 'none (cross-entropy only)'}"
-            + (f" ({', '.join(dropped_names)} dropped: near chance)" if dropped_names else "")
+            + (f" ({', '.join(dropped_names)} dropped: {'; '.join(dropped_reasons)})" if dropped_names else "")
             + f", {stage_epochs} epochs{warm}")
     torch.manual_seed(stable_seed(cfg.seed, "init", member.arch))
     model = create_model(member.arch, num_classes=run.tmeta.num_classes, in_chans=run.tmeta.in_chans,
@@ -933,6 +953,7 @@ def _summary(run: _Run, rows: list[dict], *, teacher_sha256: str, command: str |
         "teacher": str(cfg.teacher), "teacher_sha256": teacher_sha256, "teacher_source": run.tmeta.source,
         "epochs": run.epochs, "assistant_epochs": run.assistant_epochs, "seed": cfg.seed,
         "temperature": cfg.temperature, "kd_weight": cfg.kd_weight, "kd_reduction": cfg.kd_reduction,
+        "kd_weighting": cfg.kd_weighting,
         "kd_warmup_epochs": cfg.kd_warmup_epochs, "drop_guides": cfg.drop_guides, "gate_guides": cfg.gate_guides,
         "bn_recalibration_batches": cfg.bn_recalibration_batches,
         "latency_backend": plan.latency_backend, "relative_cost": plan.relative_cost,
@@ -940,7 +961,8 @@ def _summary(run: _Run, rows: list[dict], *, teacher_sha256: str, command: str |
         "wall_seconds_this_session": round(wall_seconds, 1),
         "precision": run.precision.to_dict(), "command": command or "",
         # assistants kept out of later guide sets (guide_gate), and what each stage lost by it
-        "dropped_assistants": [plan.members[i].arch for i in sorted(run.dropped)],
+        "dropped_assistants": [plan.members[i].arch for i in sorted(run.dropped) if i > 0],
+        "teacher_dropped": run.dropped.get(0),  # the gate record when an assistant surpassed the teacher, else null
         "dropped_guides": {r["arch"]: r.get("dropped_guides", []) for r in rows[1:]},
         "student_near_chance": student["final_test_top1"] is not None and student["final_test_top1"]
         <= chance_top1(run.tmeta.num_classes) + NEAR_CHANCE_POINTS,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .errors import CompressError
 from .fileio import atomic_write, read_jsonl, write_text
+from .stability import gate_text
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:
@@ -74,8 +75,9 @@ def stability_notes(summary: dict) -> list[str]:
     for m in summary.get("chain", []):
         gate = m.get("guide_gate")
         if gate and not gate.get("kept", True):
-            lines.append(f"guide {m['arch']} dropped: {gate['top1']:.1f}% is near chance {gate['chance']:.1f}% "
-                         f"(needed more than {gate['threshold']:.1f}%)")
+            lines.append(f"guide {m['arch']} dropped: {gate_text(gate)}")
+    if summary.get("teacher_dropped"):
+        lines.append(f"guide {summary['chain'][0]['arch']} (the teacher) dropped: {gate_text(summary['teacher_dropped'])}")
     lines += [f"WARNING: {w}" for w in summary.get("warnings") or []]
     return lines
 
@@ -157,18 +159,20 @@ def write_report(run_dir) -> Path:
                             f"re-run 'compress distill --resume'")
     curves = _plot_curves(run_dir, summary)
     tradeoff = _plot_tradeoff(run_dir, summary)
+    dropped = list(summary.get("dropped_assistants") or []) + (
+        [summary["chain"][0]["arch"]] if summary.get("teacher_dropped") else [])
     lines = [f"# Distillation report: {summary.get('name', run_dir.name)}", "",
              f"- method: **{summary['method']}**, data: `{summary['data']}`, "
              f"epochs: {summary['epochs']}, seed: {summary['seed']}",
              f"- temperature {summary['temperature']}, λ (kd_weight) {summary['kd_weight']}, "
-             f"KD terms: {summary.get('kd_reduction', 'sum')} over the kept guides, "
+             f"KD terms: {summary.get('kd_reduction', 'sum')} over the kept guides "
+             f"({summary.get('kd_weighting', 'uniform')} weights), "
              f"guides dropped per batch: {summary['drop_guides']}, "
              f"KD weight warm-up: {summary.get('kd_warmup_epochs', 0)} epochs (at most 1/4 of a stage)",
              f"- BatchNorm statistics recomputed after each stage on up to "
-             f"{summary.get('bn_recalibration_batches', 0)} training batches (0: off); assistants near chance "
-             f"kept out of later guide sets: {'on' if summary.get('gate_guides') else 'off'}"
-             + (f" (dropped: {', '.join(summary['dropped_assistants'])})" if summary.get("dropped_assistants")
-                else ""),
+             f"{summary.get('bn_recalibration_batches', 0)} training batches (0: off); weak or surpassed "
+             f"guides kept out of later guide sets: {'on' if summary.get('gate_guides') else 'off'}"
+             + (f" (dropped: {', '.join(dropped)})" if dropped else ""),
              f"- total training time: {summary['total_seconds']:.0f} s",
              f"- teacher: `{summary.get('teacher', '?')}` (sha256 `{summary.get('teacher_sha256', '?')}`)",
              f"- accuracies: *final test* = the test split, scored once per model at the end; *best "

@@ -239,6 +239,7 @@ class LossSettings:
     kd_weight: float = 1.0
     drop_guides: int = 0
     kd_reduction: str = "sum"
+    kd_weighting: str = "uniform"  # uniform | confidence (losses.dgkd_loss)
     kd_warmup_epochs: float = 0.0  # λ ramps from 0 over these epochs (losses.kd_weight_at)
 
 
@@ -363,7 +364,7 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
                     logits, logits_u = both[: x.shape[0]], both[x.shape[0]:]
             terms = dgkd_loss(logits, guide_logits, labels, temperature=loss_cfg.temperature,
                               kd_weight=kd_weight, reduction=loss_cfg.kd_reduction,
-                              label_smoothing=float(cfg.label_smoothing or 0.0))
+                              label_smoothing=float(cfg.label_smoothing or 0.0), weighting=loss_cfg.kd_weighting)
             if x_unlabeled is not None:
                 terms["kd_unlabeled"] = guides_kd_loss(logits_u, guide_logits_u, temperature=loss_cfg.temperature,
                                                           reduction=loss_cfg.kd_reduction)

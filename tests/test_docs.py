@@ -69,7 +69,8 @@ def test_every_config_key_is_in_the_generated_reference():
     for cls in (TrainConfig, DistillConfig):
         for f in dataclasses.fields(cls):
             assert f"| `{f.name}` |" in text, f.name
-    assert "| `batch_size` | int | `128` | `--batch-size` | images per step and process |" in text
+    assert ("| `batch_size` | int or null | `null` | `--batch-size` | images per step and process [default: auto: "
+            "128, halved down to 16 while an epoch would have fewer than 32 steps] |") in text
     assert "| `epochs` | int | `30` | `--epochs` |" in text            # TrainConfig's own default
     assert "| `epochs` | int | `160` | `--epochs` |" in text           # the shared (distill) default
     assert re.search(r"\| `trust_code` \|.*a recipe holding this key is refused", text)

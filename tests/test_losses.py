@@ -142,3 +142,29 @@ def test_kd_weight_warmup_ramps_lambda_and_fills_in_ce():
     lam = kd_weight_at(1.0, 0.25, 1.0)
     t = dgkd_loss(S, [G], Y, temperature=1.0, kd_weight=lam)
     assert abs(t["loss"].item() - 0.708634) < 1e-5
+
+
+def test_confidence_weighting_hand_values():
+    """z_s = [0, 0], z_g = [ln 3, 0]: p_g = [0.75, 0.25], KL(p_g‖p_s) = 0.75 ln 1.5 + 0.25 ln 0.5 = 0.130812,
+    CE = ln 2 = 0.693147; λ = 0.5, T = 1. Label 0: c = 0.75, L = (1 − 0.375)·CE + 0.375·KL = 0.482272;
+    label 1: c = 0.25, L = 0.875·CE + 0.125·KL = 0.622856; uniform: 0.5·CE + 0.5·KL = 0.411980."""
+    import math
+
+    zs, zg = torch.zeros(1, 2), torch.tensor([[math.log(3.0), 0.0]])
+    for label, want in ((0, 0.482272), (1, 0.622856)):
+        t = dgkd_loss(zs, [zg], torch.tensor([label]), temperature=1.0, kd_weight=0.5, reduction="mean",
+                      weighting="confidence")
+        assert float(t["loss"]) == pytest.approx(want, abs=1e-5)
+    uniform = dgkd_loss(zs, [zg], torch.tensor([0]), temperature=1.0, kd_weight=0.5, reduction="mean")
+    assert float(uniform["loss"]) == pytest.approx(0.411980, abs=1e-5)
+    # a guide that gives the label probability 1 teaches like the uniform rule; one that gives it 0 hands it back
+    sure = dgkd_loss(zs, [torch.tensor([[50.0, 0.0]])], torch.tensor([0]), temperature=1.0, kd_weight=0.5,
+                     reduction="mean", weighting="confidence")
+    assert float(sure["loss"]) == pytest.approx(float(dgkd_loss(zs, [torch.tensor([[50.0, 0.0]])], torch.tensor([0]),
+                                                               temperature=1.0, kd_weight=0.5, reduction="mean")["loss"]),
+                                                abs=1e-5)
+    wrong = dgkd_loss(zs, [torch.tensor([[0.0, 50.0]])], torch.tensor([0]), temperature=1.0, kd_weight=0.5,
+                      reduction="mean", weighting="confidence")
+    assert float(wrong["loss"]) == pytest.approx(math.log(2.0), abs=1e-5)
+    with pytest.raises(ValueError, match="weighting"):
+        dgkd_loss(zs, [zg], torch.tensor([0]), temperature=1.0, kd_weight=0.5, weighting="soft")

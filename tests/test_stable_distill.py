@@ -49,17 +49,34 @@ def test_bad_kd_warmup_is_one_line(value):
 
 
 # ------------------------------------------------------------------ C: guide gating
-def test_guide_gate_drops_an_assistant_near_chance():
-    # the issue's run: 10 classes, an 80.4 % teacher -> threshold 10 + max(2, 0.1 * 70.4) = 17.04
+def test_guide_gate_drops_an_assistant_near_chance_or_far_below_the_teacher():
+    # the issue's run: 10 classes, an 80.4 % teacher -> threshold 10 + max(2, 0.5 * 70.4) = 45.2
     gate = guide_gate(13.2, num_classes=10, teacher_top1=80.4)
-    assert gate == {"top1": 13.2, "threshold": 17.04, "chance": 10.0, "kept": False}
-    assert guide_gate(17.5, num_classes=10, teacher_top1=80.4)["kept"]
-    # a weak teacher: the 2-point floor; 100 classes: chance 1 %, 70 % teacher -> 1 + 6.9 = 7.9
-    assert guide_gate(11.9, num_classes=10, teacher_top1=20.0)["threshold"] == 12.0
-    assert guide_gate(7.8, num_classes=100, teacher_top1=70.0) == {"top1": 7.8, "threshold": 7.9, "chance": 1.0,
-                                                                    "kept": False}
+    assert gate == {"top1": 13.2, "threshold": 45.2, "chance": 10.0, "kept": False, "reason": "far below the teacher"}
+    assert guide_gate(11.9, num_classes=10, teacher_top1=80.4)["reason"] == "near chance"  # within 2 points
+    assert guide_gate(28.2, num_classes=10, teacher_top1=80.4)["reason"] == "far below the teacher"
+    assert guide_gate(45.3, num_classes=10, teacher_top1=80.4)["kept"]
+    assert guide_gate(62.3, num_classes=10, teacher_top1=80.4)["kept"]  # the demo's assistant
+    # a weak teacher: the 2-point floor; 100 classes: chance 1 %, 70 % teacher -> 1 + 34.5 = 35.5
+    assert guide_gate(11.9, num_classes=10, teacher_top1=13.0)["threshold"] == 12.0
+    assert guide_gate(11.9, num_classes=10, teacher_top1=20.0)["threshold"] == 15.0
+    assert guide_gate(7.8, num_classes=100, teacher_top1=70.0) == {"top1": 7.8, "threshold": 35.5, "chance": 1.0,
+                                                                    "kept": False, "reason": "far below the teacher"}
     assert guide_gate(None, num_classes=10, teacher_top1=80.0)["kept"]  # unknown score: kept
     assert not guide_gate(float("nan"), num_classes=10, teacher_top1=80.0)["kept"]
+
+
+def test_surpassed_guides_are_the_earlier_ones_beaten_by_more_than_two_points():
+    from compressor.stability import gate_text, surpassed_guides
+
+    scores = {0: 40.0, 1: 55.0}
+    assert surpassed_guides(scores, 2, 57.5) == [0, 1]
+    assert surpassed_guides(scores, 2, 57.0) == [0]          # 57.0 is not more than 2 points above 55.0
+    assert surpassed_guides(scores, 1, 55.0) == [0]          # only models before it
+    assert surpassed_guides({0: None, 1: 30.0}, 2, 80.0) == [1]
+    assert surpassed_guides(scores, 2, None) == [] and surpassed_guides(scores, 2, float("nan")) == []
+    record = {"top1": 40.0, "kept": False, "reason": "surpassed by resnet14", "by": "resnet14", "by_top1": 55.0}
+    assert gate_text(record) == "resnet14 after it scored 55.0%, more than 2 points above its 40.0%"
 
 
 def test_gated_guides_keep_one_guide_per_stage():
@@ -127,7 +144,8 @@ def test_dropped_guide_recorded_and_student_warned(tmp_path, pretrained_teacher,
 
     # every assistant fails its gate, whatever it scored: the student learns from the teacher alone
     monkeypatch.setattr(pipeline, "guide_gate", lambda top1, **kw: {"top1": top1 or 0.0, "threshold": 99.0,
-                                                                      "chance": 10.0, "kept": False})
+                                                                      "chance": 10.0, "kept": False,
+                                                                      "reason": "near chance"})
     cfg = resolve_config(DistillConfig, None, dict(teacher=str(pretrained_teacher), target="resnet8", method="dgkd",
                                                    epochs=1, batch_size=16, out=str(tmp_path / "r"), seed=5,
                                                    lr=0.05, latency_backend="none", bn_recalibration_batches=2))
@@ -152,3 +170,31 @@ def test_dropped_guide_recorded_and_student_warned(tmp_path, pretrained_teacher,
         assert "WARNING: student resnet8" in out
     report = (tmp_path / "r" / "report.md").read_text()
     assert "guide resnet14 dropped" in report and "(dropped: resnet14)" in report
+
+
+def test_an_assistant_that_beats_the_teacher_drops_it_from_later_stages():
+    """The weak-teacher case (a teacher trained too briefly on the user's data): the student learns
+    from the assistant alone, and the console, the summary and the report say why."""
+    from types import SimpleNamespace
+
+    from compressor import pipeline
+    from compressor.report import stability_notes
+
+    said = []
+    members = [SimpleNamespace(arch=a) for a in ("resnet20", "resnet14", "resnet8")]
+    run = SimpleNamespace(tmeta=SimpleNamespace(num_classes=10), teacher_top1=40.0, dropped={},
+                          guide_scores={0: 40.0}, plan=SimpleNamespace(members=members), say=said.append)
+    gate = pipeline._gate_assistant(run, 1, "resnet14", {"final_val_top1": 55.0})
+    assert gate["kept"] and set(run.dropped) == {0}
+    assert run.dropped[0]["reason"] == "surpassed by resnet14"
+    assert said == ["guide resnet20 (the teacher) dropped: resnet14 after it scored 55.0%, more than 2 points "
+                    "above its 40.0%; later stages learn from the better models (--no-gate-guides keeps it)"]
+    assert gated_guides([0, 1], set(run.dropped)) == [1]  # the student's guides: the assistant only
+    summary = {"chain": [{"arch": "resnet20"}, {"arch": "resnet14", "guide_gate": gate}, {"arch": "resnet8"}],
+               "teacher_dropped": run.dropped[0]}
+    assert stability_notes(summary) == ["guide resnet20 (the teacher) dropped: resnet14 after it scored 55.0%, "
+                                        "more than 2 points above its 40.0%"]
+    # an assistant only 2 points above the teacher does not drop it
+    run2 = SimpleNamespace(**{**vars(run), "dropped": {}, "guide_scores": {0: 40.0}})
+    pipeline._gate_assistant(run2, 1, "resnet14", {"final_val_top1": 42.0})
+    assert run2.dropped == {}

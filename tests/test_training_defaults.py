@@ -150,7 +150,7 @@ def test_resume_of_a_run_written_before_the_family_defaults(tmp_path):
     from compressor.pipeline import _check_resume_config
 
     old = config_to_dict(DistillConfig(teacher="t.safetensors", target="resnet8"))
-    old.update(lr=0.1, schedule="step", warmup_epochs=0, weight_decay=1e-4)
+    old.update(lr=0.1, schedule="step", warmup_epochs=0, weight_decay=1e-4, batch_size=128)
     for key in ("label_smoothing", "grad_clip"):
         old.pop(key)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({**old, "target": "resnet8", "num_processes": 1}))
@@ -163,7 +163,40 @@ def test_resume_of_a_run_written_before_the_family_defaults(tmp_path):
     # a run written with the family defaults (None recorded) resumes with the family defaults
     new = config_to_dict(DistillConfig(teacher="t.safetensors", target="resnet8"))
     assert inherit_recorded(DistillConfig(teacher="t.safetensors", target="resnet8"), new).lr is None
-    assert set(LEGACY) == set(DEFAULTED)
+    assert set(LEGACY) == {"batch_size", *DEFAULTED}
+    assert cfg.batch_size == 128  # recorded before batch_size could be unset: kept
+
+
+@pytest.mark.parametrize("images, processes, accum, batch", [
+    (50000, 1, 1, 128), (4096, 1, 1, 128),   # 4096 / 128 = 32 steps: the full size
+    (4095, 1, 1, 64), (2000, 1, 1, 32),      # 2000 / 64 = 31.25 < 32 -> 32 (62 steps)
+    (1000, 1, 1, 16), (100, 1, 1, 16),       # never below 16
+    (8192, 2, 1, 128), (8191, 2, 1, 64),     # 2 processes: 2 x 128 images per step
+    (4096, 1, 2, 64),                        # grad_accum 2: 64 x 2 per optimiser step
+])
+def test_auto_batch_size_keeps_32_steps_per_epoch(images, processes, accum, batch):
+    from compressor.training_defaults import auto_batch_size
+
+    assert auto_batch_size(images, processes, accum) == batch
+
+
+def test_auto_batch_size_is_resolved_recorded_and_printed_and_a_set_one_wins():
+    from compressor.training_defaults import describe, resolve_batch_size
+
+    cfg = TrainConfig(arch="resnet8", out="m.safetensors")
+    assert cfg.batch_size is None
+    auto, record = resolve_batch_size(cfg, 1000)
+    assert auto.batch_size == 16 and cfg.batch_size is None
+    assert record == {"batch_size": 16,
+                      "batch_size_rule": "auto: 16, so that 1000 training images make at least 32 steps per epoch"}
+    filled, rec = resolve_training_defaults(auto, "cifar_resnet")
+    assert filled.lr == pytest.approx(0.1 * 16 / 128)  # the lr follows the batch it got
+    assert "batch 16 (so that 1000 training images make" in describe({**rec, **record})
+    big, record = resolve_batch_size(cfg, 50000)
+    assert big.batch_size == 128 and "batch" not in describe({**resolve_training_defaults(big, "cifar_resnet")[1],
+                                                              **record})
+    given, record = resolve_batch_size(TrainConfig(arch="resnet8", out="m.safetensors", batch_size=64), 100)
+    assert given.batch_size == 64 and record["batch_size_rule"] == "set"
 
 
 def test_train_prints_and_records_the_defaults(tmp_path, capsys, one_torch_thread):
