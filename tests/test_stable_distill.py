@@ -31,6 +31,7 @@ def test_defaults_do_not_grow_with_guides_and_warm_up():
 def test_paper_recipes_pin_the_papers_kd(name):
     raw = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
     assert raw["kd_reduction"] == "sum" and raw["kd_warmup_epochs"] == 0
+    assert raw["kd_weighting"] == "uniform" and raw["gate_guides"] is False  # the paper weighs and keeps every guide
 
 
 def test_kd_warmup_is_at_most_a_quarter_of_a_stage():
