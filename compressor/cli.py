@@ -290,7 +290,7 @@ DISTILL_HELP = {
                     "of guides; sum: add them (the paper)",
     "kd_weighting": "confidence: weigh each guide's KD term on an image by the probability it gives the label, "
                     "the label taking the rest (a weak guide mostly hands its share back to the label); "
-                    "uniform: every term weight λ (the paper)", "drop_guides": "stochastic teaching: guides dropped per batch",
+                    "uniform: every term weight λ (the paper; its recipes pin it)", "drop_guides": "stochastic teaching: guides dropped per batch",
     "kd_warmup_epochs": "ramp λ from 0 over these epochs of each stage, CE filling in (at most 1/4 of a stage; 0: off)",
     "gate_guides": "keep an assistant that ends near chance or below half the teacher's lead over chance out of "
                    "the later stages' guides, and drop a guide a later model beats by more than 2 points",

@@ -148,7 +148,7 @@ class DistillConfig(OptimConfig):
     temperature: float = 5.0
     kd_weight: float = 0.5                            # λ: (1-λ)·CE + λ·KD (KD: mean or sum over the kept guides); paper: 1
     kd_reduction: str = "mean"                        # mean over the kept guides | sum (paper, official code)
-    kd_weighting: str = "uniform"                     # uniform (paper) | confidence: by the guide's p(label)
+    kd_weighting: str = "confidence"                  # confidence: by the guide's p(label) | uniform (paper)
     kd_warmup_epochs: float = 1.0                     # λ ramps from 0 over these epochs (at most 1/4 of a stage)
     gate_guides: bool = True                          # weak or surpassed guides teach no later stage (stability)
     drop_guides: int = 1                              # stochastic teaching: guides dropped per batch

@@ -25,6 +25,7 @@ def test_defaults_do_not_grow_with_guides_and_warm_up():
     cfg = resolve_config(DistillConfig, None, {"teacher": "t.safetensors", "target": "resnet8"})
     assert cfg.kd_reduction == "mean" and cfg.kd_warmup_epochs == 1.0 and cfg.kd_weight == 0.5
     assert cfg.gate_guides is True and cfg.bn_recalibration_batches == 200
+    assert cfg.kd_weighting == "confidence" and cfg.temperature == 5.0 and cfg.batch_size is None
 
 
 @pytest.mark.parametrize("name", PAPER_RECIPES)
