@@ -242,7 +242,8 @@ def test_second_run_hits_the_cache_and_trains_the_same_student(tmp_path, monkeyp
     def run(name):
         cfg = resolve_config(DistillConfig, None, dict(teacher=str(pretrained_teacher), target="resnet8",
                                                        epochs=2, batch_size=16, out=str(tmp_path / name),
-                                                       latency_backend="none", cache_guides=True))
+                                                       latency_backend="none", cache_guides=True,
+                                                       gate_guides=False))  # both guides teach: both cached
         run_distillation(cfg, data=data, show_progress=False)
         lines = (tmp_path / name / "stages" / "2-resnet8" / "metrics.jsonl").read_text().splitlines()
         return json.loads(lines[-1])["guide_cache_hits_misses"]
