@@ -57,7 +57,7 @@ def guides_kd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Te
     ``(1/|G'|)·Σ_g KD_g`` (:func:`kd_loss` each); 0 without guides. An unlabeled batch's whole loss
     (no label, so no CE): the trainer adds ``λ_t·`` this to the step's loss."""
     if not guide_logits:
-        _reduce_kd(torch.zeros(1), reduction)  # a bad reduction is refused even without guides
+        _check_reduction(reduction)  # a bad reduction is refused even without guides
         return torch.zeros((), device=student_logits.device)
     return _reduce_kd(torch.stack([kd_loss(student_logits, g, temperature=temperature) for g in guide_logits]),
                       reduction)
@@ -66,9 +66,13 @@ def guides_kd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Te
 KD_WEIGHTINGS = ("uniform", "confidence")
 
 
-def _reduce_kd(terms: torch.Tensor, reduction: str) -> torch.Tensor:
+def _check_reduction(reduction: str) -> None:
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def _reduce_kd(terms: torch.Tensor, reduction: str) -> torch.Tensor:
+    _check_reduction(reduction)
     return terms.sum(dim=0) if reduction == "sum" else terms.mean(dim=0)
 
 
@@ -94,7 +98,7 @@ def dgkd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor]
     """
     if weighting not in KD_WEIGHTINGS:
         raise ValueError(f"weighting must be one of {KD_WEIGHTINGS}, got {weighting!r}")
-    _reduce_kd(torch.zeros(1), reduction)  # a bad reduction is refused even without guides
+    _check_reduction(reduction)  # a bad reduction is refused even without guides
     ce_each = F.cross_entropy(student_logits.float(), labels, label_smoothing=float(label_smoothing),
                               reduction="none")
     ce = ce_each.mean()

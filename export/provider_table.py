@@ -164,8 +164,9 @@ def provider_table(model, *, int8=None, batch_sizes=(1, 64), threads=None, warmu
                             "threads": t, "active_provider": m.provider, **check, "parity_passed": passed}
     timings = timer(sessions, batch_sizes=[int(b) for b in batch_sizes], warmup=warmup, iters=iters,
                     seconds=seconds if iters is None else None)
-    rows = [{**configs[key], "batch_size": b, **{k: s[k] for k in ("p50_ms", "throughput_ips", "cv", "iterations")}}
-            for key in configs for b in [int(b) for b in batch_sizes] for s in (timings[key][b],)]
+    timed = ("p50_ms", "throughput_ips", "cv", "iterations")
+    rows = [{**configs[key], "batch_size": b, **{k: timings[key][b][k] for k in timed}}
+            for key in configs for b in [int(b) for b in batch_sizes]]
 
     base = {r["batch_size"]: r for r in rows
             if r["provider"] == "cpu" and r["variant"] == "fp32" and r["threads"] == base_threads}
