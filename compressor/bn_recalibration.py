@@ -21,6 +21,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
+# Batches of the per-epoch refresh before each evaluation during training (the full
+# ``--bn-recalibration-batches`` count follows the last epoch): a MobileNetV2-0.35 after one
+# of 3 epochs on a 28-px set scored 18.6 % with 5, 20 or 60 batches of 16 alike (10.0 % with
+# its running statistics). Ten forward passes cost about a third of ten training steps.
+EPOCH_BATCHES = 10
+
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """The BatchNorm layers of ``model`` that keep running statistics."""
@@ -35,7 +41,9 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], *, max_bat
     normalised and on the model's device); returns how many batches were used.
 
     With no BN layer, or no batch at all, the model is left exactly as it was. The model's
-    train/eval mode and each layer's momentum are restored afterwards.
+    train/eval mode and each layer's momentum are restored afterwards, and so is the global
+    random state: the train-mode forward draws dropout (and stochastic depth) masks from it,
+    and the per-epoch refresh must not change the training that follows.
     """
     layers = batchnorm_layers(model)
     if not layers:
@@ -48,13 +56,15 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], *, max_bat
         bn.momentum = None  # cumulative average over the batches below
     model.train()
     used = 0
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
-        for x in batches:
-            if max_batches is not None and used >= max_batches:
-                break
-            with autocast():
-                model(x)
-            used += 1
+        with torch.random.fork_rng(devices=cuda):
+            for x in batches:
+                if max_batches is not None and used >= max_batches:
+                    break
+                with autocast():
+                    model(x)
+                used += 1
     finally:
         for bn, (momentum, mean, var, tracked) in zip(layers, saved):
             bn.momentum = momentum
@@ -66,4 +76,4 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], *, max_bat
     return used
 
 
-__all__ = ["batchnorm_layers", "recalibrate_bn"]
+__all__ = ["EPOCH_BATCHES", "batchnorm_layers", "recalibrate_bn"]

@@ -114,7 +114,8 @@ OPTIM_HELP = {
     "data_workers": "stream mode: DataLoader worker processes (default: cores - 1, at most 8)",
     "skip_bad_images": "leave undecodable image files out (counted in the run) instead of stopping",
     "bn_recalibration_batches": "after training (each stage of distill), recompute BatchNorm statistics on this "
-                                "many training batches, unaugmented (precise BN; 0: off)",
+                                "many training batches in the training view (precise BN; 10 before each "
+                                "per-epoch score; 0: off)",
     "compile": "torch.compile the trained model and its guides (costs tens of seconds per model and stage; "
                "pays off on long runs, see docs/performance.md)",
 }

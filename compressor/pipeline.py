@@ -34,7 +34,7 @@ import yaml
 
 from .checkpoint import CIFAR_MEAN, CIFAR_STD, file_sha256, load_model, meta_for, save_checkpoint
 from .config import DISTILL_LEGACY, DistillConfig, TrainConfig, config_to_dict
-from .bn_recalibration import recalibrate_bn
+from .bn_recalibration import EPOCH_BATCHES, recalibrate_bn
 from .data import (DataBundle, as_eval, augment_batch, batch_augments, channel_stats, load_data, make_loader,
                    normalize, resolve_policy, subset)
 from .data.unlabeled import UnlabeledStream, load_unlabeled, unlabeled_batch_size
@@ -297,7 +297,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
         result = fit(accelerator, model, [], train_loader, eval_loader, cfg=cfg, loss_cfg=LossSettings(),
                      epochs=cfg.epochs, mean=mean, std=std, stage_seed=stable_seed(cfg.seed, entry.name),
                      stage_dir=work, stage_label=entry.name, resume=resume, progress=progress,
-                     eval_split=splits.eval_name)
+                     eval_split=splits.eval_name, refresh_bn=epoch_bn_refresh(accelerator, splits.train, cfg, mean, std))
     except CompressError:  # e.g. diverged in the first epoch: with no state saved there is nothing to resume
         if accelerator.is_main_process and find_state(work) is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -852,7 +852,8 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
                      std=run.std, stage_seed=stable_seed(cfg.seed, "stage", member.arch), stage_dir=stage_dir,
                      stage_label=label, resume=run.resume, progress=run.progress,
                      aug_seed=stable_seed(cfg.seed, "aug"), guide_caches=caches, eval_split=splits.eval_name,
-                     unlabeled=unlabeled, unlabeled_caches=unlabeled_caches)
+                     unlabeled=unlabeled, unlabeled_caches=unlabeled_caches,
+                     refresh_bn=epoch_bn_refresh(accelerator, splits.train, run.cfg, run.mean, run.std))
     finally:
         run.progress.close()
     model = result.model
@@ -886,7 +887,8 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
     return model, fields, seconds
 
 
-def precise_bn(accelerator, model, train_split, cfg, mean, std) -> tuple[int, float | None]:
+def precise_bn(accelerator, model, train_split, cfg, mean, std, *, max_batches: int | None = None,
+               probe: bool = True) -> tuple[int, float | None]:
     """Precise BN (:mod:`compressor.bn_recalibration`) on up to ``cfg.bn_recalibration_batches``
     training batches in the *training* view (the run's augmentation, seeded; a seeded sample, the
     same in every process), for ``train`` and every ``distill`` stage alike.
@@ -895,8 +897,12 @@ def precise_bn(accelerator, model, train_split, cfg, mean, std) -> tuple[int, fl
     statistics of augmented images (pad-4 crops carry zero borders), and clean-image statistics
     shift every layer away from them -- measured on the demo DGKD student: 51.7% test top-1 with
     clean-view statistics, 57.5% with augmented-view ones (the training-time statistics: 57.9% at the
-    previous commit). Returns (batches used, the largest |logit| of the final model on the first of them)."""
+    previous commit). Returns (batches used, the largest |logit| of the final model on the first of them;
+    None with ``probe=False``). ``max_batches`` lowers the cap (the per-epoch refresh,
+    :func:`epoch_bn_refresh`)."""
     batches_max = getattr(cfg, "bn_recalibration_batches", 0)
+    if max_batches is not None:
+        batches_max = min(batches_max, max_batches)
     if not batches_max:
         return 0, None
     n = min(len(train_split), batches_max * cfg.batch_size)
@@ -921,6 +927,8 @@ def precise_bn(accelerator, model, train_split, cfg, mean, std) -> tuple[int, fl
 
     # no BN layer: recalibrate_bn returns 0 without drawing a batch
     used = recalibrate_bn(model, batches(), max_batches=batches_max, autocast=accelerator.autocast)
+    if not probe:
+        return used, None
     if not first:  # no BN layer: one batch for the logit probe
         images, _ = next(iter(loader))
         first.append(normalize(images.to(device), mean, std))
@@ -928,6 +936,17 @@ def precise_bn(accelerator, model, train_split, cfg, mean, std) -> tuple[int, fl
     with torch.inference_mode(), accelerator.autocast():
         max_logit = float(model(first[0]).float().abs().max())
     return used, max_logit
+
+
+def epoch_bn_refresh(accelerator, train_split, cfg, mean, std):
+    """The ``refresh_bn`` of :func:`~compressor.trainer.fit`: precise BN on
+    :data:`~compressor.bn_recalibration.EPOCH_BATCHES` training batches before each per-epoch
+    evaluation (None when ``--bn-recalibration-batches 0``). The full recomputation follows
+    the last epoch (:func:`precise_bn`)."""
+    if not getattr(cfg, "bn_recalibration_batches", 0):
+        return None
+    return lambda model: precise_bn(accelerator, model, train_split, cfg, mean, std,
+                                    max_batches=EPOCH_BATCHES, probe=False)[0]
 
 
 def _save_stage(run: _Run, k: int, member, stage_dir: Path, model, metrics: dict) -> None:

@@ -33,7 +33,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -501,7 +501,8 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
         cfg: OptimConfig, loss_cfg: LossSettings, epochs: int, mean, std, stage_seed: int, stage_dir: Path,
         stage_label: str, resume: bool, progress: Progress, aug_seed: int | None = None,
         guide_caches: Sequence[GuideLogitCache | None] | None = None, eval_split: str = "val",
-        unlabeled=None, unlabeled_caches: Sequence[GuideLogitCache | None] | None = None) -> FitResult:
+        unlabeled=None, unlabeled_caches: Sequence[GuideLogitCache | None] | None = None,
+        refresh_bn: Callable[[nn.Module], int] | None = None) -> FitResult:
     """Train ``model`` for ``epochs`` from its ``guides``; state saved in ``stage_dir/state``.
 
     ``unlabeled`` (an :class:`~compressor.data.unlabeled.UnlabeledStream`, with ``guides`` only):
@@ -510,6 +511,13 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
 
     ``test_loader`` is the per-epoch evaluation split named ``eval_split`` (``val``, or
     ``test`` under the paper's protocol); its metrics are logged as ``<eval_split>_top1`` etc.
+
+    ``refresh_bn(model)`` (the unwrapped model; returns the batches used) runs before each
+    per-epoch evaluation so that the score is not taken with stale BatchNorm statistics: a
+    MobileNetV2-0.35 after the first of 3 epochs scored 10.0 % (chance) with its running
+    statistics and 18.6 % with statistics recomputed on 5 batches of 16. Running statistics
+    do not enter the training forward pass, so the weights' trajectory is unchanged; the
+    refreshed statistics are saved with the epoch's state (resume stays exact).
     """
     accelerator.free_memory()  # forget the previous stage's prepared objects
     if cfg.channels_last:  # before prepare(): DDP must wrap (and broadcast) the channels_last parameters
@@ -588,6 +596,8 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
             if unlabeled_guides is not None and unlabeled_caches and any(c is not None for c in unlabeled_caches):
                 record["unlabeled_cache_hits_misses"] = unlabeled_guides.cache_stats()
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
+                if refresh_bn is not None:
+                    record["bn_batches"] = refresh_bn(accelerator.unwrap_model(model))
                 test = evaluate(accelerator, model, test_loader, mean=mean, std=std, channels_last=cfg.channels_last)
                 record.update({f"{eval_split}_top1": test["top1"], f"{eval_split}_top5": test["top5"],
                                f"{eval_split}_loss": test["loss"]})

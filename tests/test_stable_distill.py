@@ -109,6 +109,54 @@ def test_recalibration_without_batches_changes_nothing():
     assert recalibrate_bn(nn.Sequential(nn.Linear(2, 2)), [torch.ones(1, 2)]) == 0  # no BN layer
 
 
+def test_recalibration_leaves_the_global_random_stream_alone():
+    # the train-mode forward draws dropout masks: the per-epoch refresh must not shift training's
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    assert recalibrate_bn(model, [torch.randn(8, 4, generator=torch.Generator().manual_seed(0))]) == 1
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_per_epoch_scores_use_refreshed_statistics_and_training_is_unchanged(tmp_path, one_torch_thread):
+    from compressor.config import OptimConfig
+    from compressor.data import make_loader, synthetic_data
+    from compressor.trainer import LossSettings
+    from compressor.progress import Progress
+    from compressor.trainer import fit
+    from accelerate import Accelerator
+
+    bundle = synthetic_data(num_classes=4, input_size=(3, 8, 8), n_train=64, n_test=32, seed=2)
+    calls = []
+
+    def run(refresh):
+        torch.manual_seed(0)
+        stage_dir = tmp_path / ("refreshed" if refresh else "plain")
+        stage_dir.mkdir()
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+        cfg = OptimConfig(lr=0.1, batch_size=16, epochs=2, optimizer="sgd", schedule="constant",
+                          warmup_epochs=0.0, weight_decay=0.0, label_smoothing=0.0, grad_clip=0.0)
+        return fit(Accelerator(cpu=True), model, [], make_loader(bundle.train, 16, shuffle=True, seed=1),
+                   make_loader(bundle.test, 16, shuffle=False), cfg=cfg, loss_cfg=LossSettings(), epochs=2,
+                   mean=[0.5] * 3, std=[0.25] * 3, stage_seed=7, stage_dir=stage_dir,
+                   stage_label="m", resume=False, progress=Progress(enabled=False), refresh_bn=refresh)
+
+    def refresh(model):  # the real recalibration: its train-mode forward runs the dropout
+        calls.append(model)
+        x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+        return recalibrate_bn(model, [x, 2 * x, x + 1])
+
+    plain = run(None)
+    refreshed = run(refresh)
+    assert len(calls) == 2 and all(isinstance(m, nn.Sequential) for m in calls)  # once per evaluated epoch, unwrapped
+    assert [r["bn_batches"] for r in refreshed.history] == [3, 3] and "bn_batches" not in plain.history[0]
+    # the weights' trajectory is the same (dropout masks included); the scores use the new statistics
+    assert [r["train_loss"] for r in refreshed.history] == [r["train_loss"] for r in plain.history]
+    assert all(a["val_loss"] != b["val_loss"] for a, b in zip(refreshed.history, plain.history))
+
+
 # ------------------------------------------------------------------ E: warnings
 def test_student_near_chance_gets_cause_and_fix():
     w = student_warnings("resnet8", top1=11.5, num_classes=10, train_losses=[2.3], steps=35)
