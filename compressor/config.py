@@ -21,7 +21,7 @@ from .trust import check_recipe, without_trust_keys
 
 METHODS = ("dgkd", "takd", "kd", "ce")
 KD_REDUCTIONS = ("sum", "mean")
-KD_WEIGHTINGS = ("uniform", "confidence")  # compressor.losses.KD_WEIGHTINGS
+KD_WEIGHTINGS = ("uniform", "confidence")  # compressor.losses.dgkd_loss(weighting=...)
 SCHEDULES = ("step", "cosine", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")

@@ -30,6 +30,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import KD_REDUCTIONS, KD_WEIGHTINGS  # the choices the config validates
+
 
 def kd_loss_per_sample(student_logits: torch.Tensor, guide_logits: torch.Tensor, *,
                        temperature: float) -> torch.Tensor:
@@ -63,12 +65,9 @@ def guides_kd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Te
                       reduction)
 
 
-KD_WEIGHTINGS = ("uniform", "confidence")
-
-
 def _check_reduction(reduction: str) -> None:
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if reduction not in KD_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
 
 
 def _reduce_kd(terms: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -750,7 +750,12 @@ def _gate_assistant(run: _Run, index: int, arch: str, fields: dict) -> dict:
     """Measure a finished assistant (its final score on the per-epoch split: val, or test under
     the paper's protocol): keep it out of later guide sets when it is near chance or far below the
     teacher (:func:`~compressor.stability.guide_gate`), and drop the earlier guides it beats
-    (:func:`~compressor.stability.surpassed_guides`)."""
+    (:func:`~compressor.stability.surpassed_guides`).
+
+    The teacher is judged by its *test* score: the validation images are held out of this run's
+    training split, but the teacher was trained before the split was drawn and has most likely
+    seen them, so its validation score would flatter it. Each assistant's validation score and
+    the teacher's test score are both estimates of accuracy on unseen images."""
     score = fields.get("final_val_top1")
     if score is None:
         score = fields.get("final_test_top1")
