@@ -260,7 +260,8 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     accelerator.print(precision.describe())
     splits = prepare_splits(cfg, bundle)
     cfg, batch_record = resolve_batch_size(cfg, len(splits.train), accelerator.num_processes)
-    cfg, defaults_record = resolve_training_defaults(cfg, entry.family, num_processes=accelerator.num_processes)
+    cfg, defaults_record = resolve_training_defaults(cfg, entry.family, num_processes=accelerator.num_processes,
+                                                     lr_batch_size=batch_record["lr_batch_size"])
     defaults_record.update(batch_record)
     accelerator.print(describe_defaults(defaults_record))
     model_kwargs = with_auto_stem(entry.builder, cfg.model_kwargs, bundle.input_size)
@@ -638,7 +639,7 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
         raise CompressError(f"init_assistants names {', '.join(unknown)}, not an assistant of this plan "
                             f"({', '.join(assistants) or 'none'}); key it by the assistants the plan shows")
     stage_cfgs, defaults_records = _stage_training_settings(cfg, plan, epochs, assistant_epochs,
-                                                            accelerator.num_processes)
+                                                            accelerator.num_processes, batch_record["lr_batch_size"])
     for record in defaults_records.values():  # one batch size for the whole chain
         record.update(batch_record)
     resolved["training_defaults"] = defaults_records
@@ -692,13 +693,13 @@ def _load_or_make_plan(cfg: DistillConfig, tmeta, target: str, run_dir: Path, *,
 
 
 def _stage_training_settings(cfg: DistillConfig, plan: Plan, epochs: int, assistant_epochs: int,
-                             num_processes: int) -> tuple[dict, dict]:
+                             num_processes: int, lr_batch_size: int) -> tuple[dict, dict]:
     """Per stage: every model trains with its own family's defaults (training_defaults)."""
     stage_cfgs, records = {}, {}
     for m in plan.members[1:]:
         stage_cfgs[m.arch], records[m.arch] = resolve_training_defaults(
             cfg, get_entry(m.arch).family, epochs=epochs if m.role == "student" else assistant_epochs,
-            num_processes=num_processes)
+            num_processes=num_processes, lr_batch_size=lr_batch_size)
     return stage_cfgs, records
 
 

@@ -187,16 +187,22 @@ def test_auto_batch_size_is_resolved_recorded_and_printed_and_a_set_one_wins():
     assert cfg.batch_size is None
     auto, record = resolve_batch_size(cfg, 1000)
     assert auto.batch_size == 16 and cfg.batch_size is None
-    assert record == {"batch_size": 16,
+    assert record == {"batch_size": 16, "lr_batch_size": 128,
                       "batch_size_rule": "auto: 16, so that 1000 training images make at least 32 steps per epoch"}
-    filled, rec = resolve_training_defaults(auto, "cifar_resnet")
-    assert filled.lr == pytest.approx(0.1 * 16 / 128)  # the lr follows the batch it got
-    assert "batch 16 (so that 1000 training images make" in describe({**rec, **record})
+    # the shrunk batch keeps the full auto batch's lr: more steps, not smaller ones
+    filled, rec = resolve_training_defaults(auto, "cifar_resnet", lr_batch_size=record["lr_batch_size"])
+    assert filled.lr == 0.1 and rec["images_per_step"] == 16
+    assert rec["lr_rule"] == "0.1 per 128 images x 128, the lr of the full auto batch"
+    mobile, rec_m = resolve_training_defaults(auto, "mobilenetv2", lr_batch_size=128, num_processes=2)
+    assert mobile.lr == pytest.approx(0.006 * 2 ** 0.5, abs=1e-6)  # 256 images per step's AdamW lr
+    assert resolve_training_defaults(auto, "cifar_resnet")[0].lr == pytest.approx(0.1 * 16 / 128)  # a set batch
+    line = describe({**rec, **record})
+    assert "batch 16 (so that 1000 training images make" in line and "lr 0.1 (0.1 per 128 images x 128, the lr" in line
     big, record = resolve_batch_size(cfg, 50000)
     assert big.batch_size == 128 and "batch" not in describe({**resolve_training_defaults(big, "cifar_resnet")[1],
                                                               **record})
     given, record = resolve_batch_size(TrainConfig(arch="resnet8", out="m.safetensors", batch_size=64), 100)
-    assert given.batch_size == 64 and record["batch_size_rule"] == "set"
+    assert given.batch_size == 64 and record["batch_size_rule"] == "set" and record["lr_batch_size"] == 64
 
 
 def test_train_prints_and_records_the_defaults(tmp_path, capsys, one_torch_thread):
@@ -215,6 +221,12 @@ def test_train_prints_and_records_the_defaults(tmp_path, capsys, one_torch_threa
     assert rec["lr"] == 0.0125 and rec["weight_decay"] == 1e-4 and "weight_decay" not in rec["defaulted"]
     _, meta = read_checkpoint(tmp_path / "m.safetensors")
     assert meta.metrics["training_defaults"] == rec
+    # batch unset: 29 training images shrink it to 16, which keeps the lr of 128
+    auto = resolve_config(TrainConfig, None, {"arch": "resnet8", "out": str(tmp_path / "a.safetensors"),
+                                              "epochs": 1, "mixed_precision": "no"})
+    rec = train_model(auto, show_progress=False,
+                      data=synthetic_data(num_classes=4, n_train=32, n_test=8))["training_defaults"]
+    assert (rec["batch_size"], rec["lr_batch_size"], rec["lr"]) == (16, 128, 0.1)
 
 
 # --- issue 18: AdamW for the depthwise families (docs/results.md §5) ---
@@ -275,3 +287,15 @@ def test_optimizer_is_validated_and_a_resumed_old_run_keeps_sgd():
         _train(optimizer="adam").validate()
     old = {k: v for k, v in config_to_dict(TrainConfig(arch="x", out="y.safetensors")).items() if k != "optimizer"}
     assert inherit_recorded(TrainConfig(arch="mobilenetv3_small_050", out="y.safetensors"), old).optimizer == "sgd"
+
+
+def test_distill_stages_keep_the_full_auto_batch_lr(tmp_path, pretrained_teacher, one_torch_thread):
+    from compressor.data import synthetic_data
+    from compressor.pipeline import run_distillation
+
+    cfg = resolve_config(DistillConfig, None, dict(teacher=str(pretrained_teacher), target="resnet8", method="ce",
+                                                   epochs=1, out=str(tmp_path / "r"), latency_backend="none",
+                                                   mixed_precision="no"))
+    run_distillation(cfg, data=synthetic_data(num_classes=10, n_train=32, n_test=8, seed=1), show_progress=False)
+    rec = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["training_defaults"]["resnet8"]
+    assert (rec["batch_size"], rec["lr_batch_size"], rec["lr"]) == (16, 128, 0.1)
