@@ -58,8 +58,8 @@ def guides_kd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Te
     """The KD terms of the kept guides, before any weight: ``Σ_g KD_g`` or, with ``reduction="mean"``,
     ``(1/|G'|)·Σ_g KD_g`` (:func:`kd_loss` each); 0 without guides. An unlabeled batch's whole loss
     (no label, so no CE): the trainer adds ``λ_t·`` this to the step's loss."""
+    _check_reduction(reduction)  # a bad reduction is refused even without guides
     if not guide_logits:
-        _check_reduction(reduction)  # a bad reduction is refused even without guides
         return torch.zeros((), device=student_logits.device)
     return _reduce_kd(torch.stack([kd_loss(student_logits, g, temperature=temperature) for g in guide_logits]),
                       reduction)
@@ -71,7 +71,7 @@ def _check_reduction(reduction: str) -> None:
 
 
 def _reduce_kd(terms: torch.Tensor, reduction: str) -> torch.Tensor:
-    _check_reduction(reduction)
+    # callers check the reduction first (_check_reduction)
     return terms.sum(dim=0) if reduction == "sum" else terms.mean(dim=0)
 
 
@@ -112,7 +112,7 @@ def dgkd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor]
         kd_each = conf * kd_each
         ce_weight = 1.0 - kd_weight * conf.mean(dim=0)
     else:
-        ce_weight = torch.full_like(ce_each, 1.0 - kd_weight)
+        ce_weight = 1.0 - kd_weight
     for i in range(len(guide_logits)):
         terms[f"kd_{i}"] = kd_each[i].mean()
     kd_per_sample = _reduce_kd(kd_each, reduction)  # (B,): sum or mean over the kept guides
