@@ -145,7 +145,7 @@ class DistillConfig(OptimConfig):
     by: str = "macs"                                  # spacing metric: macs | params | latency
     max_assistants: int = 4
     spacing: float = 2.5                              # auto: at most this compute ratio between neighbours
-    temperature: float = 5.0
+    temperature: float = 2.0                          # paper: 5 (its recipes pin it); 2 wins short runs (results §6)
     kd_weight: float = 0.5                            # λ: (1-λ)·CE + λ·KD (KD: mean or sum over the kept guides); paper: 1
     kd_reduction: str = "mean"                        # mean over the kept guides | sum (paper, official code)
     kd_weighting: str = "confidence"                  # confidence: by the guide's p(label) | uniform (paper)
