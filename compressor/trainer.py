@@ -368,7 +368,11 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
             if x_unlabeled is not None:
                 terms["kd_unlabeled"] = guides_kd_loss(logits_u, guide_logits_u, temperature=loss_cfg.temperature,
                                                           reduction=loss_cfg.kd_reduction)
-                terms["loss"] = terms["loss"] + kd_weight * terms["kd_unlabeled"]
+                # a mean over every image of the step: the unlabeled images add terms, not step size
+                # (summed, they doubled the KD push at ratio 1 and cost the student points; docs/distillation.md)
+                n_labelled, n_unlabeled = logits.shape[0], logits_u.shape[0]
+                terms["loss"] = (n_labelled * terms["loss"] + n_unlabeled * kd_weight * terms["kd_unlabeled"]) \
+                    / (n_labelled + n_unlabeled)
             loss = terms["loss"]
             if _test_nan_hook(accelerator, epoch, step):
                 loss = loss * float("nan")

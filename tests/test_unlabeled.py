@@ -74,8 +74,10 @@ class _ZeroLinear(nn.Module):
 
 
 def test_a_training_step_adds_the_hand_computed_kd_term_of_the_unlabeled_batch():
-    """λ=1, one step, lr 0: the step's loss is KD(labelled) + KD(unlabeled), both the hand-computed value,
-    and the unlabeled labels (-1, which cross-entropy would reject) are never read."""
+    """λ=0.5, one step, lr 0, 4 labelled and 5 unlabeled images: the step's loss is the mean over all 9
+    images, (4·(0.5·CE + 0.5·KD) + 5·0.5·KD_unlabeled) / 9, with CE = ln 3 (the student starts uniform) and
+    both KD terms the hand-computed value; the unlabeled labels (-1, which cross-entropy would reject) are
+    never read."""
     from accelerate import Accelerator
 
     from compressor.data import ImageSplit, make_loader
@@ -93,16 +95,17 @@ def test_a_training_step_adds_the_hand_computed_kd_term_of_the_unlabeled_batch()
     cfg = OptimConfig(lr=0.0, augment="none", schedule="constant", warmup_epochs=0, label_smoothing=0.0)
     loader = make_loader(labelled, 4, shuffle=True, seed=0)
     out = train_one_epoch(accelerator, model, GuideSet([_Fixed()]), loader, optimizer, cfg=cfg,
-                          loss_cfg=LossSettings(temperature=1.0, kd_weight=1.0), mean=[0.5], std=[0.25], epoch=0,
+                          loss_cfg=LossSettings(temperature=1.0, kd_weight=0.5), mean=[0.5], std=[0.25], epoch=0,
                           stage_seed=0, unlabeled=stream)
+    labelled_loss = 0.5 * math.log(3.0) + 0.5 * KL_ROW
     assert out["train_kd"] == pytest.approx(KL_ROW, abs=1e-6)
     assert out["train_kd_unlabeled"] == pytest.approx(KL_ROW, abs=1e-6)
-    assert out["train_loss"] == pytest.approx(2 * KL_ROW, abs=1e-6)  # (1-λ)·CE + λ·KD + λ·KD_unlabeled
-    # without unlabeled images the loss is the labelled KD alone and no unlabeled term is reported
+    assert out["train_loss"] == pytest.approx((4 * labelled_loss + 5 * 0.5 * KL_ROW) / 9, abs=1e-6)
+    # without unlabeled images the loss is the labelled batch's and no unlabeled term is reported
     plain = train_one_epoch(accelerator, model, GuideSet([_Fixed()]), loader, optimizer, cfg=cfg,
-                            loss_cfg=LossSettings(temperature=1.0, kd_weight=1.0), mean=[0.5], std=[0.25], epoch=0,
+                            loss_cfg=LossSettings(temperature=1.0, kd_weight=0.5), mean=[0.5], std=[0.25], epoch=0,
                             stage_seed=0)
-    assert plain["train_loss"] == pytest.approx(KL_ROW, abs=1e-6) and "train_kd_unlabeled" not in plain
+    assert plain["train_loss"] == pytest.approx(labelled_loss, abs=1e-6) and "train_kd_unlabeled" not in plain
 
 
 # ---------------------------------------------------------------- the order
