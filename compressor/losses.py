@@ -57,7 +57,7 @@ def guides_kd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Te
                    reduction: str = "sum") -> torch.Tensor:
     """The KD terms of the kept guides, before any weight: ``Σ_g KD_g`` or, with ``reduction="mean"``,
     ``(1/|G'|)·Σ_g KD_g`` (:func:`kd_loss` each); 0 without guides. An unlabeled batch's whole loss
-    (no label, so no CE): the trainer adds ``λ_t·`` this to the step's loss."""
+    (no label, so no CE): the trainer weighs ``λ_t·`` this by the unlabeled share of the step's images."""
     _check_reduction(reduction)  # a bad reduction is refused even without guides
     if not guide_logits:
         return torch.zeros((), device=student_logits.device)

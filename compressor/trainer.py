@@ -305,7 +305,8 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
     ``unlabeled`` (a :class:`compressor.data.unlabeled.UnlabeledStream`): every step also takes
     an unlabeled batch; the student runs on both at once (one forward, BatchNorm over both), the
     kept guides (the same draw as the labelled batch) label it through ``unlabeled_guides`` (their
-    own logit caches), and it adds ``λ_t·`` :func:`~compressor.losses.guides_kd_loss` to the step's loss
+    own logit caches), and its ``λ_t·`` :func:`~compressor.losses.guides_kd_loss` joins the step's loss
+    as a mean over all the step's images, ``(B·L_labelled + U·λ_t·KD_unlabeled) / (B + U)``
     (``train_kd_unlabeled`` is its mean). The labelled batches define the epoch.
 
     ``epochs`` is the run's length (the cosine's span; default ``epoch + 1``).
