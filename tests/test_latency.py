@@ -34,15 +34,12 @@ def test_plan_by_latency_and_target_latency(cache, monkeypatch):
     # The planner's logic under a deterministic timer (ms = parameters / 1e4): exporting the
     # eight family members for real costs a minute and is what the test above and
     # tests/test_run_latency.py already prove.
-    timed = []
-
     def by_params(model, meta, **kwargs):
-        timed.append(type(model).__name__)
         return sum(p.numel() for p in model.parameters()) / 1e4
 
     monkeypatch.setattr("compressor.latency._onnx_timer", by_params)
     plan = plan_chain("resnet20", 10, "resnet8", by="latency")
-    assert plan.latency_backend == "onnxruntime" and timed
+    assert plan.latency_backend == "onnxruntime"
     assert [m.arch for m in plan.members][0] == "resnet20" and plan.student.arch == "resnet8"
     assert [m.latency_ms for m in plan.members] == pytest.approx([m.params / 1e4 for m in plan.members])
     # every member below the teacher fits a huge budget: the largest one is picked
