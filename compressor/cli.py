@@ -89,6 +89,8 @@ OPTIM_HELP = {
     "data": "demo, a CIFAR-10/100 python dir, or an ImageFolder root",
     "epochs": "training epochs", "batch_size": "images per step and process [default: auto: 128, halved down to 16 while an epoch "
                                     "would have fewer than 32 steps]",
+    "epoch_repeats": "passes over the training images per epoch [default: auto: 1, or as many as make an epoch "
+                     "at least 2048 images on a smaller set]",
     "lr": "peak learning rate [default: the model family's, scaled to the images per step]",
     "optimizer": "sgd | adamw [default: the model family's: adamw for MobileNet, ShuffleNet, EfficientNet and "
                  "RegNet, else sgd]",

@@ -45,6 +45,8 @@ class OptimConfig:
     data: str = "demo"
     epochs: int = 160
     batch_size: typing.Optional[int] = None          # images per step and process; None: auto (128, less on small data)
+    epoch_repeats: typing.Optional[int] = None       # passes over the training images per epoch; None: auto (1, more
+    #                                                  on small data: an epoch is at least 2,048 images)
     lr: typing.Optional[float] = None            # None: the family's, scaled to the batch (training_defaults)
     momentum: float = 0.9
     weight_decay: typing.Optional[float] = None  # None: the family's
@@ -73,7 +75,7 @@ class OptimConfig:
     bn_recalibration_batches: int = 200        # precise BN after training (train) and after each stage (0: off)
 
     def validate(self) -> None:
-        _positive(self, "epochs", "batch_size", "grad_accum", "eval_every")
+        _positive(self, "epochs", "batch_size", "epoch_repeats", "grad_accum", "eval_every")
         if self.bn_recalibration_batches < 0:
             raise CompressError(f"bn_recalibration_batches must be >= 0 (0: off), got {self.bn_recalibration_batches}")
         if self.lr is not None and self.lr <= 0:

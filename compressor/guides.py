@@ -285,7 +285,7 @@ def augmentation_policy(augment) -> dict:
 def cache_settings(cfg, train_split, input_size, mean, std, num_classes: int) -> dict:
     """Everything besides the guide's weights that changes a guide's batches or stored logits.
 
-    ``cfg``: the run's config (seed, batch size, augmentation, precision, memory
+    ``cfg``: the run's config (seed, batch size, passes per epoch, augmentation, precision, memory
     format, subset/validation split, KD temperature); ``train_split``: the split the
     batches come from; ``input_size``: (C, H, W) of its images.
     """
@@ -293,6 +293,7 @@ def cache_settings(cfg, train_split, input_size, mean, std, num_classes: int) ->
     return {"batch_code": BATCH_CODE_VERSION, "data": data_fingerprint(train_split),
             "image_size": [int(v) for v in input_size], "n_train": len(train_split),
             "augment": augmentation_policy(cfg.augment), "seed": cfg.seed, "batch_size": cfg.batch_size,
+            "epoch_repeats": getattr(cfg, "epoch_repeats", None) or 1,
             "mean": [float(v) for v in mean], "std": [float(v) for v in std],
             "channels_last": cfg.channels_last, "mixed_precision": cfg.mixed_precision,
             "train_subset": cfg.train_subset, "val_fraction": cfg.val_fraction, "num_classes": num_classes,

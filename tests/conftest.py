@@ -8,6 +8,10 @@ ASSETS = REPO / "compressor" / "assets"
 SHARED = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("COMPRESS_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "compress-test-cache"))
+# One pass over the training images per epoch: the suite's data sets are a few dozen images, and the
+# default (repeat a small set up to 2,048 images an epoch, training_defaults.auto_epoch_repeats) would
+# multiply every test run's steps by up to 50. Tests of that default unset it.
+os.environ.setdefault("COMPRESS_EPOCH_MIN_IMAGES", "0")
 
 
 @pytest.fixture(scope="session")

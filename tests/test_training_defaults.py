@@ -79,7 +79,7 @@ def test_paper_recipes_pin_the_paper_settings(recipe):
     _, rec = resolve_training_defaults(cfg, "mobilenetv3")
     assert rec["defaulted"] == []  # no family default reaches a paper recipe
     assert cfg.warmup_epochs == 0 and cfg.label_smoothing == 0.0 and cfg.grad_clip == 0.0
-    assert cfg.lr in (0.1, 0.01)
+    assert cfg.lr in (0.1, 0.01) and cfg.epoch_repeats == 1
 
 
 def test_new_fields_are_validated():
@@ -151,7 +151,7 @@ def test_resume_of_a_run_written_before_the_family_defaults(tmp_path):
 
     old = config_to_dict(DistillConfig(teacher="t.safetensors", target="resnet8"))
     old.update(lr=0.1, schedule="step", warmup_epochs=0, weight_decay=1e-4, batch_size=128)
-    for key in ("label_smoothing", "grad_clip"):
+    for key in ("label_smoothing", "grad_clip", "epoch_repeats"):
         old.pop(key)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({**old, "target": "resnet8", "num_processes": 1}))
     cfg = inherit_recorded(DistillConfig(teacher="t.safetensors", target="resnet8"), old)
@@ -163,8 +163,9 @@ def test_resume_of_a_run_written_before_the_family_defaults(tmp_path):
     # a run written with the family defaults (None recorded) resumes with the family defaults
     new = config_to_dict(DistillConfig(teacher="t.safetensors", target="resnet8"))
     assert inherit_recorded(DistillConfig(teacher="t.safetensors", target="resnet8"), new).lr is None
-    assert set(LEGACY) == {"batch_size", *DEFAULTED}
+    assert set(LEGACY) == {"batch_size", "epoch_repeats", *DEFAULTED}
     assert cfg.batch_size == 128  # recorded before batch_size could be unset: kept
+    assert cfg.epoch_repeats == 1  # recorded before epoch_repeats existed: one pass, as it trained
 
 
 @pytest.mark.parametrize("images, processes, accum, batch", [
@@ -188,7 +189,8 @@ def test_auto_batch_size_is_resolved_recorded_and_printed_and_a_set_one_wins():
     auto, record = resolve_batch_size(cfg, 1000)
     assert auto.batch_size == 16 and cfg.batch_size is None
     assert record == {"batch_size": 16, "lr_batch_size": 128,
-                      "batch_size_rule": "auto: 16, so that 1000 training images make at least 32 steps per epoch"}
+                      "batch_size_rule": "auto: 16, so that 1000 training images make at least 32 steps per epoch",
+                      "epoch_repeats": 1, "epoch_repeats_rule": "auto: 1"}  # the suite sets one pass (conftest)
     # the shrunk batch keeps the full auto batch's lr: more steps, not smaller ones
     filled, rec = resolve_training_defaults(auto, "cifar_resnet", lr_batch_size=record["lr_batch_size"])
     assert filled.lr == 0.1 and rec["images_per_step"] == 16
@@ -203,6 +205,47 @@ def test_auto_batch_size_is_resolved_recorded_and_printed_and_a_set_one_wins():
                                                               **record})
     given, record = resolve_batch_size(TrainConfig(arch="resnet8", out="m.safetensors", batch_size=64), 100)
     assert given.batch_size == 64 and record["batch_size_rule"] == "set" and record["lr_batch_size"] == 64
+
+
+@pytest.mark.parametrize("images, repeats", [
+    (450, 5),      # 2048 / 450 = 4.55 -> 5 passes (2,250 images an epoch)
+    (1024, 2), (1025, 2), (2047, 2),
+    (2048, 1), (50000, 1),   # from 2,048 images on: one pass
+    (1, 2048),
+])
+def test_auto_epoch_repeats_make_an_epoch_at_least_2048_images(images, repeats, monkeypatch):
+    from compressor.training_defaults import auto_epoch_repeats
+
+    monkeypatch.delenv("COMPRESS_EPOCH_MIN_IMAGES", raising=False)
+    assert auto_epoch_repeats(images) == repeats
+    assert auto_epoch_repeats(images, min_images=0) == 1
+
+
+def test_epoch_repeats_are_resolved_recorded_printed_and_a_set_one_wins(monkeypatch):
+    from compressor.training_defaults import describe, resolve_batch_size
+
+    monkeypatch.delenv("COMPRESS_EPOCH_MIN_IMAGES", raising=False)
+    cfg = TrainConfig(arch="resnet8", out="m.safetensors")
+    auto, record = resolve_batch_size(cfg, 450)
+    assert (auto.batch_size, auto.epoch_repeats, cfg.epoch_repeats) == (16, 5, None)
+    assert record["epoch_repeats"] == 5
+    assert record["epoch_repeats_rule"] == "auto: 5, so that an epoch of 450 training images is at least 2048 images"
+    line = describe({**resolve_training_defaults(auto, "cifar_resnet", lr_batch_size=128)[1], **record})
+    assert "5 passes over the data per epoch (so that an epoch of 450 training images is at least 2048" in line
+    set_, record = resolve_batch_size(TrainConfig(arch="resnet8", out="m.safetensors", epoch_repeats=2), 450)
+    assert set_.epoch_repeats == 2 and record["epoch_repeats_rule"] == "set"
+    assert "passes" not in describe({**resolve_training_defaults(set_, "cifar_resnet")[1], **record})
+    one, record = resolve_batch_size(cfg, 4096)
+    assert one.epoch_repeats == 1 and "passes" not in describe({**resolve_training_defaults(one, "cifar_resnet")[1],
+                                                                **record})
+    monkeypatch.setenv("COMPRESS_EPOCH_MIN_IMAGES", "900")
+    assert resolve_batch_size(cfg, 450)[0].epoch_repeats == 2
+    for bad in ("many", "-1"):
+        monkeypatch.setenv("COMPRESS_EPOCH_MIN_IMAGES", bad)
+        with pytest.raises(CompressError, match="COMPRESS_EPOCH_MIN_IMAGES"):
+            resolve_batch_size(cfg, 450)
+    with pytest.raises(CompressError, match="epoch_repeats must be > 0"):
+        TrainConfig(arch="resnet8", out="m.safetensors", epoch_repeats=0).validate()
 
 
 def test_train_prints_and_records_the_defaults(tmp_path, capsys, one_torch_thread):

@@ -16,38 +16,51 @@ from .stream import FileSplit, StreamDataset, default_workers, eval_files, subse
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Indices ``0..n-1``: a permutation seeded by ``seed * 1_000_003 + epoch`` when ``shuffle``.
+    """Indices ``0..n-1``, ``repeats`` times per epoch: each pass a permutation seeded by
+    ``seed * 1_000_003 + epoch * repeats + pass`` when ``shuffle``.
 
-    The order is a pure function of (n, seed, epoch), identical in every process
-    and after a resume; call :meth:`set_epoch` before each epoch. With
-    ``with_epoch`` it yields ``(epoch, index)`` pairs, for datasets that seed
-    per-sample augmentation by epoch and index.
+    The order is a pure function of (n, seed, epoch, repeats), identical in every
+    process and after a resume; call :meth:`set_epoch` before each epoch. ``repeats``
+    passes make one epoch (``--epoch-repeats``: a small data set trains for more than a
+    few dozen steps per epoch, as timm's ``--epoch-repeats``); with 1 the order is the
+    plain per-epoch permutation. With ``with_epoch`` it yields ``(pass, index)`` pairs
+    (``pass = epoch * repeats + k``), for datasets that seed per-sample augmentation by
+    them, so a repeated image gets a new crop in each pass.
     """
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int, with_epoch: bool = False):
+    def __init__(self, n: int, *, shuffle: bool, seed: int, with_epoch: bool = False, repeats: int = 1):
+        if int(repeats) < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
         self.n = int(n)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.with_epoch = bool(with_epoch)
+        self.repeats = int(repeats)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def order(self) -> list[int]:
+    def passes(self) -> list[int]:
+        """The numbers of this epoch's passes over the data (the epoch itself when ``repeats`` is 1)."""
+        return [self.epoch * self.repeats + k for k in range(self.repeats)]
+
+    def _pass_order(self, p: int) -> list[int]:
         if not self.shuffle:
             return list(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + p)
         return torch.randperm(self.n, generator=g).tolist()
 
+    def order(self) -> list[int]:
+        return [i for p in self.passes() for i in self._pass_order(p)]
+
     def __iter__(self):
-        order = self.order()
         if self.with_epoch:
-            return iter([(self.epoch, i) for i in order])
-        return iter(order)
+            return iter([(p, i) for p in self.passes() for i in self._pass_order(p)])
+        return iter(self.order())
 
     def __len__(self) -> int:
-        return self.n
+        return self.n * self.repeats
 
 
 def subset(split, indices):
@@ -80,7 +93,7 @@ def _identity(batch):
 
 def make_loader(split, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False,
                 policy: str | None = None, workers: int | None = None,
-                pin_memory: bool | None = None) -> torch.utils.data.DataLoader:
+                pin_memory: bool | None = None, repeats: int = 1) -> torch.utils.data.DataLoader:
     """A ``DataLoader`` yielding ``(images_uint8, labels_int64)`` batches, already collated.
 
     ``split`` is an :class:`ImageSplit` (memory) or a :class:`FileSplit` (stream:
@@ -89,9 +102,10 @@ def make_loader(split, batch_size: int, *, shuffle: bool, seed: int = 0, drop_la
     apply RandomResizedCrop + flip per sample (``loader.dataset.augments`` is
     then true and the training loop does not augment again).
     ``loader.sampler`` is the :class:`EpochSampler`; call ``set_epoch(e)`` each epoch.
+    ``repeats`` passes over ``split`` make one epoch (training loaders of small data sets).
     """
     augments = policy == "imagenet" and shuffle
-    sampler = EpochSampler(len(split), shuffle=shuffle, seed=seed, with_epoch=augments)
+    sampler = EpochSampler(len(split), shuffle=shuffle, seed=seed, with_epoch=augments, repeats=repeats)
     kwargs = {}
     if isinstance(split, FileSplit):
         dataset = StreamDataset(split, "imagenet" if augments else None, seed)
