@@ -13,6 +13,8 @@ Notation: ``z_s`` student logits, ``z_g`` a guide's logits, ``T`` temperature,
   training) the loss is ``CE``. With λ=1 (the paper's setting) this equals the
   paper's "sum of TAKD losses". ``reduction="mean"`` (``--kd-reduction mean``)
   averages the KD terms instead: λ·(1/|G'|)·Σ KD_g.
+* :func:`with_unlabeled` -- unlabeled images (``--unlabeled``) in the step's loss, a mean
+  over every image of the step: ``(B·L_labelled + U·λ_t·KD_unlabeled) / (B + U)``.
 * :func:`kd_weight_at` -- KD warm-up: the weight λ_t used at a (fractional)
   epoch t ramps linearly from 0 to λ over the first ``warmup`` epochs,
   ``λ_t = λ·min(1, t/warmup)``, and the loss is ``(1−λ_t)·CE + λ_t·KD``: a
@@ -119,6 +121,19 @@ def dgkd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor]
     terms["kd"] = kd_per_sample.mean()
     terms["loss"] = (ce_weight * ce_each + kd_weight * kd_per_sample).mean()
     return terms
+
+
+def with_unlabeled(labelled_loss: torch.Tensor, kd_unlabeled: torch.Tensor, *, n_labelled: int, n_unlabeled: int,
+                   kd_weight: float) -> torch.Tensor:
+    """The step's loss over ``n_labelled`` labelled and ``n_unlabeled`` unlabeled images:
+    ``(B·L_labelled + U·λ·KD_unlabeled) / (B + U)``, a mean over every image of the step, so the
+    unlabeled images add terms, not step size. ``labelled_loss`` is :func:`dgkd_loss`'s ``loss``
+    (a per-image mean), ``kd_unlabeled`` :func:`guides_kd_loss` on the unlabeled batch, ``kd_weight``
+    the λ of this step (after the warm-up ramp). Adding ``λ·KD_unlabeled`` to the labelled loss
+    instead doubles the KD push at one unlabeled image per labelled one, and cost the student
+    points (docs/distillation.md)."""
+    b, u = int(n_labelled), int(n_unlabeled)
+    return (b * labelled_loss + u * float(kd_weight) * kd_unlabeled) / (b + u)
 
 
 def kd_weight_at(kd_weight: float, epoch: float, warmup_epochs: float) -> float:

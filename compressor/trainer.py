@@ -43,7 +43,7 @@ from .data import augment_batch, batch_augments, normalize
 from .errors import CompressError
 from .fileio import append_jsonl, read_jsonl, write_text
 from .guides import GuideLogitCache, GuideSet
-from .losses import dgkd_loss, guides_kd_loss, kd_weight_at, kept_guides
+from .losses import dgkd_loss, guides_kd_loss, kd_weight_at, kept_guides, with_unlabeled
 from .progress import Progress
 
 
@@ -369,11 +369,8 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
             if x_unlabeled is not None:
                 terms["kd_unlabeled"] = guides_kd_loss(logits_u, guide_logits_u, temperature=loss_cfg.temperature,
                                                           reduction=loss_cfg.kd_reduction)
-                # a mean over every image of the step: the unlabeled images add terms, not step size
-                # (summed, they doubled the KD push at ratio 1 and cost the student points; docs/distillation.md)
-                n_labelled, n_unlabeled = logits.shape[0], logits_u.shape[0]
-                terms["loss"] = (n_labelled * terms["loss"] + n_unlabeled * kd_weight * terms["kd_unlabeled"]) \
-                    / (n_labelled + n_unlabeled)
+                terms["loss"] = with_unlabeled(terms["loss"], terms["kd_unlabeled"], n_labelled=logits.shape[0],
+                                               n_unlabeled=logits_u.shape[0], kd_weight=kd_weight)
             loss = terms["loss"]
             if _test_nan_hook(accelerator, epoch, step):
                 loss = loss * float("nan")

@@ -53,6 +53,21 @@ def test_unlabeled_kd_loss_is_the_kd_term_alone_hand_computed():
     assert unlabeled_kd_loss(student, [], temperature=1.0).item() == 0.0
 
 
+def test_the_step_loss_is_a_per_image_mean_over_labelled_and_unlabeled_images():
+    from compressor.losses import with_unlabeled
+
+    # 4 labelled images at loss 2.0, 6 unlabeled at KD 1.0, λ 0.5: (4·2 + 6·0.5·1) / 10 = 1.1
+    got = with_unlabeled(torch.tensor(2.0), torch.tensor(1.0), n_labelled=4, n_unlabeled=6, kd_weight=0.5)
+    assert got.item() == pytest.approx(1.1)
+    # not the labelled loss plus λ·KD (2.5), and λ 0 leaves the labelled mean diluted by U: 8 / 10
+    assert with_unlabeled(torch.tensor(2.0), torch.tensor(1.0), n_labelled=4, n_unlabeled=6,
+                          kd_weight=0.0).item() == pytest.approx(0.8)
+    # gradients reach both terms with the per-image weights
+    a, b = torch.tensor(2.0, requires_grad=True), torch.tensor(1.0, requires_grad=True)
+    with_unlabeled(a, b, n_labelled=4, n_unlabeled=6, kd_weight=0.5).backward()
+    assert (a.grad.item(), b.grad.item()) == (pytest.approx(0.4), pytest.approx(0.3))
+
+
 class _Fixed(nn.Module):
     """A guide that answers ``[ln 2, 0, 0]`` for every image."""
 
