@@ -388,7 +388,7 @@ def read_recipe(path) -> dict:
 
 # Keys a run's config.yaml records beside the settings (what the run resolved to); a recipe may hold
 # them (so `--recipe runs/NAME/config.yaml` repeats a run) and they are ignored there.
-RUN_RECORD_KEYS = ("num_processes", "precision")
+RUN_RECORD_KEYS = ("num_processes", "precision", "training_defaults", "unlabeled_data", "teacher_sha256")
 
 
 def resolve_config(cls, recipe: str | None = None, cli: dict | None = None):

@@ -500,7 +500,17 @@ def check_resume_config(path: Path, resolved: dict, *, defaults: dict, what: str
 
 
 def _check_resume_config(run_dir: Path, resolved: dict) -> None:
-    check_resume_config(run_dir / "config.yaml", resolved,
+    """The teacher is compared by content: a run that recorded the teacher's sha256 resumes from
+    the same file at another path (moved, copied, another checkout); another file is refused by
+    its sha256. A run written before the sha256 was recorded compares the path."""
+    path = run_dir / "config.yaml"
+    recorded = _read_run_file(path) if path.exists() else None
+    if isinstance(recorded, dict):
+        if "teacher_sha256" not in recorded:
+            resolved = {k: v for k, v in resolved.items() if k != "teacher_sha256"}
+        elif recorded["teacher_sha256"] == resolved.get("teacher_sha256"):
+            resolved = {**resolved, "teacher": recorded.get("teacher")}
+    check_resume_config(path, resolved,
                         defaults={**config_to_dict(DistillConfig()), **LEGACY, **DISTILL_LEGACY},
                         what=str(run_dir), fix="resume with the same flags, or start a new run with another --out")
 
@@ -550,7 +560,7 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
     ``data`` replaces ``cfg.data`` with an in-memory bundle (notebooks, tests).
     """
     teacher, tmeta, teacher_sha256, bundle = _load_teacher_and_data(cfg, data)
-    run = _open_run(cfg, tmeta, bundle, resume=resume, show_progress=show_progress)
+    run = _open_run(cfg, tmeta, bundle, resume=resume, show_progress=show_progress, teacher_sha256=teacher_sha256)
     teacher_row = _teacher_row(run, teacher, teacher_sha256)
     run.teacher_top1 = teacher_row["final_test_top1"]
     run.guide_scores[0] = run.teacher_top1
@@ -606,7 +616,8 @@ def _check_run_dir_start(run_dir: Path, resume: bool) -> None:
     _check_run_dir_writable(run_dir)
 
 
-def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, show_progress: bool) -> _Run:
+def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, show_progress: bool,
+              teacher_sha256: str | None = None) -> _Run:
     """Run directory, accelerator, the resume contract, the plan and each stage's training settings;
     ``config.yaml`` and ``plan.json`` are written (main process) and the run is announced."""
     target = _resolve_target(cfg, tmeta)
@@ -622,6 +633,8 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     # The process count is part of the config: it changes the batches (refused on resume).
     resolved = {**requested, "target": target, "num_processes": accelerator.num_processes,
                 "precision": precision.to_dict()}
+    if teacher_sha256:  # what --resume compares the teacher by (_check_resume_config)
+        resolved["teacher_sha256"] = teacher_sha256
     splits = prepare_splits(cfg, bundle)
     cfg, batch_record = resolve_batch_size(cfg, len(splits.train), accelerator.num_processes)
     unlabeled = _load_unlabeled(cfg, bundle, accelerator.num_processes)

@@ -7,7 +7,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from compressor.checkpoint import load_model
+from compressor.checkpoint import load_model, save_checkpoint
 from compressor.cli import main
 from compressor.config import DistillConfig, resolve_config
 from compressor.data import synthetic_data
@@ -58,6 +58,13 @@ def test_tiny_distillation_through_the_cli(in_tmp, pretrained_teacher, capsys):
     assert meta.metrics["guides"] == ["resnet20", "resnet14"] and meta.mean == (0.485, 0.456, 0.406)
     assert "final test top-1 %" in out and "best val top-1 %" in out and "student" in out
     assert "val_top1" in rec[0] and "test_top1" not in rec[0] and "eval_top1" not in rec[0]
+
+    # the run's own config.yaml is a recipe that gives back the run's settings (what it recorded
+    # about how it ran -- precision, training defaults, the teacher's sha256 -- is not a setting)
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert {"training_defaults", "teacher_sha256", "precision", "num_processes"} <= set(recorded)
+    again = resolve_config(DistillConfig, str(run / "config.yaml"), {})
+    assert (again.seed, again.epochs, again.train_subset, again.batch_size) == (3, 1, 256, 64)
 
     # a second run into the same directory is refused; --resume retrains nothing
     assert run_cli(["distill", "--teacher", str(pretrained_teacher), "--target", "resnet8",
