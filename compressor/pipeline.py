@@ -617,7 +617,7 @@ def _check_run_dir_start(run_dir: Path, resume: bool) -> None:
 
 
 def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, show_progress: bool,
-              teacher_sha256: str | None = None) -> _Run:
+              teacher_sha256: str) -> _Run:
     """Run directory, accelerator, the resume contract, the plan and each stage's training settings;
     ``config.yaml`` and ``plan.json`` are written (main process) and the run is announced."""
     target = _resolve_target(cfg, tmeta)
@@ -633,8 +633,7 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     # The process count is part of the config: it changes the batches (refused on resume).
     resolved = {**requested, "target": target, "num_processes": accelerator.num_processes,
                 "precision": precision.to_dict()}
-    if teacher_sha256:  # what --resume compares the teacher by (_check_resume_config)
-        resolved["teacher_sha256"] = teacher_sha256
+    resolved["teacher_sha256"] = teacher_sha256  # what --resume compares the teacher by (_check_resume_config)
     splits = prepare_splits(cfg, bundle)
     cfg, batch_record = resolve_batch_size(cfg, len(splits.train), accelerator.num_processes)
     unlabeled = _load_unlabeled(cfg, bundle, accelerator.num_processes)

@@ -51,13 +51,14 @@ class EpochSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + p)
         return torch.randperm(self.n, generator=g).tolist()
 
+    def _tagged(self) -> list[tuple[int, int]]:
+        return [(p, i) for p in self.passes() for i in self._pass_order(p)]
+
     def order(self) -> list[int]:
-        return [i for p in self.passes() for i in self._pass_order(p)]
+        return [i for _, i in self._tagged()]
 
     def __iter__(self):
-        if self.with_epoch:
-            return iter([(p, i) for p in self.passes() for i in self._pass_order(p)])
-        return iter(self.order())
+        return iter(self._tagged() if self.with_epoch else self.order())
 
     def __len__(self) -> int:
         return self.n * self.repeats
