@@ -294,6 +294,9 @@ DISTILL_HELP = {
     "kd_weighting": "confidence: weigh each guide's KD term on an image by the probability it gives the label, "
                     "the label taking the rest (a weak guide mostly hands its share back to the label); "
                     "uniform: every term weight λ (the paper; its recipes pin it)", "drop_guides": "stochastic teaching: guides dropped per batch",
+    "kd_logits": "standardized: z-score every image's student and guide logits before the temperature, so the "
+                 "student matches the guide's ranking and spacing of the classes, not its logit scale (Sun et al. "
+                 "2024); raw: the logits as they are (the paper; its recipes pin it)",
     "kd_warmup_epochs": "ramp λ from 0 over these epochs of each stage, CE filling in (at most 1/4 of a stage; 0: off)",
     "gate_guides": "keep an assistant that ends near chance or below half the teacher's lead over chance out of "
                    "the later stages' guides, and drop a guide a later model beats by more than 2 points",
@@ -401,7 +404,7 @@ def plan_cmd(teacher, target, target_latency_ms, recipe, options, json_out, **fl
 @click.option("--resume", is_flag=True, help="continue an interrupted run (same config)")
 @config_options(DistillConfig,
                 ["method", "assistants", "by", "max_assistants", "spacing", "temperature", "kd_weight",
-                 "kd_reduction", "kd_weighting", "kd_warmup_epochs", "gate_guides", "drop_guides",
+                 "kd_reduction", "kd_weighting", "kd_logits", "kd_warmup_epochs", "gate_guides", "drop_guides",
                  "assistant_epochs", "name", "latency_backend", "cache_guides",
                  "ignore_class_names", "trust_code", "accept_code_change", "init_student",
                  "unlabeled", "unlabeled_ratio"] + OPTIM_FIELDS,

@@ -22,6 +22,7 @@ from .trust import check_recipe, without_trust_keys
 METHODS = ("dgkd", "takd", "kd", "ce")
 KD_REDUCTIONS = ("sum", "mean")
 KD_WEIGHTINGS = ("uniform", "confidence")  # compressor.losses.dgkd_loss(weighting=...)
+KD_LOGITS = ("raw", "standardized")  # compressor.losses.kd_loss_per_sample(logits=...)
 SCHEDULES = ("step", "cosine", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -151,6 +152,7 @@ class DistillConfig(OptimConfig):
     kd_weight: float = 0.5                            # λ: (1-λ)·CE + λ·KD (KD: mean or sum over the kept guides); paper: 1
     kd_reduction: str = "mean"                        # mean over the kept guides | sum (paper, official code)
     kd_weighting: str = "confidence"                  # confidence: by the guide's p(label) | uniform (paper)
+    kd_logits: str = "raw"                            # raw (paper) | standardized: z-scored per image before T
     kd_warmup_epochs: float = 1.0                     # λ ramps from 0 over these epochs (at most 1/4 of a stage)
     gate_guides: bool = True                          # weak or surpassed guides teach no later stage (stability)
     drop_guides: int = 1                              # stochastic teaching: guides dropped per batch
@@ -197,6 +199,7 @@ class DistillConfig(OptimConfig):
             raise CompressError(f"kd_weight (λ) must be in [0, 1], got {self.kd_weight}")
         _choice(self, "kd_reduction", KD_REDUCTIONS)
         _choice(self, "kd_weighting", KD_WEIGHTINGS)
+        _choice(self, "kd_logits", KD_LOGITS)
         if not 0 <= self.kd_warmup_epochs <= 1e6:
             raise CompressError(f"kd_warmup_epochs must be >= 0, got {self.kd_warmup_epochs}; e.g. --kd-warmup-epochs 1")
         if self.drop_guides < 0:

@@ -32,22 +32,43 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import KD_REDUCTIONS, KD_WEIGHTINGS  # the choices the config validates
+from .config import KD_LOGITS, KD_REDUCTIONS, KD_WEIGHTINGS  # the choices the config validates
+
+STANDARDIZE_EPS = 1e-7  # keeps a constant logit row (std 0) finite
+
+
+def standardized(logits: torch.Tensor) -> torch.Tensor:
+    """Every row z-scored: ``(z − mean(z)) / (std(z) + 1e-7)`` over the classes (std with Bessel's
+    correction, as Sun et al. 2024's code: ``torch.std``)."""
+    z = logits.float()
+    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + STANDARDIZE_EPS)
 
 
 def kd_loss_per_sample(student_logits: torch.Tensor, guide_logits: torch.Tensor, *,
-                       temperature: float) -> torch.Tensor:
-    """``T² · KL(softmax(z_g/T) ‖ softmax(z_s/T))`` of every sample: shape ``(B,)``."""
+                       temperature: float, logits: str = "raw") -> torch.Tensor:
+    """``T² · KL(softmax(z_g/T) ‖ softmax(z_s/T))`` of every sample: shape ``(B,)``.
+
+    ``logits="standardized"`` z-scores both rows first (:func:`standardized`; Sun et al., "Logit
+    Standardization in Knowledge Distillation", CVPR 2024): the student then has to match the guide's
+    ranking and spacing of the classes, not the size of its logits, which a small or briefly trained
+    student cannot reach (``raw``: the paper)."""
+    if logits not in KD_LOGITS:
+        raise ValueError(f"logits must be one of {KD_LOGITS}, got {logits!r}")
     t = float(temperature)
-    log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p_guide = F.log_softmax(guide_logits.float() / t, dim=1)
+    z_s, z_g = student_logits.float(), guide_logits.float()
+    if logits == "standardized":
+        z_s, z_g = standardized(z_s), standardized(z_g)
+    log_p_student = F.log_softmax(z_s / t, dim=1)
+    log_p_guide = F.log_softmax(z_g / t, dim=1)
     kl = F.kl_div(log_p_student, log_p_guide, reduction="none", log_target=True).sum(dim=1)
     return kl * (t * t)
 
 
-def kd_loss(student_logits: torch.Tensor, guide_logits: torch.Tensor, *, temperature: float) -> torch.Tensor:
-    """``T² · KL(softmax(z_g/T) ‖ softmax(z_s/T))`` averaged over the batch."""
-    return kd_loss_per_sample(student_logits, guide_logits, temperature=temperature).mean()
+def kd_loss(student_logits: torch.Tensor, guide_logits: torch.Tensor, *, temperature: float,
+            logits: str = "raw") -> torch.Tensor:
+    """``T² · KL(softmax(z_g/T) ‖ softmax(z_s/T))`` averaged over the batch (``logits``: as
+    :func:`kd_loss_per_sample`)."""
+    return kd_loss_per_sample(student_logits, guide_logits, temperature=temperature, logits=logits).mean()
 
 
 def guide_confidence(guide_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -56,15 +77,15 @@ def guide_confidence(guide_logits: torch.Tensor, labels: torch.Tensor) -> torch.
 
 
 def guides_kd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor], *, temperature: float,
-                   reduction: str = "sum") -> torch.Tensor:
+                   reduction: str = "sum", logits: str = "raw") -> torch.Tensor:
     """The KD terms of the kept guides, before any weight: ``Σ_g KD_g`` or, with ``reduction="mean"``,
     ``(1/|G'|)·Σ_g KD_g`` (:func:`kd_loss` each); 0 without guides. An unlabeled batch's whole loss
     (no label, so no CE): the trainer weighs ``λ_t·`` this by the unlabeled share of the step's images."""
     _check_reduction(reduction)  # a bad reduction is refused even without guides
     if not guide_logits:
         return torch.zeros((), device=student_logits.device)
-    return _reduce_kd(torch.stack([kd_loss(student_logits, g, temperature=temperature) for g in guide_logits]),
-                      reduction)
+    return _reduce_kd(torch.stack([kd_loss(student_logits, g, temperature=temperature, logits=logits)
+                                   for g in guide_logits]), reduction)
 
 
 def _check_reduction(reduction: str) -> None:
@@ -79,7 +100,8 @@ def _reduce_kd(terms: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def dgkd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor], labels: torch.Tensor, *,
               temperature: float, kd_weight: float, reduction: str = "sum",
-              label_smoothing: float = 0.0, weighting: str = "uniform") -> dict[str, torch.Tensor]:
+              label_smoothing: float = 0.0, weighting: str = "uniform",
+              logits: str = "raw") -> dict[str, torch.Tensor]:
     """DGKD objective; returns named terms ``loss``, ``ce``, ``kd`` and ``kd_<i>`` per guide.
 
     ``guide_logits`` holds the logits of the guides kept for this batch (after
@@ -95,7 +117,8 @@ def dgkd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor]
     the mean of ``c_gi`` over the kept guides. A guide teaches where it is right and
     sure, the label where it is not: an assistant no better than the student mostly
     hands its share back to the label. ``uniform`` (``c ≡ 1``) is the formula above.
-    ``kd`` and ``kd_<i>`` are then the weighted terms (batch means).
+    ``kd`` and ``kd_<i>`` are then the weighted terms (batch means). ``logits``: the KD terms' logits,
+    ``raw`` or ``standardized`` (:func:`kd_loss_per_sample`).
     """
     if weighting not in KD_WEIGHTINGS:
         raise ValueError(f"weighting must be one of {KD_WEIGHTINGS}, got {weighting!r}")
@@ -108,7 +131,8 @@ def dgkd_loss(student_logits: torch.Tensor, guide_logits: Sequence[torch.Tensor]
         terms["kd"] = torch.zeros((), device=ce.device)
         terms["loss"] = ce
         return terms
-    kd_each = torch.stack([kd_loss_per_sample(student_logits, g, temperature=temperature) for g in guide_logits])
+    kd_each = torch.stack([kd_loss_per_sample(student_logits, g, temperature=temperature, logits=logits)
+                           for g in guide_logits])
     if weighting == "confidence":
         conf = torch.stack([guide_confidence(g, labels) for g in guide_logits])  # (G, B)
         kd_each = conf * kd_each

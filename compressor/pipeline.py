@@ -676,7 +676,8 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     for member in plan.members[1:]:  # every model of the chain takes the data's size, before the first stage trains
         check_trains_at(member.arch, member.model_kwargs, tmeta.num_classes, splits.bundle.input_size)
     loss_cfg = LossSettings(temperature=cfg.temperature, kd_weight=cfg.kd_weight, drop_guides=cfg.drop_guides,
-                            kd_reduction=cfg.kd_reduction, kd_weighting=cfg.kd_weighting)
+                            kd_reduction=cfg.kd_reduction, kd_weighting=cfg.kd_weighting,
+                            kd_logits=cfg.kd_logits)
     return _Run(cfg=cfg, accelerator=accelerator, run_dir=run_dir, plan=plan, tmeta=tmeta, bundle=bundle,
                 splits=splits, mean=mean, std=std, loss_cfg=loss_cfg, stage_cfgs=stage_cfgs, resume=resume,
                 progress=Progress(enabled=accelerator.is_main_process and show_progress),
@@ -990,7 +991,7 @@ def _summary(run: _Run, rows: list[dict], *, teacher_sha256: str, command: str |
         "teacher": str(cfg.teacher), "teacher_sha256": teacher_sha256, "teacher_source": run.tmeta.source,
         "epochs": run.epochs, "assistant_epochs": run.assistant_epochs, "seed": cfg.seed,
         "temperature": cfg.temperature, "kd_weight": cfg.kd_weight, "kd_reduction": cfg.kd_reduction,
-        "kd_weighting": cfg.kd_weighting,
+        "kd_weighting": cfg.kd_weighting, "kd_logits": cfg.kd_logits,
         "kd_warmup_epochs": cfg.kd_warmup_epochs, "drop_guides": cfg.drop_guides, "gate_guides": cfg.gate_guides,
         "bn_recalibration_batches": cfg.bn_recalibration_batches,
         "latency_backend": plan.latency_backend, "relative_cost": plan.relative_cost,

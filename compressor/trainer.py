@@ -240,6 +240,7 @@ class LossSettings:
     drop_guides: int = 0
     kd_reduction: str = "sum"
     kd_weighting: str = "uniform"  # uniform | confidence (losses.dgkd_loss)
+    kd_logits: str = "raw"  # raw | standardized (losses.kd_loss_per_sample)
     kd_warmup_epochs: float = 0.0  # λ ramps from 0 over these epochs (losses.kd_weight_at)
 
 
@@ -365,10 +366,11 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
                     logits, logits_u = both[: x.shape[0]], both[x.shape[0]:]
             terms = dgkd_loss(logits, guide_logits, labels, temperature=loss_cfg.temperature,
                               kd_weight=kd_weight, reduction=loss_cfg.kd_reduction,
-                              label_smoothing=float(cfg.label_smoothing or 0.0), weighting=loss_cfg.kd_weighting)
+                              label_smoothing=float(cfg.label_smoothing or 0.0), weighting=loss_cfg.kd_weighting,
+                              logits=loss_cfg.kd_logits)
             if x_unlabeled is not None:
                 terms["kd_unlabeled"] = guides_kd_loss(logits_u, guide_logits_u, temperature=loss_cfg.temperature,
-                                                          reduction=loss_cfg.kd_reduction)
+                                                          reduction=loss_cfg.kd_reduction, logits=loss_cfg.kd_logits)
                 terms["loss"] = with_unlabeled(terms["loss"], terms["kd_unlabeled"], n_labelled=logits.shape[0],
                                                n_unlabeled=logits_u.shape[0], kd_weight=kd_weight)
             loss = terms["loss"]

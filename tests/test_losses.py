@@ -168,3 +168,34 @@ def test_confidence_weighting_hand_values():
     assert float(wrong["loss"]) == pytest.approx(math.log(2.0), abs=1e-5)
     with pytest.raises(ValueError, match="weighting"):
         dgkd_loss(zs, [zg], torch.tensor([0]), temperature=1.0, kd_weight=0.5, weighting="soft")
+
+
+# Standardized logits (Sun et al. 2024): every row z-scored (Bessel std) before the temperature.
+# z_s = [0, 0, 3]: mean 1, std sqrt(((-1)² + (-1)² + 2²) / 2) = sqrt(3) -> [-1, -1, 2] / sqrt(3)
+#   = [-0.577350, -0.577350, 1.154701]; softmax = [0.130681, 0.130681, 0.738638]
+# z_g = [1, 2, 3]: mean 2, std 1 -> [-1, 0, 1]; softmax = [0.090031, 0.244728, 0.665241]
+# KL(p_g ‖ p_s) = 0.090031·ln(0.090031/0.130681) + 0.244728·ln(0.244728/0.130681)
+#               + 0.665241·ln(0.665241/0.738638) = 0.050371 (T = 1)
+# T = 2: softmax of the halves, KL · 4 = 0.070594
+def test_standardized_kd_hand_values():
+    s, g = torch.tensor([[0.0, 0.0, 3.0]]), torch.tensor([[1.0, 2.0, 3.0]])
+    assert abs(kd_loss(s, g, temperature=1.0, logits="standardized").item() - 0.050371) < 1e-5
+    assert abs(kd_loss(s, g, temperature=2.0, logits="standardized").item() - 0.070594) < 1e-5
+    assert abs(kd_loss(s, g, temperature=1.0).item() - 0.050371) > 0.1  # raw logits differ here
+
+
+def test_standardized_kd_ignores_the_guides_logit_scale_and_shift():
+    # S and G rows have std 1 and 0, so standardizing leaves them as they are (row 2: 0/(0 + eps) = 0):
+    # the T = 1 value is the raw one; a guide 5x larger and shifted by 7 teaches the same.
+    assert abs(kd_loss(S, G, temperature=1.0, logits="standardized").item() - KD_T1) < 1e-5
+    assert abs(kd_loss(S, 5 * G + 7, temperature=1.0, logits="standardized").item() - KD_T1) < 1e-5
+    assert abs(kd_loss(S, 5 * G + 7, temperature=1.0).item() - KD_T1) > 0.5  # raw: 1.18
+    with pytest.raises(ValueError, match="logits must be one of"):
+        kd_loss(S, G, temperature=1.0, logits="zscore")
+
+
+def test_dgkd_loss_passes_the_logits_choice_to_every_guide():
+    raw = dgkd_loss(S, [5 * G, G], Y, temperature=1.0, kd_weight=0.5, reduction="mean")
+    std = dgkd_loss(S, [5 * G, G], Y, temperature=1.0, kd_weight=0.5, reduction="mean", logits="standardized")
+    assert abs(std["kd"].item() - KD_T1) < 1e-5 and abs(std["loss"].item() - (0.5 * CE + 0.5 * KD_T1)) < 1e-5
+    assert raw["kd"].item() > KD_T1 + 0.25  # raw: the 5x guide's term is 1.18
