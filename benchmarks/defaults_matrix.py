@@ -37,7 +37,7 @@ Usage::
     python benchmarks/defaults_matrix.py --data-root data/matrix --out runs/matrix --jobs 12
     python benchmarks/defaults_matrix.py --data-root data/matrix-quick --out runs/matrix-quick --quick
 
-``--quick``: one seed, the short budget only, 5-epoch teachers (build the data with ``--quick``
+``--quick``: one seed, the short budget only, 15-epoch teachers (build the data with ``--quick``
 too). ``--list`` prints the runs without running them; ``--table-only`` rebuilds the table from
 the JSON files. Works without installing the package (it runs ``python -m compressor.cli`` with
 this checkout on ``PYTHONPATH``).
@@ -86,7 +86,7 @@ DONE_MIN_CELL_GAIN = -0.5    # issue 18 "Done when": every cell dgkd - ce >= -0.
 DONE_MEAN_GAIN = 1.5         # mean over the cells >= +1.5
 DONE_CHANCE_MARGIN = 2.0     # no student within 2 points of chance
 DONE_UNLABELED_GAIN = 2.0    # unlabeled images at 10 % labels add >= +2 points
-QUICK_TEACHER_EPOCHS, FULL_TEACHER_EPOCHS = 5, 30
+QUICK_TEACHER_EPOCHS, FULL_TEACHER_EPOCHS = 15, 30
 
 
 # ----------------------------------------------------------------------------- the runs
@@ -701,7 +701,7 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--data-root", type=Path, required=True, help="folder made by tools/build_datasets.py")
     ap.add_argument("--out", type=Path, default=Path("runs/defaults-matrix"), help="[default: %(default)s]")
-    ap.add_argument("--quick", action="store_true", help="one seed, short budget only, 5-epoch teachers")
+    ap.add_argument("--quick", action="store_true", help=f"one seed, short budget only, {QUICK_TEACHER_EPOCHS}-epoch teachers")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel processes [default: 1]")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: CUDA when present (jobs spread over the GPUs), else CPU [default: auto]")

@@ -249,3 +249,25 @@ def test_an_assistant_that_beats_the_teacher_drops_it_from_later_stages():
     run2 = SimpleNamespace(**{**vars(run), "dropped": {}, "guide_scores": {0: 40.0}})
     pipeline._gate_assistant(run2, 1, "resnet14", {"final_val_top1": 42.0})
     assert run2.dropped == {}
+
+
+def test_kd_logits_setting_reaches_every_kd_term(tmp_path, pretrained_teacher, monkeypatch, one_torch_thread):
+    from compressor import pipeline, trainer
+    from compressor.data import synthetic_data
+
+    seen = []
+    real = trainer.dgkd_loss
+    monkeypatch.setattr(trainer, "dgkd_loss", lambda *a, **kw: (seen.append(kw.get("logits")), real(*a, **kw))[1])
+    with pytest.raises(Exception, match="kd_logits must be one of raw, standardized"):
+        resolve_config(DistillConfig, None, {"teacher": "t", "target": "resnet8", "kd_logits": "zscore"})
+    cfg = resolve_config(DistillConfig, None, dict(teacher=str(pretrained_teacher), target="resnet8", method="kd",
+                                                   epochs=1, batch_size=16, out=str(tmp_path / "r"), seed=5,
+                                                   kd_logits="standardized", latency_backend="none",
+                                                   bn_recalibration_batches=0))
+    summary = pipeline.run_distillation(cfg, data=synthetic_data(num_classes=10, n_train=32, n_test=16, seed=1),
+                                        show_progress=False)
+    assert seen and set(seen) == {"standardized"}  # every step of the stage
+    assert summary["kd_logits"] == "standardized"
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["kd_logits"] == "standardized"
+    assert "standardized logits" in (tmp_path / "r" / "report.md").read_text()
+    assert resolve_config(DistillConfig, None, {"teacher": "t", "target": "resnet8"}).kd_logits == "raw"
