@@ -297,6 +297,10 @@ DISTILL_HELP = {
     "kd_logits": "standardized: z-score every image's student and guide logits before the temperature, so the "
                  "student matches the guide's ranking and spacing of the classes, not its logit scale (Sun et al. "
                  "2024); raw: the logits as they are (the paper; its recipes pin it)",
+    "kd_mixup": "without --unlabeled: the guides also label mixes of pairs of training images (4 per image, "
+                "blended with a uniform weight, made once at the start) and the student learns their KD terms "
+                "beside each batch, as with --unlabeled: the guides teach between the training images too; "
+                "about one more forward and backward pass per step",
     "kd_warmup_epochs": "ramp λ from 0 over these epochs of each stage, CE filling in (at most 1/4 of a stage; 0: off)",
     "gate_guides": "keep an assistant that ends near chance or below half the teacher's lead over chance out of "
                    "the later stages' guides, and drop a guide a later model beats by more than 2 points",
@@ -404,7 +408,7 @@ def plan_cmd(teacher, target, target_latency_ms, recipe, options, json_out, **fl
 @click.option("--resume", is_flag=True, help="continue an interrupted run (same config)")
 @config_options(DistillConfig,
                 ["method", "assistants", "by", "max_assistants", "spacing", "temperature", "kd_weight",
-                 "kd_reduction", "kd_weighting", "kd_logits", "kd_warmup_epochs", "gate_guides", "drop_guides",
+                 "kd_reduction", "kd_weighting", "kd_logits", "kd_mixup", "kd_warmup_epochs", "gate_guides", "drop_guides",
                  "assistant_epochs", "name", "latency_backend", "cache_guides",
                  "ignore_class_names", "trust_code", "accept_code_change", "init_student",
                  "unlabeled", "unlabeled_ratio"] + OPTIM_FIELDS,

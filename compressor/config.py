@@ -153,6 +153,7 @@ class DistillConfig(OptimConfig):
     kd_reduction: str = "mean"                        # mean over the kept guides | sum (paper, official code)
     kd_weighting: str = "confidence"                  # confidence: by the guide's p(label) | uniform (paper)
     kd_logits: str = "raw"                            # raw (paper) | standardized: z-scored per image before T
+    kd_mixup: bool = False                            # guides also label mixes of the training images (KD only)
     kd_warmup_epochs: float = 1.0                     # λ ramps from 0 over these epochs (at most 1/4 of a stage)
     gate_guides: bool = True                          # weak or surpassed guides teach no later stage (stability)
     drop_guides: int = 1                              # stochastic teaching: guides dropped per batch

@@ -37,7 +37,7 @@ from .config import DISTILL_LEGACY, DistillConfig, TrainConfig, config_to_dict
 from .bn_recalibration import EPOCH_BATCHES, recalibrate_bn
 from .data import (DataBundle, as_eval, augment_batch, batch_augments, channel_stats, load_data, make_loader,
                    normalize, resolve_policy, subset)
-from .data.unlabeled import UnlabeledStream, load_unlabeled, unlabeled_batch_size
+from .data.unlabeled import UnlabeledStream, load_unlabeled, mixed_training_set, unlabeled_batch_size
 from .errors import CompressError
 from .evaluation import check_data_fits
 from .fileio import check_output_path, shorten, write_json, write_yaml
@@ -392,10 +392,21 @@ def check_trains_at(arch: str, model_kwargs: dict, num_classes: int, input_size)
 UNLABELED_BATCH_CODE = 1
 
 
-def _load_unlabeled(cfg: DistillConfig, bundle: DataBundle, num_processes: int):
-    """``--unlabeled DIR`` at the labelled training split's size, channels and policy (or ``None``)."""
+def _load_unlabeled(cfg: DistillConfig, bundle: DataBundle, num_processes: int, train_split=None):
+    """``--unlabeled DIR`` at the labelled training split's size, channels and policy; else, with
+    ``--kd-mixup`` and guides to label them, mixes of the training split's images
+    (:func:`~compressor.data.unlabeled.mixed_training_set`); else ``None``."""
     if not cfg.unlabeled:
-        return None
+        if not (cfg.kd_mixup and cfg.method != "ce" and train_split is not None):
+            return None
+        unlabeled = mixed_training_set(train_split, seed=stable_seed(cfg.seed, "mixed"))
+        if unlabeled is None:
+            _say("data: --kd-mixup needs the training images in memory (--data-mode memory); this streamed set "
+                 "trains without mixed images")
+            return None
+        for note in unlabeled.notes:
+            _say(f"data: {note}")
+        return unlabeled
     unlabeled = load_unlabeled(cfg.unlabeled, input_size=bundle.input_size, policy=bundle.augment,
                                mode=cfg.data_mode, skip_bad_images=cfg.skip_bad_images, processes=num_processes)
     for note in unlabeled.notes:
@@ -636,7 +647,7 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     resolved["teacher_sha256"] = teacher_sha256  # what --resume compares the teacher by (_check_resume_config)
     splits = prepare_splits(cfg, bundle)
     cfg, batch_record = resolve_batch_size(cfg, len(splits.train), accelerator.num_processes)
-    unlabeled = _load_unlabeled(cfg, bundle, accelerator.num_processes)
+    unlabeled = _load_unlabeled(cfg, bundle, accelerator.num_processes, splits.train)
     if unlabeled is not None:  # recorded, so a resume with other unlabeled images is refused
         resolved["unlabeled_data"] = unlabeled.record()
     if resume:
@@ -991,7 +1002,7 @@ def _summary(run: _Run, rows: list[dict], *, teacher_sha256: str, command: str |
         "teacher": str(cfg.teacher), "teacher_sha256": teacher_sha256, "teacher_source": run.tmeta.source,
         "epochs": run.epochs, "assistant_epochs": run.assistant_epochs, "seed": cfg.seed,
         "temperature": cfg.temperature, "kd_weight": cfg.kd_weight, "kd_reduction": cfg.kd_reduction,
-        "kd_weighting": cfg.kd_weighting, "kd_logits": cfg.kd_logits,
+        "kd_weighting": cfg.kd_weighting, "kd_logits": cfg.kd_logits, "kd_mixup": cfg.kd_mixup,
         "kd_warmup_epochs": cfg.kd_warmup_epochs, "drop_guides": cfg.drop_guides, "gate_guides": cfg.gate_guides,
         "bn_recalibration_batches": cfg.bn_recalibration_batches,
         "latency_backend": plan.latency_backend, "relative_cost": plan.relative_cost,

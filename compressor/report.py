@@ -166,7 +166,8 @@ def write_report(run_dir) -> Path:
              f"epochs: {summary['epochs']}, seed: {summary['seed']}",
              f"- temperature {summary['temperature']}, λ (kd_weight) {summary['kd_weight']}, "
              f"KD terms: {summary.get('kd_reduction', 'sum')} over the kept guides "
-             f"({summary.get('kd_weighting', 'uniform')} weights, {summary.get('kd_logits', 'raw')} logits), "
+             f"({summary.get('kd_weighting', 'uniform')} weights, {summary.get('kd_logits', 'raw')} logits)"
+             f"{'; the guides also label mixes of the training images' if summary.get('kd_mixup') else ''}, "
              f"guides dropped per batch: {summary['drop_guides']}, "
              f"KD weight warm-up: {summary.get('kd_warmup_epochs', 0)} epochs (at most 1/4 of a stage)",
              f"- BatchNorm statistics recomputed after each stage on up to "

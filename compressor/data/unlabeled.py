@@ -129,6 +129,52 @@ def load_unlabeled(path, *, input_size, policy: str, mode: str = "auto", skip_ba
     return UnlabeledSet(str(folder), split, chosen, len(bad), notes)
 
 
+MIXED_POOL_FACTOR = 4  # mixed images made per training image (--kd-mixup)
+MIXED_FOLDER = "mixed training images (--kd-mixup)"
+
+
+def mixed_pixels(pixels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """``count`` pairwise mixes of ``pixels`` (uint8 ``(N, C, H, W)``): mix ``k`` is
+    ``round(w_k·a + (1 − w_k)·b)`` with ``a, b = pixels[randint(N)]`` drawn independently and
+    ``w_k ~ U(0, 1)`` (mixup's Beta(1, 1)); from one generator seeded by ``seed``, in the order
+    ``a`` indices, ``b`` indices, weights. Made in chunks (no float copy of the whole set)."""
+    if pixels.dim() != 4 or pixels.dtype != torch.uint8:
+        raise ValueError(f"pixels must be uint8 (N, C, H, W), got {pixels.dtype} {tuple(pixels.shape)}")
+    n = pixels.shape[0]
+    g = torch.Generator().manual_seed(int(seed))
+    first = torch.randint(0, n, (count,), generator=g)
+    second = torch.randint(0, n, (count,), generator=g)
+    weight = torch.rand(count, generator=g).view(count, 1, 1, 1)
+    out = torch.empty((count, *pixels.shape[1:]), dtype=torch.uint8)
+    for lo in range(0, count, 1024):
+        hi = min(count, lo + 1024)
+        w = weight[lo:hi]
+        mix = w * pixels[first[lo:hi]].float() + (1 - w) * pixels[second[lo:hi]].float()
+        out[lo:hi] = (mix + 0.5).clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def mixed_training_set(split, *, seed: int, factor: int = MIXED_POOL_FACTOR) -> UnlabeledSet | None:
+    """Unlabeled images made from the labelled training ``split`` (``--kd-mixup``): ``factor`` mixes
+    per training image (:func:`mixed_pixels`) of its stored pixels (the imagenet policy's larger
+    ``source`` when it has one, so the loader's crops draw from mixes as from photos). The guides
+    label them like ``--unlabeled`` images, and the student learns the guides' function between
+    the training images (Beyer et al. 2022, "function matching"; the pool is mixed before the
+    augmentation, from image pairs drawn apart from the labelled batches). Only the training split
+    is mixed, never the validation or test images. ``None`` for a streamed split (its pixels are
+    not in memory; such sets are large enough not to need it)."""
+    if not isinstance(split, ImageSplit):
+        return None
+    pixels = split.source if split.source is not None else split.images
+    pool = mixed_pixels(pixels, factor * pixels.shape[0], seed)
+    labels = torch.full((pool.shape[0],), -1, dtype=torch.int64)
+    images = (ImageSplit(None, labels, source=pool, size=split.size) if split.source is not None
+              else ImageSplit(pool, labels))
+    note = (f"unlabeled: {pool.shape[0]} mixes of pairs of the {pixels.shape[0]} training images "
+            f"({factor} per image; --no-kd-mixup: none)")
+    return UnlabeledSet(MIXED_FOLDER, images, "memory", 0, [note])
+
+
 def unlabeled_batch_size(batch_size: int, ratio: float) -> int:
     """Unlabeled images per step: ``max(1, round(ratio * batch_size))``."""
     return max(1, int(round(float(ratio) * int(batch_size))))
@@ -223,5 +269,5 @@ def _images_only(batch):
     return images
 
 
-__all__ = ["UnlabeledSet", "UnlabeledStream", "list_unlabeled", "load_unlabeled", "unlabeled_batch_size",
-           "unlabeled_positions"]
+__all__ = ["UnlabeledSet", "UnlabeledStream", "list_unlabeled", "load_unlabeled", "mixed_pixels",
+           "mixed_training_set", "unlabeled_batch_size", "unlabeled_positions"]
