@@ -297,7 +297,7 @@ DISTILL_HELP = {
     "kd_logits": "standardized: z-score every image's student and guide logits before the temperature, so the "
                  "student matches the guide's ranking and spacing of the classes, not its logit scale (Sun et al. "
                  "2024); raw: the logits as they are (the paper; its recipes pin it)",
-    "kd_mixup": "without --unlabeled: the guides also label mixes of pairs of training images (4 per image, "
+    "kd_mixup": "[default: on below 2,048 training images] without --unlabeled: the guides also label mixes of pairs of training images (4 per image, "
                 "blended with a uniform weight, made once at the start) and the student learns their KD terms "
                 "beside each batch, as with --unlabeled: the guides teach between the training images too; "
                 "about one more forward and backward pass per step",

@@ -153,7 +153,8 @@ class DistillConfig(OptimConfig):
     kd_reduction: str = "mean"                        # mean over the kept guides | sum (paper, official code)
     kd_weighting: str = "confidence"                  # confidence: by the guide's p(label) | uniform (paper)
     kd_logits: str = "raw"                            # raw (paper) | standardized: z-scored per image before T
-    kd_mixup: bool = False                            # guides also label mixes of the training images (KD only)
+    kd_mixup: typing.Optional[bool] = None            # guides also label mixes of the training images (KD only);
+                                                      # None: on below 2,048 training images (training_defaults)
     kd_warmup_epochs: float = 1.0                     # λ ramps from 0 over these epochs (at most 1/4 of a stage)
     gate_guides: bool = True                          # weak or surpassed guides teach no later stage (stability)
     drop_guides: int = 1                              # stochastic teaching: guides dropped per batch
@@ -392,7 +393,8 @@ def read_recipe(path) -> dict:
 
 # Keys a run's config.yaml records beside the settings (what the run resolved to); a recipe may hold
 # them (so `--recipe runs/NAME/config.yaml` repeats a run) and they are ignored there.
-RUN_RECORD_KEYS = ("num_processes", "precision", "training_defaults", "unlabeled_data", "teacher_sha256")
+RUN_RECORD_KEYS = ("num_processes", "precision", "training_defaults", "unlabeled_data", "teacher_sha256",
+                   "kd_mixup_rule")
 
 
 def resolve_config(cls, recipe: str | None = None, cli: dict | None = None):

@@ -37,7 +37,7 @@ from .config import DISTILL_LEGACY, DistillConfig, TrainConfig, config_to_dict
 from .bn_recalibration import EPOCH_BATCHES, recalibrate_bn
 from .data import (DataBundle, as_eval, augment_batch, batch_augments, channel_stats, load_data, make_loader,
                    normalize, resolve_policy, subset)
-from .data.unlabeled import UnlabeledStream, load_unlabeled, mixed_training_set, unlabeled_batch_size
+from .data.unlabeled import MIXED_FOLDER, UnlabeledStream, load_unlabeled, mixed_training_set, unlabeled_batch_size
 from .errors import CompressError
 from .evaluation import check_data_fits
 from .fileio import check_output_path, shorten, write_json, write_yaml
@@ -55,11 +55,12 @@ from .init_weights import init_from_checkpoint, init_normalisation
 from .trust import check_plan_code, trust_from_config
 from .trainer import LossSettings, check_compile_available, evaluate, find_state, fit, stable_seed
 from .training_defaults import (LEGACY, describe as describe_defaults, inherit_recorded, resolve_batch_size,
-                                resolve_training_defaults)
+                                resolve_kd_mixup, resolve_training_defaults)
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 # ``precision`` is what ``auto`` resolved to on the machine of the session that wrote config.yaml.
-RESUME_IGNORED_KEYS = ("log_with", "precision", "trust_code", "accept_code_change", "compile", "training_defaults")
+RESUME_IGNORED_KEYS = ("log_with", "precision", "trust_code", "accept_code_change", "compile", "training_defaults",
+                       "kd_mixup_rule")  # the rule's words; kd_mixup itself is compared
 
 
 def make_accelerator(cfg, project_dir: str | None = None):
@@ -647,6 +648,8 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     resolved["teacher_sha256"] = teacher_sha256  # what --resume compares the teacher by (_check_resume_config)
     splits = prepare_splits(cfg, bundle)
     cfg, batch_record = resolve_batch_size(cfg, len(splits.train), accelerator.num_processes)
+    cfg, mixup_rule = resolve_kd_mixup(cfg, len(splits.train))
+    resolved["kd_mixup_rule"] = mixup_rule
     unlabeled = _load_unlabeled(cfg, bundle, accelerator.num_processes, splits.train)
     if unlabeled is not None:  # recorded, so a resume with other unlabeled images is refused
         resolved["unlabeled_data"] = unlabeled.record()
@@ -676,6 +679,9 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     print_(precision.describe())
     for line in dict.fromkeys(describe_defaults(r) for r in defaults_records.values()):
         print_(line)
+    if cfg.method != "ce" and not cfg.unlabeled:
+        print_(f"KD on mixes of the training images: {'on' if cfg.kd_mixup else 'off'} ({mixup_rule}; "
+               f"--{'no-' if cfg.kd_mixup else ''}kd-mixup to turn it {'off' if cfg.kd_mixup else 'on'})")
     if accelerator.num_processes > 1:
         print_(f"data parallel: a world of {accelerator.num_processes} processes "
                f"({accelerator.distributed_type.value}); each step takes {cfg.batch_size} images per process")
@@ -871,7 +877,8 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
     unlabeled = _unlabeled_stream(run) if run.unlabeled is not None and guides else None
     unlabeled_caches = None
     if unlabeled is not None:
-        run.say(f"{label}: each step also takes {unlabeled.batch_size} of the {len(run.unlabeled)} unlabeled "
+        kind = "mixed" if run.unlabeled.folder == MIXED_FOLDER else "unlabeled"
+        run.say(f"{label}: each step also takes {unlabeled.batch_size} of the {len(run.unlabeled)} {kind} "
                 f"images, labelled by the guides (KD terms only)")
         if run.open_guide_caches:
             unlabeled_caches = run.open_guide_caches(guides, stage_epochs, len(train_loader),

@@ -93,7 +93,7 @@ DEFAULTED = ("optimizer", "lr", "schedule", "warmup_epochs", "weight_decay", "la
 
 # What a run written before these fields existed trained with (resume of an old run: a key
 # its config.yaml lacks means this, not today's family default).
-LEGACY = {"batch_size": 128, "epoch_repeats": 1, "optimizer": "sgd", "lr": 0.1, "schedule": "step", "warmup_epochs": 0.0, "weight_decay": 1e-4,
+LEGACY = {"batch_size": 128, "epoch_repeats": 1, "kd_mixup": False, "optimizer": "sgd", "lr": 0.1, "schedule": "step", "warmup_epochs": 0.0, "weight_decay": 1e-4,
           "label_smoothing": 0.0, "grad_clip": 0.0}
 
 MAX_WARMUP_SHARE = 0.2  # the warm-up never takes more than this share of the run's epochs
@@ -105,6 +105,26 @@ AUTO_BATCH_MAX, AUTO_BATCH_MIN, AUTO_BATCH_MIN_STEPS = 128, 16, 32
 # data sets are a few dozen images and its runs check behaviour, not accuracy)
 AUTO_EPOCH_MIN_IMAGES = 2048
 EPOCH_MIN_IMAGES_ENV = "COMPRESS_EPOCH_MIN_IMAGES"
+
+
+# kd_mixup unset (distill): on below this many training images (the guides also label mixes of them)
+AUTO_MIXUP_MAX_IMAGES = 2048
+
+
+def resolve_kd_mixup(cfg, train_images: int):
+    """``(cfg with kd_mixup a bool, rule)`` for ``compress distill``: an unset ``kd_mixup`` is on below
+    :data:`AUTO_MIXUP_MAX_IMAGES` training images, off from there on; ``rule`` says which and why.
+    Why (issue 18; docs/results.md §6, "KD variants at the short budget"): on 450-1,800 images KD
+    with the teacher alone ended 0.5-2.4 points under the student alone (3 epochs, 3 paired seeds)
+    where a teacher trained on the same images has little to add to their labels; with the guides
+    also labelling 4 mixes per training image the same runs ended 0.1-3.1 points above it. Larger
+    sets were not measured (and the pool costs 4x the training images' memory)."""
+    if getattr(cfg, "kd_mixup", None) is not None:
+        return cfg, "set"
+    on = int(train_images) < AUTO_MIXUP_MAX_IMAGES
+    rule = (f"auto: on, {train_images} training images (fewer than {AUTO_MIXUP_MAX_IMAGES})" if on else
+            f"auto: off, {train_images} training images (from {AUTO_MIXUP_MAX_IMAGES} on)")
+    return dataclasses.replace(cfg, kd_mixup=on), rule
 
 
 def auto_batch_size(train_images: int, num_processes: int = 1, grad_accum: int = 1) -> int:
@@ -316,13 +336,13 @@ def inherit_recorded(cfg, recorded: dict):
     recorded (a run written before the field existed: :data:`LEGACY`, what it trained with),
     so a resumed run keeps its settings. ``None`` recorded stays ``None`` (family default)."""
     values = {}
-    for key in ("batch_size", "epoch_repeats", *DEFAULTED):
-        if getattr(cfg, key, None) is None:
+    for key in ("batch_size", "epoch_repeats", "kd_mixup", *DEFAULTED):
+        if hasattr(cfg, key) and getattr(cfg, key) is None:
             values[key] = recorded[key] if key in recorded else LEGACY[key]
     return dataclasses.replace(cfg, **values)
 
 
 __all__ = ["AUTO_BATCH_MAX", "AUTO_BATCH_MIN", "AUTO_BATCH_MIN_STEPS", "AUTO_EPOCH_MIN_IMAGES", "auto_batch_size",
-           "auto_epoch_repeats", "resolve_batch_size",
+           "auto_epoch_repeats", "resolve_batch_size", "AUTO_MIXUP_MAX_IMAGES", "resolve_kd_mixup",
            "ADAMW_LR", "ADAMW_PER_IMAGES", "ADAMW_WEIGHT_DECAY", "DEFAULTED", "FAMILY_DEFAULTS", "FALLBACK", "LEGACY", "FamilyDefaults", "describe", "family_defaults",
            "inherit_recorded", "resolve_training_defaults"]

@@ -33,6 +33,7 @@ def test_paper_recipes_pin_the_papers_kd(name):
     raw = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
     assert raw["kd_reduction"] == "sum" and raw["kd_warmup_epochs"] == 0
     assert raw["kd_weighting"] == "uniform" and raw["gate_guides"] is False  # the paper weighs and keeps every guide
+    assert raw["kd_mixup"] is False  # the paper's students learn from the labelled images only
     assert raw["temperature"] >= 4  # the paper's T (5; 4 where its recipe says so), not the default 2
 
 
@@ -271,3 +272,42 @@ def test_kd_logits_setting_reaches_every_kd_term(tmp_path, pretrained_teacher, m
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["kd_logits"] == "standardized"
     assert "standardized logits" in (tmp_path / "r" / "report.md").read_text()
     assert resolve_config(DistillConfig, None, {"teacher": "t", "target": "resnet8"}).kd_logits == "raw"
+
+
+def test_kd_mixup_auto_rule_and_resume_of_older_runs():
+    from compressor.training_defaults import AUTO_MIXUP_MAX_IMAGES, inherit_recorded, resolve_kd_mixup
+
+    base = resolve_config(DistillConfig, None, {"teacher": "t", "target": "resnet8"})
+    assert base.kd_mixup is None and AUTO_MIXUP_MAX_IMAGES == 2048
+    on, rule = resolve_kd_mixup(base, 450)
+    assert on.kd_mixup is True and rule == "auto: on, 450 training images (fewer than 2048)"
+    off, rule = resolve_kd_mixup(base, 2048)
+    assert off.kd_mixup is False and rule == "auto: off, 2048 training images (from 2048 on)"
+    for given in (True, False):  # a flag or recipe wins at any size
+        cfg, rule = resolve_kd_mixup(resolve_config(DistillConfig, None, {"teacher": "t", "target": "resnet8",
+                                                                          "kd_mixup": given}), 450)
+        assert cfg.kd_mixup is given and rule == "set"
+    # --resume of a run written before kd_mixup existed keeps training without mixes; a newer run keeps its record
+    assert inherit_recorded(base, {}).kd_mixup is False
+    assert inherit_recorded(base, {"kd_mixup": None}).kd_mixup is None
+
+
+def test_mixed_training_set_mixes_pairs_of_the_training_pixels_only():
+    from compressor.data.memory import ImageSplit
+    from compressor.data.unlabeled import MIXED_POOL_FACTOR, mixed_pixels, mixed_training_set
+
+    # 3 training images, constant 0, 100, 200: every mix is round(w·a + (1 − w)·b) of two of them
+    pixels = torch.tensor([0, 100, 200], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 1, 4, 4).contiguous()
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randint(0, 3, (5,), generator=g), torch.randint(0, 3, (5,), generator=g)
+    w = torch.rand(5, generator=g)
+    expected = (w * (a * 100).float() + (1 - w) * (b * 100).float() + 0.5).to(torch.uint8)
+    mixes = mixed_pixels(pixels, 5, 7)
+    assert torch.equal(mixes[:, 0, 0, 0], expected) and bool((mixes == mixes[:, :, :1, :1]).all())
+    split = ImageSplit(pixels, torch.tensor([0, 1, 2]))
+    pool = mixed_training_set(split, seed=7)
+    assert len(pool) == MIXED_POOL_FACTOR * 3 and bool((pool.split.labels == -1).all())
+    assert torch.equal(pool.split.images, mixed_pixels(pixels, 12, 7))  # the same draw: seeded by the run
+    assert pool.record()["images"] == 12 and "mixes of pairs of the 3 training images" in pool.notes[0]
+    with pytest.raises(ValueError, match="uint8"):
+        mixed_pixels(pixels.float(), 2, 0)

@@ -163,7 +163,7 @@ def test_resume_of_a_run_written_before_the_family_defaults(tmp_path):
     # a run written with the family defaults (None recorded) resumes with the family defaults
     new = config_to_dict(DistillConfig(teacher="t.safetensors", target="resnet8"))
     assert inherit_recorded(DistillConfig(teacher="t.safetensors", target="resnet8"), new).lr is None
-    assert set(LEGACY) == {"batch_size", "epoch_repeats", *DEFAULTED}
+    assert set(LEGACY) == {"batch_size", "epoch_repeats", "kd_mixup", *DEFAULTED}
     assert cfg.batch_size == 128  # recorded before batch_size could be unset: kept
     assert cfg.epoch_repeats == 1  # recorded before epoch_repeats existed: one pass, as it trained
 
