@@ -86,6 +86,9 @@ DONE_MIN_CELL_GAIN = -0.5    # issue 18 "Done when": every cell dgkd - ce >= -0.
 DONE_MEAN_GAIN = 1.5         # mean over the cells >= +1.5
 DONE_CHANCE_MARGIN = 2.0     # no student within 2 points of chance
 DONE_UNLABELED_GAIN = 2.0    # unlabeled images at 10 % labels add >= +2 points
+# Quick teachers train 15 epochs: with several passes per epoch on the small sets the students alone
+# (3 epochs) came within 1-4 points of 5-epoch teachers (CIFAR-10 MobileNetV2-1.0 34.2 % vs its student
+# alone 33.4 %), a teacher no user distills from; at 15 epochs it scores 49.4 %, the digits' 95.4-95.6 %.
 QUICK_TEACHER_EPOCHS, FULL_TEACHER_EPOCHS = 15, 30
 
 
