@@ -115,10 +115,11 @@ def resolve_kd_mixup(cfg, train_images: int):
     """``(cfg with kd_mixup a bool, rule)`` for ``compress distill``: an unset ``kd_mixup`` is on below
     :data:`AUTO_MIXUP_MAX_IMAGES` training images, off from there on; ``rule`` says which and why.
     Why (issue 18; docs/results.md §6, "KD variants at the short budget"): on 450-1,800 images KD
-    with the teacher alone ended 0.5-2.4 points under the student alone (3 epochs, 3 paired seeds)
-    where a teacher trained on the same images has little to add to their labels; with the guides
-    also labelling 4 mixes per training image the same runs ended 0.1-3.1 points above it. Larger
-    sets were not measured (and the pool costs 4x the training images' memory)."""
+    with the teacher alone ended 0-2.4 points under the student alone (3 epochs, 3 paired seeds, 5
+    cells, mean -1.28): a teacher trained on the same images has little to add to their labels;
+    with the guides also labelling 4 mixes per training image the same runs ended 0.3-3.8 points
+    above it (mean +1.25). Larger sets were not measured (and the pool costs 4x the training
+    images' memory)."""
     if getattr(cfg, "kd_mixup", None) is not None:
         return cfg, "set"
     on = int(train_images) < AUTO_MIXUP_MAX_IMAGES
