@@ -246,19 +246,23 @@ def test_second_run_hits_the_cache_and_trains_the_same_student(tmp_path, monkeyp
                                                        gate_guides=False))  # both guides teach: both cached
         run_distillation(cfg, data=data, show_progress=False)
         lines = (tmp_path / name / "stages" / "2-resnet8" / "metrics.jsonl").read_text().splitlines()
-        return json.loads(lines[-1])["guide_cache_hits_misses"]
+        last = json.loads(lines[-1])
+        return last["guide_cache_hits_misses"], last["unlabeled_cache_hits_misses"]
 
-    first = run("a")
-    second = run("b")
+    (first, first_mixed), (second, second_mixed) = run("a"), run("b")
     # first run: the teacher's logits were stored by stage 1 (same batches), so the student
     # stage finds all of them; the assistant's are new
     (t_hits, t_misses), (a_hits, a_misses) = first
     assert t_misses == 0 and t_hits > 0 and a_misses > 0
     assert all(misses == 0 and hits > 0 for hits, misses in second)
+    # the mixed training images (kd_mixup, on for a set this small) have caches of their own, used the same way
+    (t_hits, t_misses), (a_hits, a_misses) = first_mixed
+    assert t_misses == 0 and t_hits > 0 and a_misses > 0
+    assert all(misses == 0 and hits > 0 for hits, misses in second_mixed)
     a = load_file(str(tmp_path / "a" / "student.safetensors"))
     b = load_file(str(tmp_path / "b" / "student.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     folders = sorted(p for p in (tmp_path / "cache" / "guides").iterdir())
-    assert len(folders) == 2  # teacher + assistant, one shard per epoch each
+    assert len(folders) == 4  # teacher + assistant, labelled and mixed images, one shard per epoch each
     assert all(sorted(p.name for p in f.glob("epoch-*")) == ["epoch-00000.safetensors", "epoch-00001.safetensors"]
                for f in folders)
