@@ -401,9 +401,7 @@ def _load_unlabeled(cfg: DistillConfig, bundle: DataBundle, num_processes: int, 
         if not (cfg.kd_mixup and cfg.method != "ce" and train_split is not None):
             return None
         unlabeled = mixed_training_set(train_split, seed=stable_seed(cfg.seed, "mixed"))
-        if unlabeled is None:
-            _say("data: --kd-mixup needs the training images in memory (--data-mode memory); this streamed set "
-                 "trains without mixed images")
+        if unlabeled is None:  # a streamed split (the caller turns kd_mixup off and says why)
             return None
         for note in unlabeled.notes:
             _say(f"data: {note}")
@@ -651,6 +649,10 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     cfg, mixup_rule = resolve_kd_mixup(cfg, len(splits.train))
     resolved["kd_mixup_rule"] = mixup_rule
     unlabeled = _load_unlabeled(cfg, bundle, accelerator.num_processes, splits.train)
+    if cfg.kd_mixup and unlabeled is None and not cfg.unlabeled and cfg.method != "ce":
+        cfg = replace(cfg, kd_mixup=False)
+        mixup_rule += "; off: the training images are streamed, not held in memory (--data-mode memory)"
+        resolved["kd_mixup_rule"] = mixup_rule
     if unlabeled is not None:  # recorded, so a resume with other unlabeled images is refused
         resolved["unlabeled_data"] = unlabeled.record()
     if resume:
@@ -680,8 +682,9 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     for line in dict.fromkeys(describe_defaults(r) for r in defaults_records.values()):
         print_(line)
     if cfg.method != "ce" and not cfg.unlabeled:
-        print_(f"KD on mixes of the training images: {'on' if cfg.kd_mixup else 'off'} ({mixup_rule}; "
-               f"--{'no-' if cfg.kd_mixup else ''}kd-mixup to turn it {'off' if cfg.kd_mixup else 'on'})")
+        hint = ("; --no-kd-mixup to turn it off" if cfg.kd_mixup else "" if "streamed" in mixup_rule
+                else "; --kd-mixup to turn it on")
+        print_(f"KD on mixes of the training images: {'on' if cfg.kd_mixup else 'off'} ({mixup_rule}{hint})")
     if accelerator.num_processes > 1:
         print_(f"data parallel: a world of {accelerator.num_processes} processes "
                f"({accelerator.distributed_type.value}); each step takes {cfg.batch_size} images per process")
