@@ -89,3 +89,19 @@ def snapshot(root) -> dict:
             digest = hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None
             out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, digest)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _sigint_is_pythons():
+    """A shell that starts pytest in the background (``pytest &``) hands it SIGINT ignored; the tests
+    that send themselves Ctrl-C need Python's handler (``make`` resets it, so CI never saw this)."""
+    import signal
+    import threading
+
+    ignored = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
