@@ -393,6 +393,8 @@ def read_recipe(path) -> dict:
 
 # Keys a run's config.yaml records beside the settings (what the run resolved to); a recipe may hold
 # them (so `--recipe runs/NAME/config.yaml` repeats a run) and they are ignored there.
+# kd_mixup_rule is a key of its own, not in the per-model training_defaults records: one decision for
+# the whole run, made by distill only.
 RUN_RECORD_KEYS = ("num_processes", "precision", "training_defaults", "unlabeled_data", "teacher_sha256",
                    "kd_mixup_rule")
 

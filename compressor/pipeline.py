@@ -35,9 +35,9 @@ import yaml
 from .checkpoint import CIFAR_MEAN, CIFAR_STD, file_sha256, load_model, meta_for, save_checkpoint
 from .config import DISTILL_LEGACY, DistillConfig, TrainConfig, config_to_dict
 from .bn_recalibration import EPOCH_BATCHES, recalibrate_bn
-from .data import (DataBundle, as_eval, augment_batch, batch_augments, channel_stats, load_data, make_loader,
-                   normalize, resolve_policy, subset)
-from .data.unlabeled import MIXED_FOLDER, UnlabeledStream, load_unlabeled, mixed_training_set, unlabeled_batch_size
+from .data import (DataBundle, ImageSplit, as_eval, augment_batch, batch_augments, channel_stats, load_data,
+                   make_loader, normalize, resolve_policy, subset)
+from .data.unlabeled import UnlabeledStream, load_unlabeled, mixed_training_set, unlabeled_batch_size
 from .errors import CompressError
 from .evaluation import check_data_fits
 from .fileio import check_output_path, shorten, write_json, write_yaml
@@ -398,11 +398,9 @@ def _load_unlabeled(cfg: DistillConfig, bundle: DataBundle, num_processes: int, 
     ``--kd-mixup`` and guides to label them, mixes of the training split's images
     (:func:`~compressor.data.unlabeled.mixed_training_set`); else ``None``."""
     if not cfg.unlabeled:
-        if not (cfg.kd_mixup and cfg.method != "ce" and train_split is not None):
+        if not (cfg.kd_mixup and train_split is not None):  # kd_mixup as resolve_kd_mixup decided it
             return None
         unlabeled = mixed_training_set(train_split, seed=stable_seed(cfg.seed, "mixed"))
-        if unlabeled is None:  # a streamed split (the caller turns kd_mixup off and says why)
-            return None
         for note in unlabeled.notes:
             _say(f"data: {note}")
         return unlabeled
@@ -646,13 +644,9 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     resolved["teacher_sha256"] = teacher_sha256  # what --resume compares the teacher by (_check_resume_config)
     splits = prepare_splits(cfg, bundle)
     cfg, batch_record = resolve_batch_size(cfg, len(splits.train), accelerator.num_processes)
-    cfg, mixup_rule = resolve_kd_mixup(cfg, len(splits.train))
+    cfg, mixup_rule = resolve_kd_mixup(cfg, len(splits.train), in_memory=isinstance(splits.train, ImageSplit))
     resolved["kd_mixup_rule"] = mixup_rule
     unlabeled = _load_unlabeled(cfg, bundle, accelerator.num_processes, splits.train)
-    if cfg.kd_mixup and unlabeled is None and not cfg.unlabeled and cfg.method != "ce":
-        cfg = replace(cfg, kd_mixup=False)
-        mixup_rule += "; off: the training images are streamed, not held in memory (--data-mode memory)"
-        resolved["kd_mixup_rule"] = mixup_rule
     if unlabeled is not None:  # recorded, so a resume with other unlabeled images is refused
         resolved["unlabeled_data"] = unlabeled.record()
     if resume:
@@ -682,7 +676,7 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     for line in dict.fromkeys(describe_defaults(r) for r in defaults_records.values()):
         print_(line)
     if cfg.method != "ce" and not cfg.unlabeled:
-        hint = ("; --no-kd-mixup to turn it off" if cfg.kd_mixup else "" if "streamed" in mixup_rule
+        hint = ("; --no-kd-mixup to turn it off" if cfg.kd_mixup else "" if "; off:" in mixup_rule
                 else "; --kd-mixup to turn it on")
         print_(f"KD on mixes of the training images: {'on' if cfg.kd_mixup else 'off'} ({mixup_rule}{hint})")
     if accelerator.num_processes > 1:
@@ -880,8 +874,7 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
     unlabeled = _unlabeled_stream(run) if run.unlabeled is not None and guides else None
     unlabeled_caches = None
     if unlabeled is not None:
-        kind = "mixed" if run.unlabeled.folder == MIXED_FOLDER else "unlabeled"
-        run.say(f"{label}: each step also takes {unlabeled.batch_size} of the {len(run.unlabeled)} {kind} "
+        run.say(f"{label}: each step also takes {unlabeled.batch_size} of the {len(run.unlabeled)} {run.unlabeled.kind} "
                 f"images, labelled by the guides (KD terms only)")
         if run.open_guide_caches:
             unlabeled_caches = run.open_guide_caches(guides, stage_epochs, len(train_loader),

@@ -107,24 +107,39 @@ AUTO_EPOCH_MIN_IMAGES = 2048
 EPOCH_MIN_IMAGES_ENV = "COMPRESS_EPOCH_MIN_IMAGES"
 
 
-# kd_mixup unset (distill): on below this many training images (the guides also label mixes of them)
+# kd_mixup unset (distill): on below this many training images (the guides also label mixes of them).
+# The same number as AUTO_EPOCH_MIN_IMAGES by measurement, not by definition: both were measured on
+# 450-1,800 images and either bound may move on its own.
 AUTO_MIXUP_MAX_IMAGES = 2048
 
 
-def resolve_kd_mixup(cfg, train_images: int):
-    """``(cfg with kd_mixup a bool, rule)`` for ``compress distill``: an unset ``kd_mixup`` is on below
-    :data:`AUTO_MIXUP_MAX_IMAGES` training images, off from there on; ``rule`` says which and why.
-    Why (issue 18; docs/results.md §6, "KD variants at the short budget"): on 450-1,800 images KD
-    with the teacher alone ended 0-2.4 points under the student alone (3 epochs, 3 paired seeds, 5
-    cells, mean -1.28): a teacher trained on the same images has little to add to their labels;
-    with the guides also labelling 4 mixes per training image the same runs ended 0.3-3.8 points
-    above it (mean +1.25). Larger sets were not measured (and the pool costs 4x the training
+def resolve_kd_mixup(cfg, train_images: int, *, in_memory: bool = True):
+    """``(cfg with kd_mixup a bool, rule)`` for ``compress distill``, decided here only: an unset
+    ``kd_mixup`` is on below :data:`AUTO_MIXUP_MAX_IMAGES` training images, off from there on
+    (``rule`` "auto: ..."); a set one is kept (``rule`` "set"). Either way it is off, with the reason
+    appended to ``rule``, where no mixes can be used: ``method: ce`` (no guides label them),
+    ``--unlabeled`` (those images take their place) or a training split not held in memory
+    (``in_memory`` false: a streamed set, whose pixels the pool would be mixed from).
+    Why the bound (issue 18; docs/results.md §6, "KD variants at the short budget"): on 450-1,800
+    images KD with the teacher alone ended 0-2.4 points under the student alone (3 epochs, 3 paired
+    seeds, 5 cells, mean -1.28): a teacher trained on the same images has little to add to their
+    labels; with the guides also labelling 4 mixes per training image the same runs ended 0.3-3.8
+    points above it (mean +1.25). Larger sets were not measured (and the pool costs 4x the training
     images' memory)."""
-    if getattr(cfg, "kd_mixup", None) is not None:
-        return cfg, "set"
-    on = int(train_images) < AUTO_MIXUP_MAX_IMAGES
-    rule = (f"auto: on, {train_images} training images (fewer than {AUTO_MIXUP_MAX_IMAGES})" if on else
-            f"auto: off, {train_images} training images (from {AUTO_MIXUP_MAX_IMAGES} on)")
+    given = getattr(cfg, "kd_mixup", None)
+    if given is not None:
+        on, rule = bool(given), "set"
+    else:
+        on = int(train_images) < AUTO_MIXUP_MAX_IMAGES
+        rule = (f"auto: on, {train_images} training images (fewer than {AUTO_MIXUP_MAX_IMAGES})" if on else
+                f"auto: off, {train_images} training images (from {AUTO_MIXUP_MAX_IMAGES} on)")
+    if on:
+        unusable = ("method ce: no guides label mixes" if getattr(cfg, "method", None) == "ce" else
+                    "the --unlabeled images take their place" if getattr(cfg, "unlabeled", None) else
+                    "the training images are streamed, not held in memory (--data-mode memory)" if not in_memory
+                    else None)
+        if unusable:
+            on, rule = False, f"{rule}; off: {unusable}"
     return dataclasses.replace(cfg, kd_mixup=on), rule
 
 

@@ -43,6 +43,11 @@ def test_image_size_48_train_distill_export_eval(in_tmp, capsys):
     assert "image size" not in out or "48" in out
     _, smeta = read_checkpoint(in_tmp / "runs" / "r" / "student.safetensors")
     assert smeta.input_size == (3, 48, 48) and smeta.metrics["data_mode"] == "stream"
+    # a streamed training set gets no mixed images for KD (their pixels are not in memory): said and recorded
+    assert ("KD on mixes of the training images: off (auto: on, " in out
+            and "off: the training images are streamed, not held in memory (--data-mode memory))" in out)
+    summary = json.loads((in_tmp / "runs" / "r" / "summary.json").read_text())
+    assert summary["kd_mixup"] is False and summary["unlabeled"] is None
     code, out = run_cli(["export", "runs/r", "--out", "s.onnx"], capsys)
     assert code == 0, out
     assert onnx_input_shape("s.onnx")[1:] == [3, 48, 48]

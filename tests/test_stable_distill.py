@@ -287,6 +287,17 @@ def test_kd_mixup_auto_rule_and_resume_of_older_runs():
         cfg, rule = resolve_kd_mixup(resolve_config(DistillConfig, None, {"teacher": "t", "target": "resnet8",
                                                                           "kd_mixup": given}), 450)
         assert cfg.kd_mixup is given and rule == "set"
+    # decided once, here: off with the reason where no mixes can be used, set or not
+    for extra, reason in (({"method": "ce"}, "method ce: no guides label mixes"),
+                          ({"unlabeled": "unl/"}, "the --unlabeled images take their place"),
+                          ({"kd_mixup": True, "method": "ce"}, "method ce: no guides label mixes")):
+        cfg, rule = resolve_kd_mixup(resolve_config(DistillConfig, None, {"teacher": "t", "target": "resnet8",
+                                                                          **extra}), 450)
+        assert cfg.kd_mixup is False and rule.endswith(f"; off: {reason}")
+    cfg, rule = resolve_kd_mixup(base, 450, in_memory=False)
+    assert cfg.kd_mixup is False and rule == ("auto: on, 450 training images (fewer than 2048); off: the training "
+                                              "images are streamed, not held in memory (--data-mode memory)")
+    assert resolve_kd_mixup(base, 4096, in_memory=False) == (off, "auto: off, 4096 training images (from 2048 on)")
     # --resume of a run written before kd_mixup existed keeps training without mixes; a newer run keeps its record
     assert inherit_recorded(base, {}).kd_mixup is False
     assert inherit_recorded(base, {"kd_mixup": None}).kd_mixup is None
@@ -311,3 +322,6 @@ def test_mixed_training_set_mixes_pairs_of_the_training_pixels_only():
     assert pool.record()["images"] == 12 and "mixes of pairs of the 3 training images" in pool.notes[0]
     with pytest.raises(ValueError, match="uint8"):
         mixed_pixels(pixels.float(), 2, 0)
+    assert pool.kind == "mixed"
+    with pytest.raises(TypeError, match="in memory"):  # a streamed split: resolve_kd_mixup keeps it from here
+        mixed_training_set(object(), seed=7)

@@ -49,6 +49,7 @@ class UnlabeledSet:
     mode: str
     skipped: int = 0
     notes: list = field(default_factory=list)
+    kind: str = "unlabeled"  # unlabeled: a folder's images; mixed: mixes of the training images (--kd-mixup)
     _fingerprint: str | None = None
 
     def __len__(self) -> int:
@@ -154,17 +155,18 @@ def mixed_pixels(pixels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     return out
 
 
-def mixed_training_set(split, *, seed: int, factor: int = MIXED_POOL_FACTOR) -> UnlabeledSet | None:
+def mixed_training_set(split: ImageSplit, *, seed: int, factor: int = MIXED_POOL_FACTOR) -> UnlabeledSet:
     """Unlabeled images made from the labelled training ``split`` (``--kd-mixup``): ``factor`` mixes
     per training image (:func:`mixed_pixels`) of its stored pixels (the imagenet policy's larger
     ``source`` when it has one, so the loader's crops draw from mixes as from photos). The guides
     label them like ``--unlabeled`` images, and the student learns the guides' function between
     the training images (Beyer et al. 2022, "function matching"; the pool is mixed before the
     augmentation, from image pairs drawn apart from the labelled batches). Only the training split
-    is mixed, never the validation or test images. ``None`` for a streamed split (its pixels are
-    not in memory; such sets are large enough not to need it)."""
+    is mixed, never the validation or test images. A streamed split (its pixels are not in memory)
+    is refused: :func:`~compressor.training_defaults.resolve_kd_mixup` turns the mixes off there.
+    Every process of a multi-process run makes the same pool (seeded, bounded by that rule)."""
     if not isinstance(split, ImageSplit):
-        return None
+        raise TypeError(f"mixes are made from a split held in memory (ImageSplit), got {type(split).__name__}")
     pixels = split.source if split.source is not None else split.images
     pool = mixed_pixels(pixels, factor * pixels.shape[0], seed)
     labels = torch.full((pool.shape[0],), -1, dtype=torch.int64)
@@ -172,7 +174,7 @@ def mixed_training_set(split, *, seed: int, factor: int = MIXED_POOL_FACTOR) -> 
               else ImageSplit(pool, labels))
     note = (f"unlabeled: {pool.shape[0]} mixes of pairs of the {pixels.shape[0]} training images "
             f"({factor} per image; --no-kd-mixup: none)")
-    return UnlabeledSet(MIXED_FOLDER, images, "memory", 0, [note])
+    return UnlabeledSet(MIXED_FOLDER, images, "memory", 0, [note], kind="mixed")
 
 
 def unlabeled_batch_size(batch_size: int, ratio: float) -> int:
