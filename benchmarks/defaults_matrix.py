@@ -37,8 +37,10 @@ Usage::
     python benchmarks/defaults_matrix.py --data-root data/matrix --out runs/matrix --jobs 12
     python benchmarks/defaults_matrix.py --data-root data/matrix-quick --out runs/matrix-quick --quick
 
-``--quick``: one seed, the short budget only, 15-epoch teachers (build the data with ``--quick``
-too). ``--list`` prints the runs without running them; ``--table-only`` rebuilds the table from
+``--quick``: one seed, the short budget only, 15-epoch teachers, 7 of the 14 short cells
+(``QUICK_CELLS``: every data set and chain, the two extra cells; ``--only`` picks from all 14);
+build the data with ``--quick`` too. About 30 min on 2 cores with ``--jobs 2`` once its teachers are
+cached in ``OUT/teachers/`` (training them the first time adds about 35 min). ``--list`` prints the runs without running them; ``--table-only`` rebuilds the table from
 the JSON files. Works without installing the package (it runs ``python -m compressor.cli`` with
 this checkout on ``PYTHONPATH``).
 """
@@ -90,6 +92,13 @@ DONE_UNLABELED_GAIN = 2.0    # unlabeled images at 10 % labels add >= +2 points
 # (3 epochs) came within 1-4 points of 5-epoch teachers (CIFAR-10 MobileNetV2-1.0 34.2 % vs its student
 # alone 33.4 %), a teacher no user distills from; at 15 epochs it scores 49.4 %, the digits' 95.4-95.6 %.
 QUICK_TEACHER_EPOCHS, FULL_TEACHER_EPOCHS = 15, 30
+# --quick runs these 7 of the 14 short cells (--only picks from all 14 instead): every data set and every
+# chain at least once, each chain on its cheapest data set, and the two extra cells (the pretrained cell
+# with its scratch cell). All 14 took ~100 min a seed on 2 cores (2026-11-30: every run trains >= 2,048
+# images an epoch, small sets also on mixes; the MobileNet cells cost 5-10x a ResNet cell), over issue
+# 18's 30 min; these 7 took ~55 job-minutes there (runs/s9/mQ), ~28 min on 2 jobs once the teachers exist.
+QUICK_CELLS = ("cifar10.resnet.short", "gray28.resnet.short", "gray28.resnet-mbv2.short", "small.mbv2.short",
+               "photo96.resnet.short", "cifar10-labels10.resnet.short.labels10", "gray28.resnet.short.pretrained")
 
 
 # ----------------------------------------------------------------------------- the runs
@@ -704,7 +713,8 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--data-root", type=Path, required=True, help="folder made by tools/build_datasets.py")
     ap.add_argument("--out", type=Path, default=Path("runs/defaults-matrix"), help="[default: %(default)s]")
-    ap.add_argument("--quick", action="store_true", help=f"one seed, short budget only, {QUICK_TEACHER_EPOCHS}-epoch teachers")
+    ap.add_argument("--quick", action="store_true", help=f"one seed, short budget only, {QUICK_TEACHER_EPOCHS}-epoch teachers, the "
+                         f"{len(QUICK_CELLS)} cells of QUICK_CELLS (--only: any of the short cells)")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel processes [default: 1]")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: CUDA when present (jobs spread over the GPUs), else CPU [default: auto]")
@@ -761,6 +771,8 @@ def select_runs(args) -> tuple[list[Run], dict]:
     if args.only:
         rx = re.compile(args.only)
         cells = [c for c in cells if rx.search(c.id)]
+    elif args.quick:
+        cells = [c for c in cells if c.id in QUICK_CELLS]
     budgets = {"short": Budget("short", args.short_epochs, args.train_subset), "cpu": cpu_budget()}
     return enumerate_runs(cells, args.seeds), budgets
 

@@ -51,6 +51,14 @@ def test_cells_full_and_quick():
 def test_quick_defaults_and_filters(tmp_path):
     args = dm.parse_args(["--data-root", str(tmp_path), "--quick"])
     assert args.seeds == [0] and args.budgets == ["short"] and args.teacher_epochs == dm.QUICK_TEACHER_EPOCHS
+    runs, _ = dm.select_runs(args)  # the quick cells: every data set and chain, both extra cells
+    cells = {r.cell for r in runs}
+    assert {c.id for c in cells} == set(dm.QUICK_CELLS) and len(runs) == 6 * 3 + 5
+    assert {c.dataset for c in cells} >= set(dm.DATASETS) and {c.chain for c in cells} == set(dm.CHAINS)
+    assert {c.variant for c in cells} == {"", "labels10", "pretrained"} and dm.Cell("gray28", "resnet", "short") in cells
+    args = dm.parse_args(["--data-root", str(tmp_path), "--quick", "--only", r"^small\."])  # any short cell
+    assert {r.cell.id for r in dm.select_runs(args)[0]} == {"small.resnet.short", "small.resnet-mbv2.short",
+                                                            "small.mbv2.short"}
     assert args.data_root.is_absolute() and args.out.is_absolute()
     args = dm.parse_args(["--data-root", str(tmp_path), "--only", r"^small\.", "--seeds", "3,4"])
     runs, budgets = dm.select_runs(args)
