@@ -109,6 +109,8 @@ OPTIM_HELP = {
     "grad_accum": "gradient accumulation steps", "channels_last": "channels_last memory format [default: on when auto picks bf16]",
     "val_fraction": "hold out this share of train for the per-epoch evaluation (0: per-epoch on test)",
     "train_subset": "train on the first N shuffled images only", "eval_every": "evaluate every N epochs",
+    "test_every_epoch": "also score the test split at every per-epoch evaluation (metrics.jsonl test_top1; "
+                        "reported only: the gate, the best epoch and every choice use the validation split)",
     "log_with": "Accelerate tracker (tensorboard, wandb, ...)",
     "image_size": "train at NxN pixels (default: the native size if all images share it, else the model "
                   "family's; distill: the teacher's)",

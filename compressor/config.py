@@ -67,6 +67,7 @@ class OptimConfig:
     val_fraction: float = 0.1        # held out of train for the per-epoch evaluation; 0 = paper protocol (test)
     train_subset: typing.Optional[int] = None  # use only the first N (shuffled) training images
     eval_every: int = 1
+    test_every_epoch: bool = False             # also score the test split at each per-epoch evaluation (reported only)
     image_size: typing.Optional[int] = None    # default: native size if uniform, else the family's
     data_mode: str = "auto"                    # memory | stream | auto (memory if it fits the RAM budget)
     data_workers: typing.Optional[int] = None  # stream mode: loader worker processes (default: cores - 1)

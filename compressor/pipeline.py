@@ -59,7 +59,7 @@ from .training_defaults import (LEGACY, describe as describe_defaults, inherit_r
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 # ``precision`` is what ``auto`` resolved to on the machine of the session that wrote config.yaml.
-RESUME_IGNORED_KEYS = ("log_with", "precision", "trust_code", "accept_code_change", "compile", "training_defaults",
+RESUME_IGNORED_KEYS = ("log_with", "precision", "trust_code", "accept_code_change", "compile", "training_defaults", "test_every_epoch",
                        "kd_mixup_rule")  # the rule's words; kd_mixup itself is compared
 
 
@@ -118,10 +118,15 @@ def prepare_splits(cfg, bundle: DataBundle) -> Splits:
 
 
 def _loaders(cfg, splits: Splits, seed: int):
+    """The training loader, the per-epoch evaluation loader and the splits only reported each epoch
+    (``--test-every-epoch``: the test split, when it is not already the evaluation split)."""
     train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=seed, policy=cfg.augment,
                                workers=cfg.data_workers, repeats=cfg.epoch_repeats or 1)
     eval_loader = make_loader(splits.eval, max(cfg.batch_size, 256), shuffle=False, workers=cfg.data_workers)
-    return train_loader, eval_loader
+    reported = {}
+    if cfg.test_every_epoch and splits.eval_name != "test":
+        reported["test"] = make_loader(splits.test, max(cfg.batch_size, 256), shuffle=False, workers=cfg.data_workers)
+    return train_loader, eval_loader, reported
 
 
 # Normalisation of the data sets whose statistics are known (demo: the CIFAR-10 slice).
@@ -289,7 +294,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
         work.mkdir(exist_ok=True)
         write_yaml(work / "config.yaml", resolved)
     accelerator.wait_for_everyone()
-    train_loader, eval_loader = _loaders(cfg, splits, stable_seed(cfg.seed, "data"))
+    train_loader, eval_loader, reported = _loaders(cfg, splits, stable_seed(cfg.seed, "data"))
     if cfg.log_with:
         accelerator.init_trackers(out.stem, config={k: v for k, v in resolved.items()
                                                     if isinstance(v, (int, float, str, bool))})
@@ -299,7 +304,8 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
         result = fit(accelerator, model, [], train_loader, eval_loader, cfg=cfg, loss_cfg=LossSettings(),
                      epochs=cfg.epochs, mean=mean, std=std, stage_seed=stable_seed(cfg.seed, entry.name),
                      stage_dir=work, stage_label=entry.name, resume=resume, progress=progress,
-                     eval_split=splits.eval_name, refresh_bn=epoch_bn_refresh(accelerator, splits.train, cfg, mean, std))
+                     eval_split=splits.eval_name, report_loaders=reported,
+                     refresh_bn=epoch_bn_refresh(accelerator, splits.train, cfg, mean, std))
     except CompressError:  # e.g. diverged in the first epoch: with no state saved there is nothing to resume
         if accelerator.is_main_process and find_state(work) is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -867,7 +873,7 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
     init = _init_member(run, member, model)
     # Data order and augmentation depend on the seed alone: every stage and every
     # method sees the same batches; the init depends on the model, not its position.
-    train_loader, eval_loader = _loaders(cfg, splits, stable_seed(cfg.seed, "data"))
+    train_loader, eval_loader, reported = _loaders(cfg, splits, stable_seed(cfg.seed, "data"))
     guides = [chain_models[i] for i in guide_idx]
     run.progress.start_stage(label, stage_epochs, 0, len(train_loader.sampler))
     caches = run.open_guide_caches(guides, stage_epochs, len(train_loader)) if run.open_guide_caches else None
@@ -885,6 +891,7 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
                      std=run.std, stage_seed=stable_seed(cfg.seed, "stage", member.arch), stage_dir=stage_dir,
                      stage_label=label, resume=run.resume, progress=run.progress,
                      aug_seed=stable_seed(cfg.seed, "aug"), guide_caches=caches, eval_split=splits.eval_name,
+                     report_loaders=reported,
                      unlabeled=unlabeled, unlabeled_caches=unlabeled_caches,
                      refresh_bn=epoch_bn_refresh(accelerator, splits.train, run.cfg, run.mean, run.std))
     finally:

@@ -506,7 +506,7 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
         stage_label: str, resume: bool, progress: Progress, aug_seed: int | None = None,
         guide_caches: Sequence[GuideLogitCache | None] | None = None, eval_split: str = "val",
         unlabeled=None, unlabeled_caches: Sequence[GuideLogitCache | None] | None = None,
-        refresh_bn: Callable[[nn.Module], int] | None = None) -> FitResult:
+        refresh_bn: Callable[[nn.Module], int] | None = None, report_loaders: dict | None = None) -> FitResult:
     """Train ``model`` for ``epochs`` from its ``guides``; state saved in ``stage_dir/state``.
 
     ``unlabeled`` (an :class:`~compressor.data.unlabeled.UnlabeledStream`, with ``guides`` only):
@@ -515,6 +515,9 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
 
     ``test_loader`` is the per-epoch evaluation split named ``eval_split`` (``val``, or
     ``test`` under the paper's protocol); its metrics are logged as ``<eval_split>_top1`` etc.
+    ``report_loaders`` (``{name: loader}``, e.g. the test split for ``--test-every-epoch``) are
+    scored right after it and logged as ``<name>_top1`` and ``<name>_loss``: reported only, the
+    best epoch and the returned ``final`` are the evaluation split's.
 
     ``refresh_bn(model)`` (the unwrapped model; returns the batches used) runs before each
     per-epoch evaluation so that the score is not taken with stale BatchNorm statistics: a
@@ -528,6 +531,7 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    report_loaders = {name: accelerator.prepare(loader) for name, loader in (report_loaders or {}).items()}
     guides = _prepare_guides(guides, accelerator.device, cfg.channels_last, guide_caches, compile=cfg.compile)
     if not len(guides):
         unlabeled = None  # nobody to label the images (a stage without guides)
@@ -607,6 +611,9 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
                                f"{eval_split}_loss": test["loss"]})
                 resume_state.best_top1 = max(resume_state.best_top1, test["top1"])
                 final = test
+                for name, loader in report_loaders.items():
+                    scored = evaluate(accelerator, model, loader, mean=mean, std=std, channels_last=cfg.channels_last)
+                    record.update({f"{name}_top1": scored["top1"], f"{name}_loss": scored["loss"]})
             record["seconds"] = time.perf_counter() - t0
             progress.end_epoch(record)
             resume_state.epoch = epoch + 1

@@ -105,7 +105,7 @@ def test_teachers_and_commands(tmp_path):
 def _fake_summary(rd: Path, student_top1: float, epoch1: float) -> None:
     stage = rd / "stages" / "1-resnet8"
     stage.mkdir(parents=True, exist_ok=True)
-    (stage / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1": epoch1}) + "\n"
+    (stage / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1": epoch1 + 3, "test_top1": epoch1}) + "\n"
                                          + json.dumps({"epoch": 2, "val_top1": epoch1 + 5}) + "\n")
     (rd / "summary.json").write_text(json.dumps({
         "method": "dgkd", "per_epoch_split": "val", "teacher": "T", "kd_weight": 0.5, "temperature": 5.0,
@@ -139,7 +139,9 @@ def test_execute_writes_one_json_per_run_and_skips_finished(tmp_path, monkeypatc
     assert sorted(calls) == sorted(r.id for r in runs) and not skipped and not failed
     rec = json.loads(dm.record_path(tmp_path / "out", runs[2]).read_text())
     assert rec["id"] == "cifar10.resnet.short/dgkd-s0" and rec["seed"] == 0 and rec["status"] == "done"
-    assert rec["student_top1"] == 43.5 and rec["teacher_top1"] == 80.0 and rec["student_epoch1_top1"] == 20.0
+    assert rec["student_top1"] == 43.5 and rec["teacher_top1"] == 80.0
+    assert rec["student_epoch1_top1"] == 20.0 and rec["epoch1_split"] == "test"  # --test-every-epoch's score
+    assert "--test-every-epoch" in rec["command"]
     assert rec["num_classes"] == 2 and rec["chance_top1"] == 50.0 and rec["near_chance"] is True  # 43.5 <= 52
     assert rec["wall_seconds"] == 7.2 or rec["wall_seconds"] == 7.3  # rounded to 0.1
     assert rec["config"]["epochs"] == 3 and [m["arch"] for m in rec["models"]] == ["resnet20", "resnet8"]
@@ -358,3 +360,13 @@ def test_runner_spreads_jobs_over_gpus(tmp_path, monkeypatch):
         dm.Runner(tmp_path, 1, "cuda", echo=lambda *_: None)
     env = dm.child_env(None, 3)
     assert env["OMP_NUM_THREADS"] == "3" and env["PYTHONPATH"].split(":")[0] == str(REPO)
+
+
+def test_epoch1_score_prefers_the_test_split(tmp_path):
+    stage = tmp_path / "stages" / "1-resnet8"
+    stage.mkdir(parents=True)
+    (stage / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1": 10.0}) + "\n")  # a run from before
+    assert dm._first_epoch_top1(tmp_path, "stages/1-resnet8") == (10.0, "val")
+    (stage / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1": 10.0, "test_top1": 24.2}) + "\n")
+    assert dm._first_epoch_top1(tmp_path, "stages/1-resnet8") == (24.2, "test")
+    assert dm._first_epoch_top1(tmp_path, None) == (None, None)
