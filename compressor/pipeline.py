@@ -59,7 +59,8 @@ from .training_defaults import (LEGACY, describe as describe_defaults, inherit_r
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 # ``precision`` is what ``auto`` resolved to on the machine of the session that wrote config.yaml.
-RESUME_IGNORED_KEYS = ("log_with", "precision", "trust_code", "accept_code_change", "compile", "training_defaults", "test_every_epoch",
+RESUME_IGNORED_KEYS = ("log_with", "precision", "trust_code", "accept_code_change", "compile", "training_defaults",
+                       "test_every_epoch",  # reported only
                        "kd_mixup_rule")  # the rule's words; kd_mixup itself is compared
 
 
@@ -880,8 +881,8 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
     unlabeled = _unlabeled_stream(run) if run.unlabeled is not None and guides else None
     unlabeled_caches = None
     if unlabeled is not None:
-        run.say(f"{label}: each step also takes {unlabeled.batch_size} of the {len(run.unlabeled)} {run.unlabeled.kind} "
-                f"images, labelled by the guides (KD terms only)")
+        run.say(f"{label}: each step also takes {unlabeled.batch_size} of the {len(run.unlabeled)} "
+                f"{run.unlabeled.kind} images, labelled by the guides (KD terms only)")
         if run.open_guide_caches:
             unlabeled_caches = run.open_guide_caches(guides, stage_epochs, len(train_loader),
                                                      unlabeled=run.unlabeled, unlabeled_batch=unlabeled.batch_size)
