@@ -501,6 +501,15 @@ def find_state(stage_dir: Path) -> Path | None:
     return None
 
 
+def _score_without_rng(accelerator, model, loader, **kw) -> dict:
+    """:func:`evaluate` under a forked random state: starting a DataLoader draws its base seed from
+    the global generator, and a reported-only score must not move the training's random stream
+    (dropout masks: a MobileNetV2 student trained differently with ``--test-every-epoch``)."""
+    cuda = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        return evaluate(accelerator, model, loader, **kw)
+
+
 def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader, test_loader, *,
         cfg: OptimConfig, loss_cfg: LossSettings, epochs: int, mean, std, stage_seed: int, stage_dir: Path,
         stage_label: str, resume: bool, progress: Progress, aug_seed: int | None = None,
@@ -612,7 +621,8 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
                 resume_state.best_top1 = max(resume_state.best_top1, test["top1"])
                 final = test
                 for name, loader in report_loaders.items():
-                    scored = evaluate(accelerator, model, loader, mean=mean, std=std, channels_last=cfg.channels_last)
+                    scored = _score_without_rng(accelerator, model, loader, mean=mean, std=std,
+                                                channels_last=cfg.channels_last)
                     record.update({f"{name}_top1": scored["top1"], f"{name}_loss": scored["loss"]})
             record["seconds"] = time.perf_counter() - t0
             progress.end_epoch(record)

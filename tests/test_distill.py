@@ -123,15 +123,16 @@ def test_num_classes_mismatch_is_refused(tmp_path, pretrained_teacher):
 
 def test_test_every_epoch_scores_the_test_split_and_changes_nothing_else(in_tmp, pretrained_teacher, capsys):
     """--test-every-epoch adds the test split's score to every epoch's metrics (the matrix's
-    epoch-1 check reads it): reported only, the student and the validation scores stay the same."""
-    common = ["distill", "--teacher", str(pretrained_teacher), "--target", "resnet8", "--assistants", "0",
+    epoch-1 check reads it): reported only, the student and the validation scores stay the same.
+    The student has dropout (MobileNetV2): scoring must not move the training's random stream."""
+    common = ["distill", "--teacher", str(pretrained_teacher), "--target", "mobilenetv2_035", "--assistants", "0",
               "--method", "kd", "--data", "demo", "--train-subset", "64", "--epochs", "2", "--batch-size", "32",
               "--no-kd-mixup", "--seed", "5", "--latency-backend", "none", "--bn-recalibration-batches", "1"]
     assert run_cli([*common, "--out", "runs/a"]) == 0
     assert run_cli([*common, "--test-every-epoch", "--out", "runs/b"]) == 0
     out = capsys.readouterr().out
-    rows = {r: [json.loads(x) for x in (in_tmp / "runs" / r / "stages/1-resnet8/metrics.jsonl").read_text().splitlines()]
-            for r in "ab"}
+    rows = {r: [json.loads(x) for x in (in_tmp / "runs" / r / "stages/1-mobilenetv2_035/metrics.jsonl").read_text()
+                .splitlines()] for r in "ab"}
     assert [x["val_top1"] for x in rows["a"]] == [x["val_top1"] for x in rows["b"]]
     assert all("test_top1" not in x for x in rows["a"])
     from compressor.data import load_data
@@ -146,5 +147,5 @@ def test_test_every_epoch_scores_the_test_split_and_changes_nothing_else(in_tmp,
     assert yaml.safe_load((in_tmp / "runs/b/config.yaml").read_text())["test_every_epoch"] is True
     # --val-fraction 0 (the paper's protocol) evaluates on test already: no second score
     assert run_cli([*common, "--test-every-epoch", "--val-fraction", "0", "--epochs", "1", "--out", "runs/c"]) == 0
-    row = json.loads((in_tmp / "runs/c/stages/1-resnet8/metrics.jsonl").read_text().splitlines()[0])
+    row = json.loads((in_tmp / "runs/c/stages/1-mobilenetv2_035/metrics.jsonl").read_text().splitlines()[0])
     assert "test_top1" in row and "val_top1" not in row
