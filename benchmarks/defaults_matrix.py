@@ -39,8 +39,9 @@ Usage::
 
 ``--quick``: one seed, the short budget only, 15-epoch teachers, 7 of the 14 short cells
 (``QUICK_CELLS``: every data set and chain, the two extra cells; ``--only`` picks from all 14);
-build the data with ``--quick`` too. About 30 min on 2 cores with ``--jobs 2`` once its teachers are
-cached in ``OUT/teachers/`` (training them the first time adds about 35 min). ``--list`` prints the runs without running them; ``--table-only`` rebuilds the table from
+build the data with ``--quick`` too. 18 min on 2 cores with ``--jobs 2`` once its teachers are
+cached in ``OUT/teachers/`` (2026-11-30; the first run also trains 4 models, the two slowest 43 and
+45 min of one core each on a loaded machine). ``--list`` prints the runs without running them; ``--table-only`` rebuilds the table from
 the JSON files. Works without installing the package (it runs ``python -m compressor.cli`` with
 this checkout on ``PYTHONPATH``).
 """
@@ -96,7 +97,7 @@ QUICK_TEACHER_EPOCHS, FULL_TEACHER_EPOCHS = 15, 30
 # chain at least once, each chain on its cheapest data set, and the two extra cells (the pretrained cell
 # with its scratch cell). All 14 took ~100 min a seed on 2 cores (2026-11-30: every run trains >= 2,048
 # images an epoch, small sets also on mixes; the MobileNet cells cost 5-10x a ResNet cell), over issue
-# 18's 30 min; these 7 took ~55 job-minutes there (runs/s9/mQ), ~28 min on 2 jobs once the teachers exist.
+# 18's 30 min; these 7 took 18 min on 2 jobs once the teachers exist (docs/results.md §6, session 10).
 QUICK_CELLS = ("cifar10.resnet.short", "gray28.resnet.short", "gray28.resnet-mbv2.short", "small.mbv2.short",
                "photo96.resnet.short", "cifar10-labels10.resnet.short.labels10", "gray28.resnet.short.pretrained")
 
