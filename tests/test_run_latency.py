@@ -134,8 +134,11 @@ def test_old_summaries_say_their_latency_came_from_the_plan():
 
 @pytest.mark.timeout(420)
 def test_two_process_run_table_agrees_with_compress_bench(tmp_path, pretrained_teacher):
-    """torchrun with 2 CPU processes: the student's table latency is within 1.5x of 'compress bench' on its
-    export (both onnxruntime, batch 1, p50, same threads); before, rank 0 timed torch eager at plan time."""
+    """torchrun with 2 CPU processes: the student's table latency is within 2x of 'compress bench' on its
+    export (both onnxruntime, batch 1, p50, same threads); before, rank 0 timed torch eager at plan time.
+    2x, not tighter: the table is timed while the other test worker may load the 2 cores (CI once read
+    0.42 ms against 0.26 and 0.24 ms); torch eager is 3.9x onnxruntime for this ResNet-8 at one thread
+    (0.94 vs 0.24 ms, 2026-11-30), so 2x still tells the two apart."""
     compress = shutil.which("compress", path=str(Path(sys.executable).parent))
     assert compress, "the compress console script is installed next to the interpreter"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
@@ -158,4 +161,4 @@ def test_two_process_run_table_agrees_with_compress_bench(tmp_path, pretrained_t
     benches = [json.loads((tmp_path / f"b{i}.json").read_text()) for i in (1, 2)]
     assert all(b["threads"] == summary["latency"]["threads"] for b in benches)
     bench_ms = [b["results"][0]["p50_ms"] for b in benches]
-    assert any(1 / 1.5 <= table_ms / ms <= 1.5 for ms in bench_ms), (table_ms, bench_ms)
+    assert any(1 / 2 <= table_ms / ms <= 2 for ms in bench_ms), (table_ms, bench_ms)
