@@ -41,9 +41,9 @@ Usage::
 (``QUICK_CELLS``: every data set and chain, the two extra cells; ``--only`` picks from all 14);
 build the data with ``--quick`` too. 18 min on 2 cores with ``--jobs 2`` once its teachers are
 cached in ``OUT/teachers/`` (2026-11-30; the first run also trains 4 models, the two slowest 43 and
-45 min of one core each on a loaded machine). ``--list`` prints the runs without running them; ``--table-only`` rebuilds the table from
-the JSON files. Works without installing the package (it runs ``python -m compressor.cli`` with
-this checkout on ``PYTHONPATH``).
+45 min of one core each on a loaded machine). ``--list`` prints the runs without running them;
+``--table-only`` rebuilds the table from the JSON files. Works without installing the package (it
+runs ``python -m compressor.cli`` with this checkout on ``PYTHONPATH``).
 """
 from __future__ import annotations
 
@@ -498,7 +498,8 @@ def markdown_table(cells: dict, chk: dict) -> str:
         f"- no student within {DONE_CHANCE_MARGIN:g} points of chance (final): "
         f"{_verdict(c['no_student_near_chance_final']['pass'])}"
         + (f" ({', '.join(c['no_student_near_chance_final']['cells'])})" if c["no_student_near_chance_final"]["cells"] else ""),
-        f"- … after epoch 1 (test split; val in runs from before --test-every-epoch): {_verdict(c['no_student_near_chance_epoch1']['pass'])}"
+        f"- … after epoch 1 (test split; val in runs from before --test-every-epoch): "
+        f"{_verdict(c['no_student_near_chance_epoch1']['pass'])}"
         + (f" ({', '.join(c['no_student_near_chance_epoch1']['cells'])})" if c["no_student_near_chance_epoch1"]["cells"] else ""),
         f"- unlabeled images at 10 % labels add ≥ +{DONE_UNLABELED_GAIN:g}: {_verdict(c['unlabeled_gain_ge_2']['pass'])}",
     ]

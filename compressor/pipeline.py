@@ -651,7 +651,8 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     resolved["teacher_sha256"] = teacher_sha256  # what --resume compares the teacher by (_check_resume_config)
     splits = prepare_splits(cfg, bundle)
     cfg, batch_record = resolve_batch_size(cfg, len(splits.train), accelerator.num_processes)
-    cfg, mixup_rule = resolve_kd_mixup(cfg, len(splits.train), in_memory=isinstance(splits.train, ImageSplit))
+    streamed = not isinstance(splits.train, ImageSplit)  # no pixels in memory to mix
+    cfg, mixup_rule = resolve_kd_mixup(cfg, len(splits.train), in_memory=not streamed)
     resolved["kd_mixup_rule"] = mixup_rule
     unlabeled = _load_unlabeled(cfg, bundle, accelerator.num_processes, splits.train)
     if unlabeled is not None:  # recorded, so a resume with other unlabeled images is refused
@@ -683,7 +684,7 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     for line in dict.fromkeys(describe_defaults(r) for r in defaults_records.values()):
         print_(line)
     if cfg.method != "ce" and not cfg.unlabeled:
-        hint = ("; --no-kd-mixup to turn it off" if cfg.kd_mixup else "" if "; off:" in mixup_rule
+        hint = ("; --no-kd-mixup to turn it off" if cfg.kd_mixup else "" if streamed  # no flag turns it on
                 else "; --kd-mixup to turn it on")
         print_(f"KD on mixes of the training images: {'on' if cfg.kd_mixup else 'off'} ({mixup_rule}{hint})")
     if accelerator.num_processes > 1:
