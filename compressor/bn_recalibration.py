@@ -28,6 +28,13 @@ from torch import nn
 EPOCH_BATCHES = 10
 
 
+def random_state_kept(model: nn.Module):
+    """``torch.random.fork_rng`` over the CPU and the CUDA devices holding ``model``: work inside it
+    (this refresh, a reported-only score) leaves the training's random stream where it was."""
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    return torch.random.fork_rng(devices=cuda)
+
+
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """The BatchNorm layers of ``model`` that keep running statistics."""
     return [m for m in model.modules()
@@ -56,9 +63,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], *, max_bat
         bn.momentum = None  # cumulative average over the batches below
     model.train()
     used = 0
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=cuda):
+        with random_state_kept(model):
             for x in batches:
                 if max_batches is not None and used >= max_batches:
                     break

@@ -61,6 +61,7 @@ from .training_defaults import (LEGACY, describe as describe_defaults, inherit_r
 # ``precision`` is what ``auto`` resolved to on the machine of the session that wrote config.yaml.
 RESUME_IGNORED_KEYS = ("log_with", "precision", "trust_code", "accept_code_change", "compile", "training_defaults",
                        "test_every_epoch",  # reported only
+                       "out",  # locates the run (moved or copied with its state, it resumes where it is now)
                        "kd_mixup_rule")  # the rule's words; kd_mixup itself is compared
 
 

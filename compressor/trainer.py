@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .bn_recalibration import random_state_kept
 from .config import OptimConfig
 from .data import augment_batch, batch_augments, normalize
 from .errors import CompressError
@@ -505,8 +506,7 @@ def _score_without_rng(accelerator, model, loader, **kw) -> dict:
     """:func:`evaluate` under a forked random state: starting a DataLoader draws its base seed from
     the global generator, and a reported-only score must not move the training's random stream
     (dropout masks: a MobileNetV2 student trained differently with ``--test-every-epoch``)."""
-    cuda = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    with random_state_kept(model):
         return evaluate(accelerator, model, loader, **kw)
 
 

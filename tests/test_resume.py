@@ -329,11 +329,12 @@ def test_ctrl_c_mid_epoch_saves_the_step_and_resumes_identically(tmp_path, monke
     stage = tmp_path / "b" / "stages" / "1-resnet8"
     assert (stage / "state").is_dir() and not (stage / "model.safetensors").exists()
 
-    _synthetic_run(tmp_path / "b", resume=True)
+    (tmp_path / "b").rename(tmp_path / "c")  # a run moved with its state resumes where it is now
+    _synthetic_run(tmp_path / "c", resume=True)
     assert "resumed stage 1/1 resnet8 in epoch 2/2 after step 2" in capsys.readouterr().out
-    assert_same_student(tmp_path / "b", tmp_path / "a")
+    assert_same_student(tmp_path / "c", tmp_path / "a")
     # the epoch log is the uninterrupted one, running sums included (only the timings differ)
     logs = [[{k: v for k, v in json.loads(x).items() if k != "seconds"}
              for x in (d / "stages" / "1-resnet8" / "metrics.jsonl").read_text().splitlines()]
-            for d in (tmp_path / "a", tmp_path / "b")]
+            for d in (tmp_path / "a", tmp_path / "c")]
     assert logs[0] == logs[1] and len(logs[0]) == 2

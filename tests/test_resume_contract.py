@@ -81,16 +81,21 @@ def test_train_resume_refuses_a_changed_config_and_continues_an_unchanged_one(tm
         _train(out)
     assert (work / "state" / "resume.json").is_file()
 
-    # the same flags continue at step 2 and give the uninterrupted model; the state is removed
-    _train(out, resume=True)
+    # the state moved to another folder with its file (as the matrix copies a teacher) resumes there:
+    # --out only says where the run is. The same flags continue at step 2 and give the uninterrupted
+    # model; the state is removed
+    moved = tmp_path / "moved" / "t.safetensors"
+    moved.parent.mkdir()
+    work.rename(moved.with_name(moved.name + ".train-state"))
+    _train(moved, resume=True)
     assert "resumed resnet8 in epoch 1/1 after step 2" in capsys.readouterr().out
-    assert out.exists() and not work.exists()
-    a, b = load_file(str(out)), load_file(str(tmp_path / "ref.safetensors"))
+    assert moved.exists() and not moved.with_name(moved.name + ".train-state").exists() and not out.exists()
+    a, b = load_file(str(moved)), load_file(str(tmp_path / "ref.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     # nothing left to resume
     with pytest.raises(CompressError, match=r"nothing to resume for .*, which is finished\); drop --resume"):
-        _train(out, resume=True)
+        _train(moved, resume=True)
 
 
 def test_train_resume_contract_through_the_cli(in_tmp, capsys):
