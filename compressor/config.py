@@ -136,6 +136,15 @@ class TrainConfig(OptimConfig):
             raise CompressError("no output path; pass --out FILE.safetensors")
 
 
+# ``--assistants auto`` plans one assistant per this compute ratio (planning.auto_assistant_count):
+# none for a gap up to 6x. Assistants cost accuracy where the gap is small: ResNet-20 -> 8 (3.3x
+# MACs) and MobileNetV2 1.0 -> 0.35 (5.6x), DGKD's student under KD's (the teacher alone) in 11 of 11
+# 3-epoch runs with a kept assistant (-1.4 points on average) and at the CPU-study budget (-1.4,
+# -0.0, -0.0); they helped on ResNet-56 -> 8 (10.3x: +0.8 over KD, 3 seeds) and ResNet-56 ->
+# MobileNetV2-0.35 (8.0x: +3.6, 1 seed). docs/results.md §6. The paper's 2.5x lives in its recipes.
+AUTO_SPACING = 6.0
+
+
 @dataclass
 class DistillConfig(OptimConfig):
     """``compress distill``: the chain teacher -> assistants -> student."""
@@ -148,7 +157,7 @@ class DistillConfig(OptimConfig):
     assistants: str = "auto"                          # auto | N | name,name
     by: str = "macs"                                  # spacing metric: macs | params | latency
     max_assistants: int = 4
-    spacing: float = 2.5                              # auto: at most this compute ratio between neighbours
+    spacing: float = AUTO_SPACING                     # auto: at most this compute ratio between neighbours
     temperature: float = 2.0                          # paper: 5 (its recipes pin it); 2 wins short runs (results §6)
     kd_weight: float = 0.5                            # λ: (1-λ)·CE + λ·KD (KD: mean or sum over the kept guides); paper: 1
     kd_reduction: str = "mean"                        # mean over the kept guides | sum (paper, official code)

@@ -2,7 +2,7 @@
 
 Rule for ``assistants="auto"`` (documented in docs/distillation.md): take the fewest
 assistants such that no two neighbours in the chain differ by more than
-``spacing`` (default 2.5x) in the chosen metric (MACs by default), i.e.
+``spacing`` (default :data:`~compressor.config.AUTO_SPACING`, 6x) in the chosen metric (MACs by default), i.e.
 ``n = ceil(log(M_teacher / M_student) / log(spacing)) - 1``, capped by
 ``max_assistants`` and by the number of candidates. The n assistants are
 placed at the log-evenly spaced ideal sizes ``M_student · r^(i/(n+1))``
@@ -29,6 +29,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from .config import AUTO_SPACING
 from .errors import CompressError
 from .models import family_ladder, get_entry
 from .models.registry import profile_arch as _profile_arch
@@ -191,7 +192,7 @@ def pick_evenly(candidates: list[tuple[str, float]], low: float, high: float, n:
 
 
 def plan_chain(teacher_arch: str, num_classes: int, target: str, *, teacher_kwargs: dict | None = None,
-               assistants: str = "auto", by: str = "macs", max_assistants: int = 4, spacing: float = 2.5,
+               assistants: str = "auto", by: str = "macs", max_assistants: int = 4, spacing: float = AUTO_SPACING,
                method: str = "dgkd", model_kwargs: dict | None = None, latency_backend: str = "torch",
                measure_latency: bool = True, drop_guides: int = 1, epochs: int = 1,
                assistant_epochs: int | None = None, input_size=None) -> Plan:
@@ -243,6 +244,9 @@ def plan_chain(teacher_arch: str, num_classes: int, target: str, *, teacher_kwar
         chosen = pick_evenly(candidates, m_student, m_teacher, n) if n else []
         rule = (f"auto: fewest assistants with at most {spacing:g}x {by} between neighbours "
                 f"(ratio {m_teacher / m_student:.1f}x -> {n}, max {max_assistants}) from {source}")
+        if n == 0 and method == "dgkd":  # why a DGKD run has no assistant, and how to get one
+            rule += ("; no assistant: the teacher teaches the student directly (as --method kd); "
+                     "--assistants N or a smaller --spacing plans some")
     elif str(assistants).strip().isdigit():
         n = int(assistants)
         if n > len(candidates):

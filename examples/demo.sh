@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 start=$(date +%s)
 
 echo "== 1/6 plan: which assistants go between resnet20 and resnet8"
-$C plan --teacher "$TEACHER" --target resnet8 --json "$OUT/plan.json"
+$C plan --recipe recipes/demo.yaml --teacher "$TEACHER" --target resnet8 --json "$OUT/plan.json"
 
 echo; echo "== 2/6 distill with DGKD: teacher -> assistant -> student (recipes/demo.yaml)"
 $C distill --teacher "$TEACHER" --target resnet8 --recipe recipes/demo.yaml --out "$OUT/dgkd"

@@ -173,7 +173,7 @@ def test_readme_tour_runs(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = tmp_path / "runs" / "tour"
     summary = json.loads((run / "summary.json").read_text())
-    assert [m["arch"] for m in summary["chain"]] == ["resnet20", "resnet14", "resnet8"]
+    assert [m["arch"] for m in summary["chain"]] == ["resnet20", "resnet8"]  # 3.3x: no assistant by default
     assert (run / "student.onnx").is_file()
     assert "parity PASS" in r.stdout + r.stderr
     assert re.search(r"student\.onnx on demo \(1000 images, onnxruntime\): top-1", r.stdout)

@@ -243,6 +243,7 @@ def test_second_run_hits_the_cache_and_trains_the_same_student(tmp_path, monkeyp
         cfg = resolve_config(DistillConfig, None, dict(teacher=str(pretrained_teacher), target="resnet8",
                                                        epochs=2, batch_size=16, out=str(tmp_path / name),
                                                        latency_backend="none", cache_guides=True,
+                                                       assistants="resnet14",
                                                        gate_guides=False))  # both guides teach: both cached
         run_distillation(cfg, data=data, show_progress=False)
         lines = (tmp_path / name / "stages" / "2-resnet8" / "metrics.jsonl").read_text().splitlines()

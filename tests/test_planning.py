@@ -17,20 +17,30 @@ def test_auto_count_rule():
     assert auto_assistant_count(6.25, 2.5) == 1  # exactly 2.5^2: one assistant suffices
 
 
-@pytest.mark.parametrize("teacher,target,expected", [
-    ("resnet20", "resnet8", ["resnet20", "resnet14", "resnet8"]),
-    ("resnet56", "resnet8", ["resnet56", "resnet26", "resnet14", "resnet8"]),
+@pytest.mark.parametrize("spacing,teacher,target,expected", [
+    (2.5, "resnet20", "resnet8", ["resnet20", "resnet14", "resnet8"]),
+    (2.5, "resnet56", "resnet8", ["resnet56", "resnet26", "resnet14", "resnet8"]),
     # ideal sizes 12.2M x 20.7^(i/4) = 26.0M, 55.6M, 119M -> resnet14, resnet26, resnet56
-    ("resnet110", "resnet8", ["resnet110", "resnet56", "resnet26", "resnet14", "resnet8"]),
+    (2.5, "resnet110", "resnet8", ["resnet110", "resnet56", "resnet26", "resnet14", "resnet8"]),
+    # the default, 6x: none for 40.6M / 12.2M = 3.3x; one for 10.3x (sqrt(125.5M x 12.2M) = 39.2M)
+    # and for 20.7x (sqrt(252.9M x 12.2M) = 55.6M); MobileNetV2 1.0 -> 0.35 at 32 px: 5.6x, none
+    (None, "resnet20", "resnet8", ["resnet20", "resnet8"]),
+    (None, "resnet56", "resnet8", ["resnet56", "resnet20", "resnet8"]),
+    (None, "resnet110", "resnet8", ["resnet110", "resnet26", "resnet8"]),
+    (None, "mobilenetv2_100", "mobilenetv2_035", ["mobilenetv2_100", "mobilenetv2_035"]),
 ])
-def test_auto_plans(teacher, target, expected):
-    plan = plan_chain(teacher, 10, target, measure_latency=False)
+def test_auto_plans(spacing, teacher, target, expected):
+    kw = {} if spacing is None else {"spacing": spacing}
+    stem = {"stem": "cifar"} if teacher.startswith("mobilenet") else {}  # 88.0M MACs, as the matrix's teacher
+    plan = plan_chain(teacher, 10, target, measure_latency=False, input_size=(3, 32, 32), teacher_kwargs=stem, **kw)
     assert names(plan) == expected
     assert [m.role for m in plan.members] == ["teacher"] + ["assistant"] * (len(expected) - 2) + ["student"]
+    if len(expected) == 2:  # says why a dgkd run has no assistant, and how to get one
+        assert "no assistant: the teacher teaches the student directly (as --method kd)" in plan.rule
 
 
 def test_max_assistants_caps_auto():
-    plan = plan_chain("resnet110", 10, "resnet8", max_assistants=1, measure_latency=False)
+    plan = plan_chain("resnet110", 10, "resnet8", max_assistants=1, spacing=2.5, measure_latency=False)
     assert names(plan) == ["resnet110", "resnet26", "resnet8"]  # sqrt(252.9M x 12.2M) = 55.6M
 
 
@@ -80,7 +90,7 @@ def test_relative_training_cost_pinned():
     # stage A: 3*26,395,264 + 40,551,040 = 119,736,832
     # stage S: 3*12,239,488 + (40,551,040 + 26,395,264)/2 = 70,191,616
     # / (3*12,239,488) -> 189,928,448 / 36,718,464 = 5.1726
-    plan = plan_chain("resnet20", 10, "resnet8", measure_latency=False, drop_guides=1)
+    plan = plan_chain("resnet20", 10, "resnet8", measure_latency=False, drop_guides=1, spacing=2.5)
     assert plan.relative_cost == pytest.approx(5.173, abs=1e-3)
     ce_cost = relative_training_cost(plan.members[-1:] and [plan.members[0], plan.members[-1]], "ce", 1, 1, 1)
     assert ce_cost == pytest.approx(1.0)

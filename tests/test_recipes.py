@@ -90,7 +90,8 @@ def test_paper_recipe_settings(name):
     if spec.get("cpu_scale"):  # the CPU-study budget (cpu_study.yaml), auto assistants
         study = _validate(RECIPES / "cpu_study.yaml")
         assert cfg.method == "dgkd" and cfg.assistants == "auto" and cfg.model_kwargs == {"stem": "cifar"}
-        for key in ("epochs", "train_subset", "val_fraction", "temperature", "kd_weight", "schedule", "lr",
+        assert cfg.spacing == 2.5  # the studied chains (results §1, §4), not the default's fewer assistants
+        for key in ("spacing", "epochs", "train_subset", "val_fraction", "temperature", "kd_weight", "schedule", "lr",
                     "weight_decay", "batch_size"):
             assert getattr(cfg, key) == getattr(study, key), key
         return

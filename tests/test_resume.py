@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 TEACHER = str(REPO / "compressor" / "assets" / "resnet20_cifar10_pretrained.safetensors")
 ARGS = ["distill", "--teacher", TEACHER, "--target", "resnet8", "--epochs", "2", "--train-subset", "128",
         "--batch-size", "32", "--latency-backend", "none", "--seed", "7", "--data", "demo", "--eval-every", "2",
-        "--out", "runs/run"]
+        "--assistants", "resnet14", "--out", "runs/run"]
 STAGE1, STAGE2 = "stages/1-resnet14", "stages/2-resnet8"
 POLL_S = 0.05
 TIMEOUT_S = 300

@@ -200,7 +200,8 @@ def test_dropped_guide_recorded_and_student_warned(tmp_path, pretrained_teacher,
                                                                       "reason": "near chance"})
     cfg = resolve_config(DistillConfig, None, dict(teacher=str(pretrained_teacher), target="resnet8", method="dgkd",
                                                    epochs=1, batch_size=16, out=str(tmp_path / "r"), seed=5,
-                                                   lr=0.05, latency_backend="none", bn_recalibration_batches=2))
+                                                   lr=0.05, latency_backend="none", bn_recalibration_batches=2,
+                                                   assistants="resnet14"))
     summary = pipeline.run_distillation(cfg, data=synthetic_data(num_classes=10, n_train=32, n_test=16, seed=1),
                                         show_progress=False)
     out = capsys.readouterr().out

@@ -184,7 +184,7 @@ def test_the_readme_example_file_plans_its_ladder():
     from pathlib import Path
 
     ref = f"{Path(__file__).resolve().parents[1] / 'examples' / 'my_model.py'}:SmallCNN"
-    plan = plan_chain("resnet20", 10, ref, model_kwargs={"width": 8}, measure_latency=False)
+    plan = plan_chain("resnet20", 10, ref, model_kwargs={"width": 8}, measure_latency=False, spacing=2.5)
     assert [m.model_kwargs.get("width") for m in plan.members[1:]] == [64, 32, 16, 8]
     # convs 216 + 1,152 + 4,608, BatchNorms 16 + 32 + 64, linear 32*10+10 = 330
     assert plan.members[-1].params == 6_418
