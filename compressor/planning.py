@@ -244,7 +244,7 @@ def plan_chain(teacher_arch: str, num_classes: int, target: str, *, teacher_kwar
         chosen = pick_evenly(candidates, m_student, m_teacher, n) if n else []
         rule = (f"auto: fewest assistants with at most {spacing:g}x {by} between neighbours "
                 f"(ratio {m_teacher / m_student:.1f}x -> {n}, max {max_assistants}) from {source}")
-        if n == 0 and method == "dgkd":  # why a DGKD run has no assistant, and how to get one
+        if method == "dgkd" and m_teacher / m_student <= spacing:  # why no assistant, and how to get one
             rule += ("; no assistant: the teacher teaches the student directly (as --method kd); "
                      "--assistants N or a smaller --spacing plans some")
     elif str(assistants).strip().isdigit():
