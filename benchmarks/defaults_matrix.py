@@ -9,7 +9,8 @@ data, the chain, the epochs, the train subset and the seed, over
 * chains (``--assistants auto``, the default, picks the assistants): ``resnet`` (resnet20 ->
   resnet8), ``resnet-mbv2`` (resnet20 -> mobilenetv2_035), ``mbv2`` (mobilenetv2_100 ->
   mobilenetv2_035, a MobileNet ladder); their gaps (3.3x, 2.6x, 5.6x MACs) are under the default
-  ``--spacing`` (6x), so the default dgkd plans no assistant and trains as kd; ``--extra-args
+  ``--spacing`` (6x), so the default dgkd plans no assistant and trains as kd: the matrix then records
+  the kd run for dgkd instead of training it again (``--run-identical`` trains it); ``--extra-args
   "--spacing 2.5"`` measures the chains with one;
 * budgets: ``short`` (``--short-epochs``, 3, per stage) everywhere; ``cpu`` (epochs and train
   subset of recipes/cpu_study.yaml) on cifar10 and photo96;
@@ -256,6 +257,58 @@ def cli_has_unlabeled() -> bool:
         except (OSError, subprocess.SubprocessError):
             _UNLABELED_SUPPORT["ok"] = False
     return _UNLABELED_SUPPORT["ok"]
+
+
+# flags of --extra-args that change the plan in ways planned_assistants() does not follow: the runs then run
+_PLAN_FLAGS_NOT_FOLLOWED = ("--recipe", "--option", "--target-latency", "--assistant-epochs")
+
+
+def planned_assistants(teacher: Path, student: str, extra: list[str]) -> int | None:
+    """How many assistants ``compress distill --method dgkd`` plans for ``teacher -> student`` with the
+    ``--extra-args`` given (``--assistants``, ``--spacing``, ``--by``, ``--max-assistants`` followed);
+    None where this cannot be told without running (a recipe, model options, latency planning)."""
+    from compressor.config import DistillConfig
+
+    if any(a.split("=", 1)[0] in _PLAN_FLAGS_NOT_FOLLOWED for a in extra):
+        return None
+    d = DistillConfig()
+    ap = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    ap.add_argument("--assistants", default=d.assistants)
+    ap.add_argument("--spacing", type=float, default=d.spacing)
+    ap.add_argument("--by", default=d.by)
+    ap.add_argument("--max-assistants", type=int, default=d.max_assistants)
+    try:
+        ns, _ = ap.parse_known_args(extra)
+    except SystemExit:
+        return None
+    if ns.by == "latency":
+        return None
+    try:
+        from compressor.checkpoint import read_checkpoint
+        from compressor.planning import plan_chain
+
+        _, meta = read_checkpoint(str(teacher))
+        plan = plan_chain(meta.arch, meta.num_classes, student, teacher_kwargs=meta.model_kwargs,
+                          assistants=ns.assistants, by=ns.by, max_assistants=ns.max_assistants, spacing=ns.spacing,
+                          method="dgkd", latency_backend="none", measure_latency=False, input_size=meta.input_size)
+    except Exception:  # noqa: BLE001 - whatever the planner refuses, the run itself reports
+        return None
+    return len(plan.assistants)
+
+
+def kd_twin(run: Run) -> Run:
+    """The kd run that a dgkd run equals when its plan has no assistant (kd+unl for dgkd+unl)."""
+    return Run(run.cell, "kd" + run.method[len("dgkd"):], run.seed)
+
+
+def derived_record(run: Run, kd_record: dict) -> dict:
+    """dgkd's record copied from its kd twin: with no assistant the teacher is DGKD's only guide, which is
+    KD -- the same command but for ``--method``, and the same student to the digit (69 of 69 pairs, 3 seeds of
+    the quick mode, docs/results.md §6)."""
+    return {**kd_record, "id": run.id, "method": run.method, "derived_from": kd_record["id"],
+            "wall_seconds": None, "train_seconds": None, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "notes": kd_record.get("notes", []) + [f"no assistant planned: dgkd trains as kd; {kd_record['id']}'s "
+                                                   "run recorded, not run again (--run-identical runs it)"]}
 
 
 def child_env(gpu: str | None, threads: int) -> dict:
@@ -704,8 +757,31 @@ def execute(runs: list[Run], *, args, budgets: dict, echo=say) -> tuple[list[str
                           notes=["resumed: wall time covers part of the run"] if resumed else [])
         write_json(record_path(out, r), rec)
 
+    # dgkd with no assistant planned is kd: record kd's run for it instead of training it again
+    derived = []
+    if not getattr(args, "run_identical", False):
+        run_ids = {r.id for r in runs}
+        for r in todo:
+            if not r.method.startswith("dgkd") or kd_twin(r).id not in run_ids:
+                continue
+            t = teacher_for(r.cell, args.teacher_epochs)
+            if t is not None and ok_prereq.get(t.id):
+                continue  # do_run skips it with the reason
+            teacher = PRETRAINED_TEACHER if t is None else t.path(out)
+            if planned_assistants(teacher, CHAINS[r.cell.chain][1], extra) == 0:
+                derived.append(r)
+        if derived:
+            echo(f"{len(derived)} dgkd run(s) plan no assistant: each records its kd twin's run")
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(do_run, todo))
+        list(pool.map(do_run, [r for r in todo if r not in derived]))
+    from compressor.fileio import write_json
+
+    for r in derived:
+        twin = record_path(out, kd_twin(r))
+        if twin.is_file():
+            write_json(record_path(out, r), derived_record(r, json.loads(twin.read_text())))
+        else:
+            skipped.append(f"{r.id}: equals {kd_twin(r).id}, which did not finish")
     return skipped, failed
 
 
@@ -737,6 +813,9 @@ def parse_args(argv=None):
                     help="cap the training images of every short-budget run and teacher (0: all)")
     ap.add_argument("--extra-args", default=None,
                     help="appended to every compress command, e.g. \"--data-workers 2\"")
+    ap.add_argument("--run-identical", action="store_true",
+                    help="also train dgkd where its plan has no assistant (it then trains as kd, the same run; "
+                         "by default kd's record is copied for it)")
     ap.add_argument("--list", action="store_true", help="print the runs and exit")
     ap.add_argument("--table-only", action="store_true", help="rebuild the table from the JSON files and exit")
     args = ap.parse_args(argv)

@@ -115,8 +115,8 @@ def _fake_summary(rd: Path, student_top1: float, epoch1: float) -> None:
                    "stage_dir": "stages/1-resnet8", "train_seconds": 12.5}]}))
 
 
-def _args(tmp_path, **kw):
-    return Namespace(out=tmp_path / "out", data_root=tmp_path / "data", extra_args=None, jobs=2, device="cpu",
+def _args(tmp_path, extra=None, **kw):
+    return Namespace(out=tmp_path / "out", data_root=tmp_path / "data", extra_args=extra, jobs=2, device="cpu",
                      teacher_epochs=5, train_subset=None, **kw)
 
 
@@ -135,10 +135,13 @@ def test_execute_writes_one_json_per_run_and_skips_finished(tmp_path, monkeypatc
 
     monkeypatch.setattr(dm.Runner, "call", fake_call)
     budgets = {"short": dm.Budget("short", 3, None)}
-    skipped, failed = dm.execute(runs, args=_args(tmp_path), budgets=budgets, echo=lambda *_: None)
+    # --spacing 2.5: resnet20 -> resnet8 (3.3x MACs) plans an assistant, so dgkd is a run of its own
+    skipped, failed = dm.execute(runs, args=_args(tmp_path, extra="--spacing 2.5"), budgets=budgets,
+                                 echo=lambda *_: None)
     assert sorted(calls) == sorted(r.id for r in runs) and not skipped and not failed
     rec = json.loads(dm.record_path(tmp_path / "out", runs[2]).read_text())
     assert rec["id"] == "cifar10.resnet.short/dgkd-s0" and rec["seed"] == 0 and rec["status"] == "done"
+    assert "derived_from" not in rec and rec["command"].endswith("--spacing 2.5")
     assert rec["student_top1"] == 43.5 and rec["teacher_top1"] == 80.0
     assert rec["student_epoch1_top1"] == 20.0 and rec["epoch1_split"] == "test"  # --test-every-epoch's score
     assert "--test-every-epoch" in rec["command"]
@@ -152,6 +155,49 @@ def test_execute_writes_one_json_per_run_and_skips_finished(tmp_path, monkeypatc
     assert calls == []
 
 
+def test_dgkd_without_assistant_records_its_kd_twin(tmp_path, monkeypatch):
+    (tmp_path / "data" / "cifar10" / "train" / "a").mkdir(parents=True)
+    cell = dm.Cell("cifar10", "resnet", "short")
+    runs = dm.enumerate_runs([cell], [0, 1])
+    calls = []
+
+    def fake_call(self, label, cmd, log):
+        calls.append(label)
+        _fake_summary(Path(cmd[cmd.index("--out") + 1]), {"ce": 40.0, "kd": 42.0}[cmd[cmd.index("--method") + 1]], 20.0)
+        return 0, 7.25
+
+    monkeypatch.setattr(dm.Runner, "call", fake_call)
+    # the default spacing (6x) plans no assistant for resnet20 -> resnet8 (3.3x): dgkd is kd, not run again
+    assert dm.planned_assistants(dm.PRETRAINED_TEACHER, "resnet8", []) == 0
+    assert dm.planned_assistants(dm.PRETRAINED_TEACHER, "resnet8", ["--spacing", "2.5"]) == 1
+    assert dm.planned_assistants(dm.PRETRAINED_TEACHER, "resnet8", ["--assistants=resnet14"]) == 1
+    assert dm.planned_assistants(dm.PRETRAINED_TEACHER, "resnet8", ["--recipe", "r.yaml"]) is None
+    skipped, failed = dm.execute(runs, args=_args(tmp_path), budgets={"short": dm.Budget("short", 3, None)},
+                                 echo=lambda *_: None)
+    assert sorted(calls) == sorted(f"{cell.id}/{m}-s{s}" for m in ("ce", "kd") for s in (0, 1))
+    assert not skipped and not failed
+    kd = json.loads(dm.record_path(tmp_path / "out", dm.Run(cell, "kd", 1)).read_text())
+    rec = json.loads(dm.record_path(tmp_path / "out", dm.Run(cell, "dgkd", 1)).read_text())
+    assert rec["derived_from"] == "cifar10.resnet.short/kd-s1" and rec["method"] == "dgkd" and rec["seed"] == 1
+    assert rec["student_top1"] == kd["student_top1"] == 42.0 and rec["command"] == kd["command"]
+    assert rec["wall_seconds"] is None and "--run-identical" in rec["notes"][-1]
+    assert dm.aggregate(dm.load_records(tmp_path / "out"))[cell.id]["dgkd_minus_ce"]["mean"] == 2.0
+    # a kd run that fails leaves its dgkd twin unrecorded, with the reason
+    cell2 = dm.Cell("cifar10", "resnet", "short", "")
+    monkeypatch.setattr(dm.Runner, "call", lambda self, label, cmd, log: (1, 1.0))
+    runs2 = dm.enumerate_runs([cell2], [2])
+    skipped, failed = dm.execute(runs2, args=_args(tmp_path), budgets={"short": dm.Budget("short", 3, None)},
+                                 echo=lambda *_: None)
+    assert sorted(failed) == [f"{cell.id}/ce-s2", f"{cell.id}/kd-s2"]
+    assert skipped == [f"{cell.id}/dgkd-s2: equals {cell.id}/kd-s2, which did not finish"]
+    # --run-identical trains it
+    calls.clear()
+    monkeypatch.setattr(dm.Runner, "call", lambda self, label, cmd, log: (calls.append(label), (1, 1.0))[1])
+    dm.execute(runs2, args=_args(tmp_path, run_identical=True), budgets={"short": dm.Budget("short", 3, None)},
+               echo=lambda *_: None)
+    assert sorted(calls) == sorted(f"{cell.id}/{m}-s2" for m in ("ce", "kd", "dgkd"))
+
+
 def test_failed_run_writes_no_json_and_unlabeled_skips_without_flag(tmp_path, monkeypatch):
     (tmp_path / "data" / dm.LABELS10 / "train").mkdir(parents=True)
     cell = dm.Cell(dm.LABELS10, "resnet", "short", "labels10")
@@ -159,8 +205,8 @@ def test_failed_run_writes_no_json_and_unlabeled_skips_without_flag(tmp_path, mo
     calls = []
     monkeypatch.setattr(dm, "cli_has_unlabeled", lambda: False)
     monkeypatch.setattr(dm.Runner, "call", lambda self, label, cmd, log: (calls.append(label), (1, 1.0))[1])
-    skipped, failed = dm.execute(runs, args=_args(tmp_path), budgets={"short": dm.Budget("short", 3, None)},
-                                 echo=lambda *_: None)
+    skipped, failed = dm.execute(runs, args=_args(tmp_path, extra="--spacing 2.5"),
+                                 budgets={"short": dm.Budget("short", 3, None)}, echo=lambda *_: None)
     assert sorted(calls) == sorted(f"{cell.id}/{m}-s0" for m in ("ce", "kd", "dgkd"))
     assert sorted(failed) == sorted(calls)
     assert len(skipped) == 1 and "--unlabeled" in skipped[0]
