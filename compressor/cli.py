@@ -10,6 +10,7 @@ import os
 import shlex
 import sys
 import typing
+from pathlib import Path
 
 import click
 
@@ -187,7 +188,7 @@ def models_cmd(family):
 @click.option("--std", default=None, help="normalisation std, comma-separated")
 @click.option("--option", "options", multiple=True, help="model option KEY=VALUE, e.g. shortcut=B")
 @click.option("--resume", is_flag=True, help="continue the interrupted training of --out (saved in OUT.train-state/; "
-                                            "same flags, a changed config is refused)")
+                                            "flags left out take what it recorded, a changed one is refused)")
 @config_options(TrainConfig, OPTIM_FIELDS, OPTIM_HELP)
 def train_cmd(arch, out, recipe, init, num_classes, mean, std, options, resume, **flags):
     """Train one model (e.g. a teacher) with cross-entropy.
@@ -198,14 +199,14 @@ def train_cmd(arch, out, recipe, init, num_classes, mean, std, options, resume, 
 
     Example:  compress train --arch resnet20 --data demo --epochs 30 --out teacher.safetensors
     """
-    from .config import resolve_config
-    from .pipeline import train_model
+    from .pipeline import train_model, train_state_dir
 
     flags = {k: (_csv_floats(v) if k == "milestones" else v) for k, v in flags.items()}
     cli_values = dict(flags, arch=arch, out=out, init=init, num_classes=num_classes,
                       mean=_csv_floats(mean), std=_csv_floats(std),
                       model_kwargs=_parse_options(options) or None)
-    cfg = resolve_config(TrainConfig, recipe, cli_values)
+    cfg = _resolve_resumable(TrainConfig, recipe, cli_values, resume=resume,
+                             config_path=lambda out: train_state_dir(Path(out)) / "config.yaml" if out else None)
     from .fileio import check_output_path
 
     check_output_path(cfg.out, inputs=[recipe, cfg.init])
@@ -362,13 +363,50 @@ def _install_onnx_timer() -> None:
     set_onnx_timer(timer)
 
 
-def _distill_config(teacher, target, target_latency_ms, recipe, options, flags):
+def _given_out(recipe, values: dict):
+    """``--out``, else the recipe's ``out`` (None: neither gives one)."""
+    if values.get("out"):
+        return values["out"]
+    if recipe:
+        from .config import read_recipe
+
+        return read_recipe(recipe).get("out")
+    return None
+
+
+def _resolve_resumable(cls, recipe, values: dict, *, resume: bool, config_path):
+    """``resolve_config``; with ``--resume`` the run's recorded ``config.yaml`` (``config_path(out)``,
+    None: no run to read) is the layer under the recipe and the flags, so a flag left out continues as
+    the run started (:func:`compressor.pipeline.recorded_settings`) -- ``--out RUN --resume`` is enough."""
+    from .config import resolve_config
+
+    base = None
+    if resume:
+        from .pipeline import recorded_settings
+
+        path = config_path(_given_out(recipe, values))
+        base = recorded_settings(path, cls, values) if path else None
+    return resolve_config(cls, recipe, values, base=base)
+
+
+def _distill_config(teacher, target, target_latency_ms, recipe, options, flags, *, resume: bool = False):
     from .config import resolve_config
 
     flags = {k: (_csv_floats(v) if k == "milestones" else v) for k, v in flags.items()}
     values = dict(flags, teacher=teacher, target=target, target_latency_ms=_parse_ms(target_latency_ms),
                   model_kwargs=_parse_options(options) or None)
-    return resolve_config(DistillConfig, recipe, values)
+
+    def config_path(out):
+        if not out:  # the default folder is named after the teacher, target and method (a latency target:
+            cfg = resolve_config(DistillConfig, recipe, values)  # not known before planning)
+            if not cfg.target:
+                return None
+            from .pipeline import default_run_dir
+
+            out = default_run_dir(cfg, cfg.target)
+        return Path(out) / "config.yaml"
+
+    return _resolve_resumable(DistillConfig, recipe, values, resume=resume, config_path=config_path)
 
 
 @cli.command("plan")
@@ -407,7 +445,8 @@ def plan_cmd(teacher, target, target_latency_ms, recipe, options, json_out, **fl
 @cli.command("distill")
 @_plan_options
 @click.option("--out", default=None, help="run directory [default: runs/<teacher>-to-<target>-<method>]")
-@click.option("--resume", is_flag=True, help="continue an interrupted run (same config)")
+@click.option("--resume", is_flag=True, help="continue an interrupted run: flags left out take what its "
+              "config.yaml recorded; a flag with another value is refused")
 @config_options(DistillConfig,
                 ["method", "assistants", "by", "max_assistants", "spacing", "temperature", "kd_weight",
                  "kd_reduction", "kd_weighting", "kd_logits", "kd_mixup", "kd_warmup_epochs", "gate_guides", "drop_guides",
@@ -430,7 +469,7 @@ def distill_cmd(teacher, target, target_latency_ms, recipe, options, out, resume
         raise CompressError(f"--init-assistant takes ARCH=PATH, got {init_assistant!r} "
                             f"(e.g. --init-assistant resnet14=r14.safetensors)")
     flags = dict(flags, out=out, init_assistants={k.strip(): v.strip() for k, v in pairs} or None)
-    cfg = _distill_config(teacher, target, target_latency_ms, recipe, options, flags)
+    cfg = _distill_config(teacher, target, target_latency_ms, recipe, options, flags, resume=resume)
     command = _command_line()
     try:
         run_distillation(cfg, resume=resume, command=command)

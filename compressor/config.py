@@ -410,10 +410,15 @@ RUN_RECORD_KEYS = ("num_processes", "precision", "training_defaults", "unlabeled
                    "kd_mixup_rule")
 
 
-def resolve_config(cls, recipe: str | None = None, cli: dict | None = None):
-    """defaults < recipe < CLI flags (``None`` CLI values mean "not given")."""
+def resolve_config(cls, recipe: str | None = None, cli: dict | None = None, *, base: dict | None = None):
+    """defaults < ``base`` < recipe < CLI flags (``None`` CLI values mean "not given").
+
+    ``base``: what a resumed run recorded (:func:`compressor.pipeline.recorded_settings`), so a flag
+    left out on ``--resume`` continues as the run started, whatever today's default."""
     cfg = cls()
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    if base:
+        apply_overrides(cfg, base, "the run's config.yaml")
     if recipe:
         values = read_recipe(recipe)
         check_recipe(recipe, values, cli)  # trust comes from the command line only

@@ -22,6 +22,7 @@ the file to delete, never silently retrained over.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -52,7 +53,7 @@ from .stability import (NEAR_CHANCE_POINTS, chance_top1, gated_guides, guide_gat
                         gate_text, surpassed_guides,
                         student_warnings)
 from .init_weights import init_from_checkpoint, init_normalisation
-from .trust import check_plan_code, trust_from_config
+from .trust import TRUST_KEYS, check_plan_code, check_recipe, trust_from_config
 from .trainer import LossSettings, check_compile_available, evaluate, find_state, fit, stable_seed
 from .training_defaults import (LEGACY, describe as describe_defaults, inherit_recorded, resolve_batch_size,
                                 resolve_kd_mixup, resolve_training_defaults)
@@ -513,6 +514,38 @@ def check_resume_config(path: Path, resolved: dict, *, defaults: dict, what: str
              if k not in RESUME_IGNORED_KEYS and old.get(k) != resolved.get(k)]
     if diffs:
         raise CompressError(f"{what} was started with a different config ({'; '.join(diffs)}); {fix}")
+
+
+_TARGET_KEYS = ("target", "target_latency_ms", "target_family")
+
+
+def recorded_settings(path: Path, cls, given: dict) -> dict | None:
+    """The settings a run recorded in ``path`` (its ``config.yaml``), as the layer under a recipe and
+    the flags of ``--resume`` (:func:`compressor.config.resolve_config`'s ``base``): a flag left out
+    continues as the run started -- a default changed by a later version (e.g. ``--spacing``) does not
+    refuse the resume; a flag given with another value still does (:func:`check_resume_config`).
+    A key the run's version did not write: what that version trained with (``LEGACY``). None: no
+    recorded config. ``given`` (the flags given): a target given replaces the recorded one."""
+    if not path.is_file():
+        return None
+    recorded = _read_run_file(path)
+    if not isinstance(recorded, dict):
+        return None  # check_resume_config names the damage
+    from .config import RUN_RECORD_KEYS
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    legacy = {**LEGACY, **(DISTILL_LEGACY if cls is DistillConfig else {})}
+    values = {**{k: v for k, v in legacy.items() if k in names}, **recorded}
+    if isinstance(values.get("augment"), bool):  # written before augmentation policies: true = cifar
+        values["augment"] = "cifar" if values["augment"] else "none"
+    drop = set(RUN_RECORD_KEYS) | ({*_TARGET_KEYS} if any(given.get(k) is not None for k in _TARGET_KEYS) else set())
+    if values.get("target_latency_ms") is not None:
+        drop.add("target")  # recorded as the arch it resolved to; the latency picks it again
+    base = {k: v for k, v in values.items() if k in names and k not in drop}
+    # an input file like a recipe: no trust key, and code it names only when the command line does
+    # (a run's own config.yaml holds neither unless crafted; trust_from_config trusts cfg's names)
+    check_recipe(str(path), {**base, **{k: recorded[k] for k in TRUST_KEYS if k in recorded}}, given)
+    return base
 
 
 def _check_resume_config(run_dir: Path, resolved: dict) -> None:

@@ -138,8 +138,10 @@ def cifar_bundle(tmp_path_factory, pretrained_teacher):
     timer = fake_bench({("fp32", 1): 1.0, ("fp32", 2): 1.5, ("int8", 1): 1.2, ("int8", 2): 1.4})
     with pytest.MonkeyPatch.context() as mp:  # the baseline: cpu fp32 at the default count, 2 on any machine
         mp.setattr("export.provider_table.default_threads", lambda: 2)
+        # the INT8 accuracy budget opened: INT8 must lose on speed alone (its top-1 differs by machine: it
+        # lost 2 of 200 images on a CPU without AVX-512, 79 % vs 80 %, outside the default 0.5 points)
         record = build_bundle(ckpt, tmp / "deploy", "demo", providers=("cpu",), threads=[1, 2], calibration_size=64,
-                              parity_images=200, timer=timer, echo=lambda *a, **k: None)
+                              parity_images=200, timer=timer, max_accuracy_drop=100.0, echo=lambda *a, **k: None)
     return tmp / "deploy", record, ckpt
 
 
@@ -172,7 +174,7 @@ def test_bundle_files_and_schema(cifar_bundle):
     assert {(r["variant"], r["threads"]) for r in deploy["search"]} == {("fp32", 1), ("fp32", 2), ("int8", 1),
                                                                         ("int8", 2)}
     acc = deploy["accuracy"]
-    assert acc["images"] == 200 and acc["top1"] == acc["fp32_top1"] and acc["budget_points"] == 0.5
+    assert acc["images"] == 200 and acc["top1"] == acc["fp32_top1"] and acc["budget_points"] == 100.0
 
 
 def test_int8_winner_keeps_its_fp32_source_and_valid_metadata_paths(tmp_path, pretrained_teacher):

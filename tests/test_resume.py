@@ -58,7 +58,7 @@ TIMEOUT_S = 300
 class Run:
     """One ``python -m compressor.cli`` process; output goes to files (no pipe can fill up)."""
 
-    def __init__(self, cwd: Path, *extra: str, env: dict | None = None):
+    def __init__(self, cwd: Path, *extra: str, env: dict | None = None, args: list | None = None):
         self.cwd = cwd
         n = len(list(cwd.glob("log-*.out")))
         self.out_path, self.err_path = cwd / f"log-{n}.out", cwd / f"log-{n}.err"
@@ -66,7 +66,7 @@ class Run:
         full_env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "compressor.cli", *ARGS, *extra], cwd=cwd, env=full_env, stdout=out,
+                [sys.executable, "-m", "compressor.cli", *(ARGS if args is None else args), *extra], cwd=cwd, env=full_env, stdout=out,
                 stderr=err, stdin=subprocess.DEVNULL,
                 # a shell without job control starts background jobs with SIGINT ignored; undo that
                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -222,9 +222,15 @@ def _copy_until_stage1(reference: Path, dest: Path) -> None:
     shutil.copytree(reference / STAGE1, dest / STAGE1)
 
 
-def test_ctrl_c_exits_130_and_resumes_identically(tmp_path, reference, procs):
+def test_ctrl_c_exits_130_and_resumes_identically(tmp_path, reference, procs, capsys, monkeypatch):
     run = tmp_path / "runs" / "run"
     _copy_until_stage1(reference.dir(), run)
+    # as if the run had been started by a version whose default --spacing was 2.5 (the plan names its
+    # assistant, so the spacing changes nothing of this run): a flag left out on --resume continues as
+    # the run started, not at today's default (which refused it before: "spacing: 2.5 -> 6.0")
+    config = run / "config.yaml"
+    assert "\nspacing: 6.0\n" in config.read_text()
+    config.write_text(config.read_text().replace("\nspacing: 6.0\n", "\nspacing: 2.5\n"))
     r = start(procs, tmp_path, "--resume")
     r.wait_for(lambda: (run / STAGE2 / "state").is_dir(), "the student's first epoch")
     code = r.kill(signal.SIGINT)  # lands early in the second epoch, where it saves after the running step
@@ -236,7 +242,18 @@ def test_ctrl_c_exits_130_and_resumes_identically(tmp_path, reference, procs):
     assert not (run / STAGE2 / "model.safetensors").exists()
     assert (run / STAGE2 / "state").is_dir()  # the finished epoch is kept
 
-    out = start(procs, tmp_path, "--resume").finish()
+    # a flag given with another value than the run recorded is still refused, one line, nothing written
+    monkeypatch.chdir(tmp_path)
+    recorded = config.read_text()
+    code, _, err = run_inprocess(ARGS + ["--spacing", "3", "--resume"], capsys)
+    assert code == 2 and "was started with a different config (spacing: 2.5 -> 3.0)" in err, err
+    assert config.read_text() == recorded
+
+    # resumed with only the run folder: teacher, data, epochs, seed, chain, batch size... from config.yaml
+    bare = ["distill", "--out", "runs/run"]  # the teacher too: recorded, compared by sha256
+    r = Run(tmp_path, "--resume", args=bare)
+    procs.append(r)
+    out = r.finish()
     # usually mid-epoch ("in epoch 2/2 after step N"); "after epoch 1/2" if the signal came during the save
     assert re.search(r"resumed stage 2/2 resnet8 (in epoch 2/2 after step \d|after epoch 1/2)", out), out
     assert_same_student(run, reference.dir())

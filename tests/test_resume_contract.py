@@ -112,6 +112,10 @@ def test_train_resume_contract_through_the_cli(in_tmp, capsys):
     code, _, err = run_cli_inprocess(["train", "--arch", "resnet8", "--data", "nowhere", "--out", "u.safetensors",
                                       "--resume"], capsys)
     assert code == 2 and err.count("\n") == 1 and "nothing to resume for u.safetensors" in err
+    # --out and --resume are enough: the model and the data come from the recorded config.yaml
+    (work / "config.yaml").write_text("arch: resnet8\ndata: nowhere\nbatch_size: 16\n")
+    code, _, err = run_cli_inprocess(["train", "--out", "t.safetensors", "--resume"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "data path 'nowhere' does not exist" in err
 
 
 def test_a_run_that_fails_before_any_saved_state_leaves_nothing_to_resume(tmp_path):
@@ -138,6 +142,51 @@ def test_one_resume_check_serves_train_and_distill(tmp_path):
     (tmp_path / "config.yaml").write_text("lr: 0.2\n")  # distill's wrapper keeps working
     with pytest.raises(CompressError, match=r"lr: 0.2 -> 0.1"):
         _check_resume_config(tmp_path, {"lr": 0.1})
+
+
+def test_resume_continues_the_recorded_config_under_the_flags(tmp_path):
+    """``--resume`` (CLI): the run's config.yaml is the layer under the recipe and the flags."""
+    from compressor.cli import _distill_config
+    from compressor.config import DistillConfig, TrainConfig, resolve_config
+    from compressor.pipeline import recorded_settings
+
+    teacher = str(Path(__file__).resolve().parents[1] / "compressor" / "assets" /
+                  "resnet20_cifar10_pretrained.safetensors")
+    run = tmp_path / "run"
+    run.mkdir()
+    # an older run: spacing 2.5 (that version's default), no kd_warmup_epochs key (written before it
+    # existed: it trained without warm-up), record-only keys, a key no longer a setting
+    (run / "config.yaml").write_text(f"teacher: {teacher}\ntarget: resnet8\nspacing: 2.5\nepochs: 7\n"
+                                     "augment: true\nnum_processes: 1\nteacher_sha256: abc\nretired_key: 1\n"
+                                     f"out: {run}\n")
+    none = dict.fromkeys(("spacing", "epochs", "augment", "kd_warmup_epochs", "out"))
+    cfg = _distill_config(teacher, "resnet8", None, None, (), {**none, "out": str(run)}, resume=True)
+    assert (cfg.spacing, cfg.epochs, cfg.augment, cfg.kd_warmup_epochs) == (2.5, 7, "cifar", 0.0)
+    assert DistillConfig().spacing == 6.0 and DistillConfig().kd_warmup_epochs == 1.0  # today's defaults differ
+    cfg = _distill_config(teacher, "resnet8", None, None, (), {**none, "out": str(run), "epochs": 9}, resume=True)
+    assert (cfg.epochs, cfg.spacing) == (9, 2.5)  # a flag wins (and the resume check refuses it)
+    assert _distill_config(teacher, "resnet8", None, None, (), {**none, "out": str(run)}).spacing == 6.0  # no --resume
+    # a target given replaces the recorded one; a latency-picked run does not pin its resolved arch
+    base = recorded_settings(run / "config.yaml", DistillConfig, {"target_latency_ms": 0.2})
+    assert "target" not in base and "num_processes" not in base and "retired_key" not in base
+    (run / "config.yaml").write_text("target: resnet8\ntarget_latency_ms: 0.2\n")
+    assert "target" not in recorded_settings(run / "config.yaml", DistillConfig, {})
+    assert recorded_settings(tmp_path / "none.yaml", DistillConfig, {}) is None
+    # a crafted config.yaml can neither grant trust nor name code the command line did not
+    (run / "config.yaml").write_text("target: resnet8\ntrust_code: true\n")
+    with pytest.raises(CompressError, match="holds trust_code: trust is given on the command line only"):
+        recorded_settings(run / "config.yaml", DistillConfig, {})
+    (run / "config.yaml").write_text("target: evil.py:Net\n")
+    with pytest.raises(CompressError, match=r"names code \(target: evil.py:Net\).*pass --target evil.py:Net"):
+        recorded_settings(run / "config.yaml", DistillConfig, {})
+    assert "target" not in recorded_settings(run / "config.yaml", DistillConfig, {"target": "evil.py:Net"})  # given
+    assert recorded_settings(run / "config.yaml", DistillConfig, {"trust_code": True})["target"] == "evil.py:Net"
+    # train: the same layer, from OUT.train-state/config.yaml
+    (tmp_path / "t.train-state").mkdir()
+    (tmp_path / "t.train-state" / "config.yaml").write_text("arch: resnet8\nepochs: 4\nlr: 0.05\nprecision: {}\n")
+    base = recorded_settings(tmp_path / "t.train-state" / "config.yaml", TrainConfig, {})
+    cfg = resolve_config(TrainConfig, None, {"out": str(tmp_path / "t"), "epochs": None}, base=base)
+    assert (cfg.arch, cfg.epochs, cfg.lr) == ("resnet8", 4, 0.05)
 
 
 # ---------------------------------------------------------------- item 9: the guide-cache key

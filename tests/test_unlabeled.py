@@ -231,10 +231,17 @@ def test_distill_with_unlabeled_records_it_streams_caches_and_refuses_a_changed_
     a = _student(run)
     assert all(torch.equal(a[k], v) for k, v in _student(tmp_path / "b").items())
 
-    # streamed (decoded by the loader, not held in memory): the same batches, the same student
-    code, _, err = run_cli_inprocess([*args, "--data-mode", "stream", "--out", tmp_path / "c"], capsys)
+    # streamed (decoded by the loader, not held in memory): the same batches, the same student. Its own
+    # empty cache: the guides run on the streamed pixels, their logits rounded as the cache stores them
+    # (float16) as in run a -- without a cache the float32 logits train a student 1e-5 away where the
+    # guides run in float32 (no bf16 autocast: a CPU without AVX512-BF16/AMX)
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache-stream"))
+    code, _, err = run_cli_inprocess([*args, "--cache-guides", "--data-mode", "stream", "--out", tmp_path / "c"],
+                                     capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "c/summary.json").read_text())["unlabeled"]["data_mode"] == "stream"
+    metrics_c = [json.loads(x) for x in (tmp_path / "c/stages/1-resnet8/metrics.jsonl").read_text().splitlines()]
+    assert metrics_c[0]["unlabeled_cache_hits_misses"] == [[0, 2]]  # the guides ran on the streamed images
     assert all(torch.equal(a[k], v) for k, v in _student(tmp_path / "c").items())
 
     # without --unlabeled the student differs (the unlabeled batches did train it)
