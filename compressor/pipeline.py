@@ -263,7 +263,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     accelerator = make_accelerator(cfg, project_dir=str(out.with_name(out.name + ".logs")))
     resolved = {**requested, "num_processes": accelerator.num_processes, "precision": precision.to_dict()}
     if resume:
-        check_resume_config(work / "config.yaml", resolved, defaults=config_to_dict(TrainConfig()),
+        check_resume_config(work / "config.yaml", resolved, defaults=resume_defaults(TrainConfig),
                             what=f"the training of {out} ({work})",
                             fix=f"resume with the same flags, or delete {work} to start again")
     accelerator.print(precision.describe())
@@ -495,6 +495,21 @@ def _test_pause(point: str) -> None:
         time.sleep(600)
 
 
+def resume_defaults(cls) -> dict:
+    """What a key a run's ``config.yaml`` lacks (written by an older version) counts as on resume:
+    distill, what that version trained with (``LEGACY``, ``DISTILL_LEGACY``); train, today's default."""
+    if cls is DistillConfig:
+        return {**config_to_dict(DistillConfig()), **LEGACY, **DISTILL_LEGACY}
+    return config_to_dict(cls())
+
+
+def _upgraded(recorded: dict) -> dict:
+    """A recorded config in today's terms: ``augment: true`` (before augmentation policies) = cifar."""
+    if isinstance(recorded.get("augment"), bool):
+        return {**recorded, "augment": "cifar" if recorded["augment"] else "none"}
+    return recorded
+
+
 def check_resume_config(path: Path, resolved: dict, *, defaults: dict, what: str, fix: str) -> None:
     """The resume contract of ``train`` and ``distill``: ``resolved`` (this session's config) must
     equal the config recorded at ``path`` in every key but :data:`RESUME_IGNORED_KEYS`; else one
@@ -505,8 +520,7 @@ def check_resume_config(path: Path, resolved: dict, *, defaults: dict, what: str
     old = _read_run_file(path) or {}
     if not isinstance(old, dict):
         raise CompressError(f"{path} is damaged (not a mapping); start again with another --out")
-    if isinstance(old.get("augment"), bool):  # written before augmentation policies: true = cifar
-        old["augment"] = "cifar" if old["augment"] else "none"
+    old = _upgraded(old)
     # A key an older version did not write counts as its default (num_processes: unknown, not compared).
     defaults = {**defaults, "num_processes": resolved.get("num_processes")}
     old = {**{k: defaults[k] for k in defaults if k not in old}, **old}
@@ -524,7 +538,7 @@ def recorded_settings(path: Path, cls, given: dict) -> dict | None:
     the flags of ``--resume`` (:func:`compressor.config.resolve_config`'s ``base``): a flag left out
     continues as the run started -- a default changed by a later version (e.g. ``--spacing``) does not
     refuse the resume; a flag given with another value still does (:func:`check_resume_config`).
-    A key the run's version did not write: what that version trained with (``LEGACY``). None: no
+    A key the run's version did not write: :func:`resume_defaults`, as the resume check. None: no
     recorded config. ``given`` (the flags given): a target given replaces the recorded one."""
     if not path.is_file():
         return None
@@ -534,10 +548,7 @@ def recorded_settings(path: Path, cls, given: dict) -> dict | None:
     from .config import RUN_RECORD_KEYS
 
     names = {f.name for f in dataclasses.fields(cls)}
-    legacy = {**LEGACY, **(DISTILL_LEGACY if cls is DistillConfig else {})}
-    values = {**{k: v for k, v in legacy.items() if k in names}, **recorded}
-    if isinstance(values.get("augment"), bool):  # written before augmentation policies: true = cifar
-        values["augment"] = "cifar" if values["augment"] else "none"
+    values = _upgraded({**resume_defaults(cls), **recorded})
     drop = set(RUN_RECORD_KEYS) | ({*_TARGET_KEYS} if any(given.get(k) is not None for k in _TARGET_KEYS) else set())
     if values.get("target_latency_ms") is not None:
         drop.add("target")  # recorded as the arch it resolved to; the latency picks it again
@@ -560,7 +571,7 @@ def _check_resume_config(run_dir: Path, resolved: dict) -> None:
         elif recorded["teacher_sha256"] == resolved.get("teacher_sha256"):
             resolved = {**resolved, "teacher": recorded.get("teacher")}
     check_resume_config(path, resolved,
-                        defaults={**config_to_dict(DistillConfig()), **LEGACY, **DISTILL_LEGACY},
+                        defaults=resume_defaults(DistillConfig),
                         what=str(run_dir), fix="resume with the same flags, or start a new run with another --out")
 
 
