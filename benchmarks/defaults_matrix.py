@@ -646,7 +646,9 @@ class Runner:
 
     def __init__(self, out: Path, jobs: int, device: str, echo=say):
         self.out, self.jobs, self.echo = out, jobs, echo
-        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        from compressor.machine import usable_cores  # the affinity mask: `taskset -c 0` gives 1 core
+
+        self.threads = max(1, usable_cores() // jobs)
         gpus = 0
         if device != "cpu":
             try:
