@@ -221,3 +221,43 @@ def test_int8_report_builds_each_session_and_hash_once(setup, monkeypatch):
     q.write_bytes(q.read_bytes() + b"\0")  # another file now: hashed again
     export.bench.file_sha(q)
     assert len(hashed) == 3
+
+
+@pytest.mark.parametrize("flags, machine, saturates", [
+    ({"avx2", "fma"}, "x86_64", True),                      # AVX2 only: VPMADDUBSW's 16-bit sums
+    ({"avx2", "avx512f", "avx512bw"}, "x86_64", True),      # AVX-512 without VNNI: the same
+    ({"avx2", "avx512f", "avx512_vnni"}, "x86_64", False),  # AVX512-VNNI: 32-bit accumulation
+    ({"avx2", "avx_vnni"}, "x86_64", False),
+    ({"avx2", "amx_int8"}, "x86_64", False),
+    ({"asimd", "asimddp"}, "aarch64", False),               # ARM: no saturation
+])
+def test_saturating_cpu_by_flags(flags, machine, saturates):
+    from export.quantize import saturating_cpu
+
+    assert saturating_cpu(flags, machine) is saturates
+
+
+def _int8_weights(path):
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    return [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8
+            and len(t.dims) > 1]
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_reduce_range_uses_seven_bit_weights_and_says_so(setup, reduce_range):
+    from export.quantize import QUANTIZATION_TAG, calibration_images, quantize_static_int8
+
+    tmp, _, fp32, data = setup
+    out = quantize_static_int8(fp32, tmp / f"rr-{reduce_range}.onnx", calibration_images(data, 32),
+                               reduce_range=reduce_range)
+    weights = _int8_weights(out)
+    assert weights  # the conv and linear weights are int8 initializers
+    peak = max(int(abs(w.astype(int)).max()) for w in weights)
+    # symmetric per-channel: each channel's largest weight maps to the top of the range
+    assert peak == (64 if reduce_range else 127)
+    meta = OnnxModel(out, threads=1).metadata
+    assert meta["reduce_range"] == str(reduce_range).lower()
+    assert meta["quantization"] == QUANTIZATION_TAG + ("-reduce-range" if reduce_range else "")
