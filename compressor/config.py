@@ -159,7 +159,8 @@ class DistillConfig(OptimConfig):
     by: str = "macs"                                  # spacing metric: macs | params | latency
     max_assistants: int = 4
     spacing: float = AUTO_SPACING                     # auto: at most this compute ratio between neighbours
-    temperature: float = 2.0                          # paper: 5 (its recipes pin it); 2 wins short runs (results §6)
+    temperature: typing.Optional[float] = None        # None: 2 for short runs, 4 for long ones (training_defaults
+                                                      # .resolve_temperature); paper: 5 (its recipes pin it)
     kd_weight: float = 0.5                            # λ: (1-λ)·CE + λ·KD (KD: mean or sum over the kept guides); paper: 1
     kd_reduction: str = "mean"                        # mean over the kept guides | sum (paper, official code)
     kd_weighting: str = "confidence"                  # confidence: by the guide's p(label) | uniform (paper)
@@ -206,7 +207,7 @@ class DistillConfig(OptimConfig):
         _choice(self, "method", METHODS)
         _choice(self, "by", PLAN_METRICS)
         _choice(self, "latency_backend", ("torch", "onnxruntime", "none"))
-        if self.temperature <= 0:
+        if self.temperature is not None and self.temperature <= 0:
             raise CompressError(f"temperature must be > 0, got {self.temperature}; the paper uses 5")
         if not 0.0 <= self.kd_weight <= 1.0:
             raise CompressError(f"kd_weight (λ) must be in [0, 1], got {self.kd_weight}")
@@ -404,10 +405,10 @@ def read_recipe(path) -> dict:
 
 # Keys a run's config.yaml records beside the settings (what the run resolved to); a recipe may hold
 # them (so `--recipe runs/NAME/config.yaml` repeats a run) and they are ignored there.
-# kd_mixup_rule is a key of its own, not in the per-model training_defaults records: one decision for
-# the whole run, made by distill only.
+# kd_mixup_rule and temperature_rule are keys of their own, not in the per-model training_defaults
+# records: one decision each for the whole run, made by distill only.
 RUN_RECORD_KEYS = ("num_processes", "precision", "training_defaults", "unlabeled_data", "teacher_sha256",
-                   "kd_mixup_rule")
+                   "kd_mixup_rule", "temperature_rule")
 
 
 def resolve_config(cls, recipe: str | None = None, cli: dict | None = None, *, base: dict | None = None):

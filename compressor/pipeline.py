@@ -56,14 +56,14 @@ from .init_weights import init_from_checkpoint, init_normalisation
 from .trust import TRUST_KEYS, check_plan_code, check_recipe, trust_from_config
 from .trainer import LossSettings, check_compile_available, evaluate, find_state, fit, stable_seed
 from .training_defaults import (LEGACY, describe as describe_defaults, inherit_recorded, resolve_batch_size,
-                                resolve_kd_mixup, resolve_training_defaults)
+                                resolve_kd_mixup, resolve_temperature, resolve_training_defaults)
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 # ``precision`` is what ``auto`` resolved to on the machine of the session that wrote config.yaml.
 RESUME_IGNORED_KEYS = ("log_with", "precision", "trust_code", "accept_code_change", "compile", "training_defaults",
                        "test_every_epoch",  # reported only
                        "out",  # locates the run (moved or copied with its state, it resumes where it is now)
-                       "kd_mixup_rule")  # the rule's words; kd_mixup itself is compared
+                       "kd_mixup_rule", "temperature_rule")  # the rules' words; the settings themselves are compared
 
 
 def make_accelerator(cfg, project_dir: str | None = None):
@@ -699,6 +699,9 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     streamed = not isinstance(splits.train, ImageSplit)  # no pixels in memory to mix
     cfg, mixup_rule = resolve_kd_mixup(cfg, len(splits.train), in_memory=not streamed)
     resolved["kd_mixup_rule"] = mixup_rule
+    cfg, temperature_rule = resolve_temperature(  # from the student's stage: epochs x images per epoch
+        cfg, cfg.epochs * len(splits.train) * (cfg.epoch_repeats or 1), tmeta.num_classes)
+    resolved["temperature_rule"] = temperature_rule
     unlabeled = _load_unlabeled(cfg, bundle, accelerator.num_processes, splits.train)
     if unlabeled is not None:  # recorded, so a resume with other unlabeled images is refused
         resolved["unlabeled_data"] = unlabeled.record()
@@ -732,6 +735,9 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
         hint = ("; --no-kd-mixup to turn it off" if cfg.kd_mixup else "" if streamed  # no flag turns it on
                 else "; --kd-mixup to turn it on")
         print_(f"KD on mixes of the training images: {'on' if cfg.kd_mixup else 'off'} ({mixup_rule}{hint})")
+    if cfg.method != "ce":
+        print_(f"KD temperature: {cfg.temperature:g} ({temperature_rule}"
+               f"{'; --temperature to set it' if temperature_rule != 'set' else ''})")
     if accelerator.num_processes > 1:
         print_(f"data parallel: a world of {accelerator.num_processes} processes "
                f"({accelerator.distributed_type.value}); each step takes {cfg.batch_size} images per process")

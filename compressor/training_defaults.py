@@ -143,6 +143,41 @@ def resolve_kd_mixup(cfg, train_images: int, *, in_memory: bool = True):
     return dataclasses.replace(cfg, kd_mixup=on), rule
 
 
+# temperature unset (distill): AUTO_T_SHORT, or AUTO_T_LONG where the student's stage sees at least
+# AUTO_T_LONG_IMAGES training images (epochs x images per epoch) of at most AUTO_T_LONG_MAX_CLASSES classes.
+AUTO_T_SHORT, AUTO_T_LONG = 2.0, 4.0
+AUTO_T_LONG_IMAGES = 100_000
+AUTO_T_LONG_MAX_CLASSES = 100
+
+
+def resolve_temperature(cfg, images_seen: int, num_classes: int):
+    """``(cfg with temperature a float, rule)`` for ``compress distill``, decided here only: a set
+    ``temperature`` is kept (``rule`` "set"); an unset one is :data:`AUTO_T_LONG` (4) where the
+    student's stage sees at least :data:`AUTO_T_LONG_IMAGES` training images (``images_seen``:
+    epochs x images per epoch, passes included) of at most :data:`AUTO_T_LONG_MAX_CLASSES`
+    classes, else :data:`AUTO_T_SHORT` (2).
+    Why (issue 18; docs/results.md §6, "The temperature by budget"): in short runs a student
+    cannot follow the teacher's softer targets: 3-epoch runs (about 11,000 images seen), 14
+    cells, 3 paired seeds, DGKD more than 0.5 points under the student alone in 3 cells at T 5
+    and 1 at T 2; ResNet-20 -> 8 on the demo set, 9 epochs (40,500 images seen), KD at T 2 and
+    T 4 level. At the CPU study's budget (15 epochs on 10,000 CIFAR-10 images: 150,000 seen) the
+    softer targets pay (ResNet-8 KD 67.67 % at T 4, alone 64.82 %; the T 2 and MobileNetV2 runs
+    are in that section). Above 100 classes nothing was measured, and ImageNet KD recipes use
+    T 1 (torchdistill, mdistiller): those keep T 2."""
+    given = getattr(cfg, "temperature", None)
+    if given is not None:
+        return dataclasses.replace(cfg, temperature=float(given)), "set"
+    long_run = int(images_seen) >= AUTO_T_LONG_IMAGES and int(num_classes) <= AUTO_T_LONG_MAX_CLASSES
+    t = AUTO_T_LONG if long_run else AUTO_T_SHORT
+    if long_run:
+        why = f"{images_seen:,} training images seen by the student's stage (from {AUTO_T_LONG_IMAGES:,} on)"
+    elif int(images_seen) >= AUTO_T_LONG_IMAGES:
+        why = f"{num_classes} classes (T {AUTO_T_LONG:g} only up to {AUTO_T_LONG_MAX_CLASSES})"
+    else:
+        why = f"{images_seen:,} training images seen by the student's stage (fewer than {AUTO_T_LONG_IMAGES:,})"
+    return dataclasses.replace(cfg, temperature=t), f"auto: {t:g}, {why}"
+
+
 def auto_batch_size(train_images: int, num_processes: int = 1, grad_accum: int = 1) -> int:
     """Images per step and process when ``batch_size`` is unset: :data:`AUTO_BATCH_MAX`, halved
     (not below :data:`AUTO_BATCH_MIN`) while one epoch of ``train_images`` would have fewer than
@@ -350,15 +385,17 @@ def describe(record: dict, what: str | None = None) -> str:
 def inherit_recorded(cfg, recorded: dict):
     """For ``--resume``: every DEFAULTED field left unset takes what the run's ``config.yaml``
     recorded (a run written before the field existed: :data:`LEGACY`, what it trained with),
-    so a resumed run keeps its settings. ``None`` recorded stays ``None`` (family default)."""
+    so a resumed run keeps its settings. ``None`` recorded stays ``None`` (family default).
+    ``temperature`` too: a run from before it became auto recorded the T it trained with."""
     values = {}
-    for key in ("batch_size", "epoch_repeats", "kd_mixup", *DEFAULTED):
+    for key in ("batch_size", "epoch_repeats", "kd_mixup", "temperature", *DEFAULTED):
         if hasattr(cfg, key) and getattr(cfg, key) is None:
-            values[key] = recorded[key] if key in recorded else LEGACY[key]
+            values[key] = recorded[key] if key in recorded else LEGACY.get(key)
     return dataclasses.replace(cfg, **values)
 
 
 __all__ = ["AUTO_BATCH_MAX", "AUTO_BATCH_MIN", "AUTO_BATCH_MIN_STEPS", "AUTO_EPOCH_MIN_IMAGES", "auto_batch_size",
            "auto_epoch_repeats", "resolve_batch_size", "AUTO_MIXUP_MAX_IMAGES", "resolve_kd_mixup",
+           "AUTO_T_SHORT", "AUTO_T_LONG", "AUTO_T_LONG_IMAGES", "AUTO_T_LONG_MAX_CLASSES", "resolve_temperature",
            "ADAMW_LR", "ADAMW_PER_IMAGES", "ADAMW_WEIGHT_DECAY", "DEFAULTED", "FAMILY_DEFAULTS", "FALLBACK", "LEGACY", "FamilyDefaults", "describe", "family_defaults",
            "inherit_recorded", "resolve_training_defaults"]

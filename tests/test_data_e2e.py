@@ -5,6 +5,7 @@ import json
 
 import onnx
 import pytest
+import yaml
 
 from compressor.checkpoint import read_checkpoint
 from compressor.cli import main
@@ -48,6 +49,11 @@ def test_image_size_48_train_distill_export_eval(in_tmp, capsys):
             and "off: the training images are streamed, not held in memory (--data-mode memory))" in out)
     summary = json.loads((in_tmp / "runs" / "r" / "summary.json").read_text())
     assert summary["kd_mixup"] is False and summary["unlabeled"] is None
+    # the KD temperature: auto, 2 for one short epoch; the rule is printed and recorded
+    assert "KD temperature: 2 (auto: 2, " in out and "--temperature to set it)" in out
+    assert summary["temperature"] == 2.0
+    recorded = yaml.safe_load((in_tmp / "runs" / "r" / "config.yaml").read_text())
+    assert recorded["temperature"] is None and recorded["temperature_rule"].startswith("auto: 2, ")
     code, out = run_cli(["export", "runs/r", "--out", "s.onnx"], capsys)
     assert code == 0, out
     assert onnx_input_shape("s.onnx")[1:] == [3, 48, 48]

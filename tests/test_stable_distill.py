@@ -25,7 +25,7 @@ def test_defaults_do_not_grow_with_guides_and_warm_up():
     cfg = resolve_config(DistillConfig, None, {"teacher": "t.safetensors", "target": "resnet8"})
     assert cfg.kd_reduction == "mean" and cfg.kd_warmup_epochs == 1.0 and cfg.kd_weight == 0.5
     assert cfg.gate_guides is True and cfg.bn_recalibration_batches == 200
-    assert cfg.kd_weighting == "confidence" and cfg.temperature == 2.0 and cfg.batch_size is None
+    assert cfg.kd_weighting == "confidence" and cfg.temperature is None and cfg.batch_size is None  # T: auto
 
 
 @pytest.mark.parametrize("name", PAPER_RECIPES)
@@ -302,6 +302,32 @@ def test_kd_mixup_auto_rule_and_resume_of_older_runs():
     # --resume of a run written before kd_mixup existed keeps training without mixes; a newer run keeps its record
     assert inherit_recorded(base, {}).kd_mixup is False
     assert inherit_recorded(base, {"kd_mixup": None}).kd_mixup is None
+
+
+def test_temperature_auto_rule_and_resume_of_older_runs():
+    from compressor.training_defaults import inherit_recorded, resolve_temperature
+
+    base = resolve_config(DistillConfig, None, {"teacher": "t", "target": "resnet8"})
+    assert base.temperature is None
+    # the quick matrix's 3-epoch CIFAR-10 cell (1,800 images, 2 passes) and the demo at 9 epochs: short, T 2
+    cfg, rule = resolve_temperature(base, 3 * 1800 * 2, 10)
+    assert cfg.temperature == 2.0 and rule == "auto: 2, 10,800 training images seen by the student's stage (fewer than 100,000)"
+    assert resolve_temperature(base, 9 * 4500, 10)[0].temperature == 2.0
+    assert resolve_temperature(base, 99_999, 10)[0].temperature == 2.0
+    # the CPU study's budget (15 epochs x 10,000 images): T 4, from 100,000 images on
+    cfg, rule = resolve_temperature(base, 15 * 10_000, 10)
+    assert cfg.temperature == 4.0 and rule == "auto: 4, 150,000 training images seen by the student's stage (from 100,000 on)"
+    assert resolve_temperature(base, 100_000, 100)[0].temperature == 4.0
+    # over 100 classes (ImageNet: KD recipes use T 1) it stays 2 at any length
+    cfg, rule = resolve_temperature(base, 90 * 1_281_167, 1000)
+    assert cfg.temperature == 2.0 and rule == "auto: 2, 1000 classes (T 4 only up to 100)"
+    # a flag or recipe wins
+    given = resolve_config(DistillConfig, None, {"teacher": "t", "target": "resnet8", "temperature": 5})
+    assert resolve_temperature(given, 10, 10) == (given, "set") and given.temperature == 5.0
+    # --resume of a run from before the auto rule keeps the T it recorded; a newer run's null stays auto
+    assert inherit_recorded(base, {"temperature": 2.0}).temperature == 2.0
+    assert inherit_recorded(base, {"temperature": None}).temperature is None
+    assert inherit_recorded(given, {"temperature": 2.0}).temperature == 5.0  # given: checked, not inherited
 
 
 def test_mixed_training_set_mixes_pairs_of_the_training_pixels_only():
