@@ -407,8 +407,9 @@ def read_recipe(path) -> dict:
 # them (so `--recipe runs/NAME/config.yaml` repeats a run) and they are ignored there.
 # kd_mixup_rule and temperature_rule are keys of their own, not in the per-model training_defaults
 # records: one decision each for the whole run, made by distill only.
+RUN_RULE_KEYS = ("kd_mixup_rule", "temperature_rule")  # the rules' words; --resume compares the settings
 RUN_RECORD_KEYS = ("num_processes", "precision", "training_defaults", "unlabeled_data", "teacher_sha256",
-                   "kd_mixup_rule", "temperature_rule")
+                   *RUN_RULE_KEYS)
 
 
 def resolve_config(cls, recipe: str | None = None, cli: dict | None = None, *, base: dict | None = None):

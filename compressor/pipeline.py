@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from .checkpoint import CIFAR_MEAN, CIFAR_STD, file_sha256, load_model, meta_for, save_checkpoint
-from .config import DISTILL_LEGACY, DistillConfig, TrainConfig, config_to_dict
+from .config import DISTILL_LEGACY, RUN_RULE_KEYS, DistillConfig, TrainConfig, config_to_dict
 from .bn_recalibration import EPOCH_BATCHES, recalibrate_bn
 from .data import (DataBundle, ImageSplit, as_eval, augment_batch, batch_augments, channel_stats, load_data,
                    make_loader, normalize, resolve_policy, subset)
@@ -63,7 +63,7 @@ from .training_defaults import (LEGACY, describe as describe_defaults, inherit_r
 RESUME_IGNORED_KEYS = ("log_with", "precision", "trust_code", "accept_code_change", "compile", "training_defaults",
                        "test_every_epoch",  # reported only
                        "out",  # locates the run (moved or copied with its state, it resumes where it is now)
-                       "kd_mixup_rule", "temperature_rule")  # the rules' words; the settings themselves are compared
+                       *RUN_RULE_KEYS)  # the rules' words; the settings themselves are compared
 
 
 def make_accelerator(cfg, project_dir: str | None = None):

@@ -341,6 +341,7 @@ def quantize_accuracy_aware(fp32_path, out_path, data, max_drop: float, *, calib
     if speed_timer is None:
         def speed_timer(path, ref):
             return interleaved_b1_p50(path, ref, threads=threads, seconds=latency_seconds)
+    reduce_range = saturating_cpu()  # one decision (one /proc/cpuinfo read) for every candidate
     runtime = {"engine": "onnxruntime", "provider": "cpu", "threads": fp32.threads, "batch_size": 1,
                "statistic": "p50", "timing": "interleaved with fp32, same process"}
 
@@ -350,7 +351,7 @@ def quantize_accuracy_aware(fp32_path, out_path, data, max_drop: float, *, calib
          f"{len(calib)} calibration images; kept only if faster than fp32 (batch 1, onnxruntime CPU, "
          f"{fp32.threads} threads, timed interleaved)"
          + ("; weights in 7 bits (reduce_range: this x86 CPU has no VNNI, 8-bit weights can saturate)"
-            if saturating_cpu() else ""))
+            if reduce_range else ""))
     header = (f"{'#':>2}  {'candidate':40} {'top-1 %':>8} {'drop':>6} {'size KB':>8} {'b1 p50 ms':>9} "
               f"{'vs fp32':>7}  verdict")
     echo(header)
@@ -361,7 +362,7 @@ def quantize_accuracy_aware(fp32_path, out_path, data, max_drop: float, *, calib
             path = Path(tmpdir) / f"candidate{i}.onnx"
             # metadata paths relative to where the kept file will live, not to the scratch folder
             quantize_static_int8(fp32.path, path, calib, method=cand["method"], float_layers=cand["float_layers"],
-                                 metadata_dir=Path(out).parent)
+                                 metadata_dir=Path(out).parent, reduce_range=reduce_range)
             q = OnnxModel(path, threads=threads)
             row = {"candidate": _candidate_label(cand), "method": cand["method"],
                    "float_layers": list(cand["float_layers"]), "float_nodes": q.metadata.get("float_nodes", ""),
