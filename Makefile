@@ -31,9 +31,10 @@ demo: $(STAMP)
 # Two pytest workers (pytest-xdist): most tests run one torch thread or a subprocess, so two
 # processes keep both CI cores busy (measured on a quiet 2-core machine: 16:22 serial -> 7:10).
 # TEST_WORKERS=0 runs in one process; more workers need more RAM (each imports torch).
+# --durations: the 20 slowest tests end every run's log (the suite's 15-minute budget in CI).
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=20 tests
 
 # The docs site: the pinned `docs` extra (mkdocs, mkdocs-material) into the same venv, then
 # `mkdocs build --strict`; the CLI and config reference pages are generated from the code during
