@@ -307,11 +307,25 @@ def family_normalisation(entry) -> tuple[str, tuple, tuple]:
     return "CIFAR", CIFAR_MEAN, CIFAR_STD
 
 
-def meta_for(arch: str, *, num_classes: int, in_chans: int | None = None, mean=CIFAR_MEAN, std=CIFAR_STD,
+def default_normalisation(in_chans: int) -> tuple[tuple, tuple]:
+    """The mean/std a checkpoint records when none is given: CIFAR-10's for 3 channels; for any
+    other count, CIFAR-10's channel averages repeated (one value per channel, as the metadata needs)."""
+    if in_chans == 3:
+        return CIFAR_MEAN, CIFAR_STD
+    return (round(sum(CIFAR_MEAN) / 3, 4),) * in_chans, (round(sum(CIFAR_STD) / 3, 4),) * in_chans
+
+
+def meta_for(arch: str, *, num_classes: int, in_chans: int | None = None, mean=None, std=None,
              class_names=(), model_kwargs=None, input_size=None, **extra) -> CheckpointMeta:
+    """The metadata of a model of the zoo. ``in_chans``: the input size's channels when given, else the
+    arch's; ``mean``/``std`` left out: :func:`default_normalisation` for that many channels. Raises
+    ValueError on metadata that no reader would accept (e.g. 3 mean values for 1 channel)."""
     entry = get_entry(arch)
-    in_chans = entry.input_size[0] if in_chans is None else in_chans
+    if in_chans is None:
+        in_chans = int(input_size[0]) if input_size else entry.input_size[0]
     size = tuple(input_size) if input_size else (in_chans, *entry.input_size[1:])
+    default_mean, default_std = default_normalisation(in_chans)
+    mean, std = default_mean if mean is None else mean, default_std if std is None else std
     if entry.user_ref and "code_sha256" not in extra:
         from .models.user import code_sha256
 
@@ -321,9 +335,13 @@ def meta_for(arch: str, *, num_classes: int, in_chans: int | None = None, mean=C
 
         extra.setdefault("timm_version", timm_version())
         extra["metrics"] = {"pretrained_cfg": preprocessing(entry.name), **(extra.get("metrics") or {})}
-    return CheckpointMeta(arch=entry.name, num_classes=num_classes, in_chans=in_chans, input_size=size,
+    meta = CheckpointMeta(arch=entry.name, num_classes=num_classes, in_chans=in_chans, input_size=size,
                           mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
                           class_names=list(class_names), model_kwargs=dict(model_kwargs or {}), **extra)
+    problem = meta.problem()
+    if problem:  # a caller's mistake: refused here, not when a reader loads the file
+        raise ValueError(f"metadata for {entry.name}: {problem}")
+    return meta
 
 
 # ---------------------------------------------------------------- importers

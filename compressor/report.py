@@ -48,7 +48,7 @@ def format_summary(summary: dict) -> str:
     if summary.get("per_epoch_split") == "test":
         table += ("\nnote: no validation split (val_fraction 0, the paper's protocol): the per-epoch 'best' "
                   "column was chosen on the test split")
-    if any(m.get("latency_ms") is not None for m in summary["chain"]):
+    if any(m.get("latency_ms") is not None for m in summary["chain"]) or (summary.get("latency") or {}).get("failed"):
         table += "\n" + latency_note(summary)
     for line in stability_notes(summary):
         table += "\n" + line

@@ -323,12 +323,10 @@ def export_onnx(source, out_path: str | os.PathLike, *, opset: int | None = None
 
 def meta_from_onnx_props(props: dict[str, str], path: str = "") -> CheckpointMeta:
     """Rebuild a :class:`CheckpointMeta` from ``metadata_props``."""
-    try:
-        return CheckpointMeta.from_strings(props, path)
-    except CompressError:
+    if "arch" not in props or "num_classes" not in props:
         raise CompressError(
-            f"{path}: ONNX file has no compress metadata (arch, num_classes); export it with 'compress export --onnx'"
-        ) from None
+            f"{path}: ONNX file has no compress metadata (arch, num_classes); export it with 'compress export --onnx'")
+    return CheckpointMeta.from_strings(props, path)  # malformed metadata: its own message
 
 
 def props_json(props: dict[str, str], key: str, default=None):

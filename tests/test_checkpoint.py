@@ -107,3 +107,25 @@ def test_embedded_teacher_metadata(pretrained_teacher):
     assert meta.arch == "resnet20" and meta.num_classes == 10
     assert meta.mean == (0.485, 0.456, 0.406)
     assert json.dumps(meta.class_names).startswith('["airplane"')
+
+
+def test_meta_for_gives_one_mean_and_std_value_per_channel():
+    from compressor.checkpoint import CIFAR_MEAN, CIFAR_STD
+
+    gray = meta_for("resnet8", num_classes=10, input_size=(1, 28, 28))
+    assert gray.in_chans == 1 and gray.mean == (0.4734,) and gray.std == (0.2507,)  # CIFAR's channel averages
+    assert meta_for("resnet8", num_classes=10).mean == CIFAR_MEAN
+    assert meta_for("resnet8", num_classes=10, in_chans=2).std == (0.2507, 0.2507)
+    assert meta_for("resnet8", num_classes=10, in_chans=3).std == CIFAR_STD
+    with pytest.raises(ValueError, match="mean/std have 3/3 values for 1 channels"):
+        meta_for("resnet8", num_classes=10, in_chans=1, mean=CIFAR_MEAN, std=CIFAR_STD)
+
+
+def test_malformed_onnx_metadata_is_named_as_malformed_not_missing():
+    from export.onnx_export import meta_from_onnx_props
+
+    props = meta_for("resnet8", num_classes=10).to_strings()
+    with pytest.raises(CompressError, match="no compress metadata"):
+        meta_from_onnx_props({k: v for k, v in props.items() if k != "arch"}, "m.onnx")
+    with pytest.raises(CompressError, match=r"metadata is malformed \(mean/std have 3/3 values for 1 channels\)"):
+        meta_from_onnx_props({**props, "in_chans": "1", "input_size": "[1, 28, 28]"}, "m.onnx")

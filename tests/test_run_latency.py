@@ -162,3 +162,22 @@ def test_two_process_run_table_agrees_with_compress_bench(tmp_path, pretrained_t
     assert all(b["threads"] == summary["latency"]["threads"] for b in benches)
     bench_ms = [b["results"][0]["p50_ms"] for b in benches]
     assert any(1 / 2 <= table_ms / ms <= 2 for ms in bench_ms), (table_ms, bench_ms)
+
+
+def test_a_grayscale_chain_is_timed_by_the_real_onnxruntime_timer():
+    """1-channel 28-px models export with 1-value mean/std metadata and get a latency; before, the
+    3-value CIFAR default made every export's metadata unreadable and the column stayed empty."""
+    from export.bench import onnx_model_latency_ms
+
+    lat, info = latency_mod.chain_latency([("cnn2", {"input_hw": 28})], num_classes=10, input_size=(1, 28, 28),
+                                          timer=onnx_model_latency_ms, warmup=1, seconds=0.05)
+    assert "failed" not in info, info
+    assert lat[0] is not None and lat[0] > 0
+
+
+def test_a_run_whose_latency_failed_says_why_under_its_table():
+    summary = {"chain": [{"role": "student", "arch": "resnet8", "final_test_top1": 50.0, "best_val_top1": 49.0,
+                          "params": 78_042, "macs": 12_000_000, "latency_ms": None, "train_seconds": 3}],
+               "latency": {"backend": "onnxruntime", "precision": "fp32", "batch_size": 1, "statistic": "p50",
+                           "seconds": 1.0, "threads": 2, "when": "once", "failed": {"resnet8": "RuntimeError: no"}}}
+    assert format_summary(summary).endswith("; not measured for resnet8 (RuntimeError: no)")
