@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Predict with a compress deploy bundle: ``python predict.py IMAGE_OR_FOLDER``.
+"""Predict with a compress deploy bundle: ``python predict.py IMAGE_OR_FOLDER [IMAGE ...]``.
 
 Written by ``compress export --target cpu``, next to ``model.onnx`` and
 ``deploy.json``; everything (runtime, threads, precision, preprocessing,
@@ -8,6 +8,7 @@ onnxruntime only (plus ``onnxruntime-ep-openvino`` when deploy.json names the
 OpenVINO provider; without it the CPU provider is used and a note printed).
 
 * an image file: prints its top-5 classes;
+* several image files: prints one line per image (file, class, probability);
 * a folder of images: prints one line per image (file, class, probability);
 * an ImageFolder layout (``FOLDER/<class>/*`` or a data root with ``test/``
   or ``val/``): prints top-1 accuracy over every image, the number
@@ -219,24 +220,31 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def main(argv: list) -> int:
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print(__doc__.strip().splitlines()[0] + "\nusage: python predict.py IMAGE_OR_FOLDER")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip().splitlines()[0] + "\nusage: python predict.py IMAGE_OR_FOLDER [IMAGE ...]")
+        return 0 if argv else 2
     folder = Path(__file__).resolve().parent
     deploy = read_deploy(folder)
     names = list(deploy["class_names"])
-    target = Path(argv[0])
-    if not target.exists():
-        raise BadInput(f"{target}: no such file or folder; give an image file or a folder of images")
+    targets = [Path(a) for a in argv]
+    for target in targets:
+        if not target.exists():
+            raise BadInput(f"{target}: no such file or folder; give image files or one folder of images")
+    if len(targets) > 1 and not all(t.is_file() for t in targets):
+        raise BadInput("give one folder, or image files only (not a folder among several arguments)")
+    target = targets[0]
     session = make_session(folder, deploy)
     prep = deploy["preprocessing"]
-    if target.is_file():
+    if len(targets) > 1:
+        files, labels = targets, None
+    elif target.is_file():
         probs = softmax(predict_files(session, [target], prep))[0]
         for k in np.argsort(-probs, kind="stable")[:5]:
             print(f"{names[k]:<20} {100 * probs[k]:6.2f}%")
         return 0
-    labelled = labelled_folder(target, names)
-    files, labels = labelled if labelled else (image_files(target), None)
+    else:
+        labelled = labelled_folder(target, names)
+        files, labels = labelled if labelled else (image_files(target), None)
     if not files:
         raise BadInput(f"{target}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
     logits = predict_files(session, files, prep)

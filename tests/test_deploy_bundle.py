@@ -59,14 +59,14 @@ def fake_bench(p50: dict):
     return timer
 
 
-def run_predict(bundle: Path, target: Path) -> subprocess.CompletedProcess:
+def run_predict(bundle: Path, *targets: Path) -> subprocess.CompletedProcess:
     """predict.py in a fresh interpreter (the venv's), reporting whether torch/compressor got imported."""
-    code = ("import runpy, sys\nsys.argv = [sys.argv[1], sys.argv[2]]\ntry:\n"
+    code = ("import runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n"
             "    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
             "else:\n    code = 0\n"
             "print('IMPORTED', sorted(m for m in ('torch', 'compressor', 'export') if m in sys.modules))\n"
             "sys.exit(code)\n")
-    return subprocess.run([sys.executable, "-c", code, str(bundle / "predict.py"), str(target)],
+    return subprocess.run([sys.executable, "-c", code, str(bundle / "predict.py"), *map(str, targets)],
                           capture_output=True, text=True, timeout=300, cwd=bundle.parent)
 
 
@@ -241,6 +241,13 @@ def test_predict_one_image_and_bad_input(cifar_bundle, demo_jpegs, tmp_path):
     assert len(lines) == 5 and lines[0].split()[0] in DEMO_NAMES
     res = run_predict(out, tmp_path / "missing.jpg")
     assert res.returncode == 2 and "no such file or folder" in res.stderr and "Traceback" not in res.stderr
+    two = sorted((demo_jpegs / "test" / "dog").iterdir())[:2]
+    res = run_predict(out, one, *two)  # several images: one line each, in the order given
+    assert res.returncode == 0, res.stderr
+    rows = [x.split("\t") for x in res.stdout.splitlines() if "\t" in x]
+    assert [r[0] for r in rows] == [str(one), *map(str, two)] and all(r[1] in DEMO_NAMES for r in rows)
+    res = run_predict(out, one, demo_jpegs / "test")
+    assert res.returncode == 2 and "image files only" in res.stderr and "Traceback" not in res.stderr
 
 
 # ----------------------------------------------------------------- atomic writing
