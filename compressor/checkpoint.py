@@ -183,6 +183,8 @@ def read_checkpoint(path, *, arch: str | None = None, num_classes: int | None = 
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         fix = ("the file is truncated or damaged; re-create or re-download it" if p.suffix == ".safetensors"
+               else "this is an ONNX file: give the .safetensors checkpoint it was exported from "
+                    "(compress eval and bench take .onnx files)" if p.suffix.lower() == ".onnx"
                else "convert PyTorch .pth/.th files with 'compress import'")
         raise CompressError(f"{p}: not a readable safetensors checkpoint ({reason}); {fix}") from None
     if arch is not None:

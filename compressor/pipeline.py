@@ -248,6 +248,9 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     num_classes = cfg.num_classes or bundle.num_classes
     if num_classes != bundle.num_classes:
         raise CompressError(f"--num-classes {num_classes} but the data has {bundle.num_classes} classes")
+    if num_classes < 2:
+        raise CompressError(f"the data has {num_classes} class (one class folder); a classifier needs at least 2: "
+                            f"give one sub-folder of images per class")
     c = bundle.input_size[0]
     timm_norm = None  # a timm model: its pretrained_cfg's mean/std, not the data's (--init: the file's)
     if entry.timm_name and not cfg.init and not (cfg.mean and cfg.std):

@@ -95,6 +95,9 @@ def work(tmp_path_factory) -> Path:
             (d / "three" / split / c).mkdir(parents=True)
             for j in range(2):
                 _png(d / "three" / split / c / f"{j}.png", 10 * i + j)
+        (d / "oneclass" / split / "cat").mkdir(parents=True)
+        for j in range(2):
+            _png(d / "oneclass" / split / "cat" / f"{j}.png", 50 + j)
         (d / "notimage" / split / "cat").mkdir(parents=True)
         (d / "notimage" / split / "cat" / "0.png").write_text("plain text pretending to be a PNG\n")
     (d / "emptydata").mkdir()
@@ -167,6 +170,10 @@ CASES = [
     ("unknown-data-layout", ["eval", TEACHER, "--data", "oddlayout"], "unknown data layout in 'oddlayout'"),
     ("missing-data-dir", ["eval", TEACHER, "--data", "nodata"], "data path 'nodata' does not exist"),
     ("image-not-an-image", ["eval", TEACHER, "--data", "notimage"], "cannot decode image file"),
+    ("train-one-class", ["train", "--arch", "resnet8", "--data", "oneclass", "--out", "x.safetensors"],
+     "the data has 1 class (one class folder); a classifier needs at least 2"),
+    ("onnx-as-teacher", ["distill", "--teacher", "gray.onnx", "--target", "resnet8", *TINY],
+     "this is an ONNX file: give the .safetensors checkpoint it was exported from"),
     # recipes and flags
     ("recipe-unknown-key", ["distill", "--teacher", TEACHER, "--target", "resnet8", "--recipe",
                             "unknown_key.yaml"], "unknown key 'learnign_rate'"),
