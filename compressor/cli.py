@@ -308,8 +308,9 @@ DISTILL_HELP = {
     "gate_guides": "keep an assistant that ends near chance or below half the teacher's lead over chance out of "
                    "the later stages' guides, and drop a guide a later model beats by more than 2 points",
     "assistant_epochs": "epochs for each assistant (default: --epochs)", "name": "run name (runs/NAME)",
-    "latency_backend": "plan table latency: torch | onnxruntime | none (distill's run table is timed once after "
-                       "training in onnxruntime, as 'compress bench'; none: not timed)",
+    "latency_backend": "plan table latency: onnxruntime (fp32, batch 1, as 'compress bench' times the deployed "
+                       "file) | torch (eager) | none; distill's run table is timed once after training in "
+                       "onnxruntime (none: not timed)",
     "cache_guides": "store guide logits per (epoch, step) on disk and reuse them across stages and runs",
     "ignore_class_names": "run the teacher on data whose class names differ from the teacher's",
     "trust_code": "I trust the code the teacher checkpoint names (file.py:NAME): import it",

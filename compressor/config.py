@@ -174,7 +174,7 @@ class DistillConfig(OptimConfig):
     assistant_epochs: typing.Optional[int] = None     # default: epochs
     out: typing.Optional[str] = None                  # run directory (default runs/<name>)
     name: typing.Optional[str] = None
-    latency_backend: str = "torch"                    # plan table latency: torch | onnxruntime | none
+    latency_backend: str = "onnxruntime"              # plan table latency: onnxruntime (as deployed) | torch | none
     cache_guides: bool = False                        # store guide logits per (epoch, step) and reuse them
     init_student: typing.Optional[str] = None         # start the student from these weights (compressor.init_weights)
     init_assistants: dict = field(default_factory=dict)  # assistant arch -> weights to start it from

@@ -37,6 +37,10 @@ OnnxTimer = Callable[..., float]
 _onnx_timer: OnnxTimer | None = None
 
 
+class NoOnnxTimer(CompressError):
+    """onnxruntime latency was asked for where no timer is installed (a setup error, not a model's)."""
+
+
 def set_onnx_timer(timer: OnnxTimer | None) -> OnnxTimer | None:
     """Install the onnxruntime latency measurement (see the module docstring); returns the previous one."""
     global _onnx_timer
@@ -117,7 +121,7 @@ def onnx_latency_ms(arch: str, num_classes: int = 10, model_kwargs: dict | None 
             cache = {}
     timer = timer or _onnx_timer
     if timer is None:
-        raise CompressError("onnxruntime latency needs the deployment package's timer (the compress CLI installs "
+        raise NoOnnxTimer("onnxruntime latency needs the deployment package's timer (the compress CLI installs "
                             "it); from Python call compressor.latency.set_onnx_timer(export.bench."
                             "onnx_model_latency_ms), or use --latency-backend torch|none")
     from .checkpoint import meta_for

@@ -61,7 +61,7 @@ from .training_defaults import (LEGACY, describe as describe_defaults, inherit_r
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 # ``precision`` is what ``auto`` resolved to on the machine of the session that wrote config.yaml.
 RESUME_IGNORED_KEYS = ("log_with", "precision", "trust_code", "accept_code_change", "compile", "training_defaults",
-                       "test_every_epoch",  # reported only
+                       "test_every_epoch", "latency_backend",  # reported only
                        "out",  # locates the run (moved or copied with its state, it resumes where it is now)
                        *RUN_RULE_KEYS)  # the rules' words; the settings themselves are compared
 

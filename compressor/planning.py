@@ -56,6 +56,7 @@ class Plan:
     spacing: float
     rule: str
     relative_cost: float = 1.0
+    latency_failed: dict = field(default_factory=dict)  # arch -> why its plan-table latency is missing
 
     @property
     def teacher(self) -> ChainMember:
@@ -72,13 +73,14 @@ class Plan:
     def to_dict(self) -> dict:
         return {"method": self.method, "by": self.by, "latency_backend": self.latency_backend,
                 "spacing": self.spacing, "rule": self.rule, "relative_cost": self.relative_cost,
-                "chain": [asdict(m) for m in self.members]}
+                "chain": [asdict(m) for m in self.members],
+                **({"latency_failed": dict(self.latency_failed)} if self.latency_failed else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         return cls(members=[ChainMember(**m) for m in d["chain"]], method=d["method"], by=d["by"],
                    latency_backend=d["latency_backend"], spacing=d["spacing"], rule=d["rule"],
-                   relative_cost=d.get("relative_cost", 1.0))
+                   relative_cost=d.get("relative_cost", 1.0), latency_failed=dict(d.get("latency_failed") or {}))
 
 
 def profile_arch(arch: str, num_classes: int, model_kwargs: dict | None = None,
@@ -275,20 +277,30 @@ def plan_chain(teacher_arch: str, num_classes: int, target: str, *, teacher_kwar
         chosen = sorted(names, key=lambda n_: -values[n_])
         rule = "named by the user (ordered largest first)"
 
+    latency_failed = {}
+
     def member(role: str, arch: str, kwargs: dict) -> ChainMember:
         params, macs = profile_arch(arch, num_classes, kwargs, size)
         lat = None
         if measure_latency:
-            from .latency import latency_ms
+            from .latency import NoOnnxTimer, latency_ms
 
-            lat = round(latency_ms(arch, backend=latency_backend, num_classes=num_classes, model_kwargs=kwargs,
-                                   input_size=size), 4)
+            try:
+                lat = round(latency_ms(arch, backend=latency_backend, num_classes=num_classes, model_kwargs=kwargs,
+                                       input_size=size), 4)
+            except NoOnnxTimer:
+                raise
+            except Exception as exc:  # a model that does not export leaves a gap in the table, not a failed plan
+                if by == "latency":  # the plan needs the number
+                    raise
+                latency_failed[arch] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
         return ChainMember(role=role, arch=arch, params=params, macs=macs, latency_ms=lat, model_kwargs=kwargs)
 
     members = [member("teacher", teacher_entry.name, t_kwargs)]
     members += [member("assistant", *spec[label]) for label in chosen]
     members.append(member("student", student_entry.name, s_kwargs))
-    plan = Plan(members=members, method=method, by=by, latency_backend=latency_backend, spacing=spacing, rule=rule)
+    plan = Plan(members=members, method=method, by=by, latency_backend=latency_backend, spacing=spacing, rule=rule,
+                latency_failed=latency_failed)
     plan.relative_cost = round(relative_training_cost(members, method, drop_guides, epochs,
                                                       assistant_epochs or epochs), 3)
     return plan
@@ -337,6 +349,7 @@ def format_plan(plan: Plan) -> str:
         table += "\nlatency: measured once after training, in onnxruntime (the final table)"
     else:
         table = format_table(["role", "model", "params", "MACs", f"latency ms ({lat}, batch 1)"], rows)
+        table += "".join(f"\nlatency: not measured for {arch} ({why})" for arch, why in plan.latency_failed.items())
     stems = {}
     for m in plan.members[1:]:
         if "stem" in m.model_kwargs:

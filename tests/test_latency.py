@@ -47,3 +47,30 @@ def test_plan_by_latency_and_target_latency(cache, monkeypatch):
     assert arch == "resnet14" and [n for n, _ in measured] == ["resnet8", "resnet14"]
     with pytest.raises(CompressError, match="no cifar_resnet model smaller than the teacher runs within"):
         pick_student_by_latency("cifar_resnet", 1e-6, "resnet20", 10)
+
+
+def test_plan_table_leaves_a_gap_for_a_model_that_does_not_time(cache, monkeypatch):
+    from compressor.config import DistillConfig
+    from compressor.latency import NoOnnxTimer
+    from compressor.planning import Plan, format_plan
+
+    assert DistillConfig().latency_backend == "onnxruntime"  # the plan table shows the deployed runtime's number
+
+    def teacher_fails(model, meta, **kwargs):
+        if meta.arch == "resnet20":
+            raise RuntimeError("exporter gave up\nlong trace")
+        return 0.25
+
+    monkeypatch.setattr("compressor.latency._onnx_timer", teacher_fails)
+    plan = plan_chain("resnet20", 10, "resnet8", latency_backend="onnxruntime")
+    assert [m.latency_ms for m in plan.members] == [None, 0.25]
+    assert plan.latency_failed == {"resnet20": "RuntimeError: exporter gave up"}
+    text = format_plan(plan)
+    assert "latency ms (onnxruntime, batch 1)" in text
+    assert "latency: not measured for resnet20 (RuntimeError: exporter gave up)" in text
+    assert Plan.from_dict(plan.to_dict()).latency_failed == plan.latency_failed
+    with pytest.raises(RuntimeError, match="exporter gave up"):  # planning by latency needs every number
+        plan_chain("resnet20", 10, "resnet8", by="latency")
+    monkeypatch.setattr("compressor.latency._onnx_timer", None)
+    with pytest.raises(NoOnnxTimer, match="set_onnx_timer"):  # a setup error is not a model's gap
+        plan_chain("resnet20", 10, "resnet8", latency_backend="onnxruntime")
