@@ -70,7 +70,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .data import augment_batch
+from .data import augment_batch, batch_flips
 from .fileio import atomic_write, write_json
 
 # Bump when the code that makes a batch from the data changes (sampler order,
@@ -269,17 +269,17 @@ class GuideLogitCache:
 
 
 def augmentation_policy(augment) -> dict:
-    """The training augmentation as the key sees it: the policy (``cifar``, ``imagenet``,
+    """The training augmentation as the key sees it: the policy (``cifar``, ``crop``, ``imagenet``,
     ``none``; the old booleans and an unresolved ``auto`` count as cifar/none as the
-    training loop treats them), plus ``augment_batch``'s defaults for cifar."""
+    training loop treats them), plus ``augment_batch``'s settings for cifar and crop."""
     if augment in (False, None, "none"):
         return {"policy": "none"}
     policy = "cifar" if augment in (True, "auto") else str(augment)
-    if policy != "cifar":
+    if policy not in ("cifar", "crop"):
         return {"policy": policy}
     defaults = {name: p.default for name, p in inspect.signature(augment_batch).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    return {"policy": policy, **defaults}
+    return {"policy": policy, **defaults, "flip": batch_flips(policy)}
 
 
 def cache_settings(cfg, train_split, input_size, mean, std, num_classes: int) -> dict:

@@ -40,7 +40,7 @@ from torch import nn
 
 from .bn_recalibration import random_state_kept
 from .config import OptimConfig
-from .data import augment_batch, batch_augments, normalize
+from .data import augment_batch, batch_augments, batch_flips, normalize
 from .errors import CompressError
 from .fileio import append_jsonl, read_jsonl, write_text
 from .guides import GuideLogitCache, GuideSet
@@ -346,7 +346,8 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
             for group in optimizer.param_groups:
                 group["lr"] = lr_at_epoch(cfg, epoch + step / warmup_steps, epochs or epoch + 1)
         if batch_augments(cfg.augment) and not getattr(loader.dataset, "augments", False):
-            images = augment_batch(images, augmentation_generator(aug_seed, epoch, step, accelerator))
+            images = augment_batch(images, augmentation_generator(aug_seed, epoch, step, accelerator),
+                                   flip=batch_flips(cfg.augment))
         x = _to_input(images, mean, std, cfg.channels_last)
         kept = kept_guides(len(guides), loss_cfg.drop_guides, seeded_generator(stage_seed, epoch, step))
         guide_logits = guides.logits(kept, x, epoch, step, accelerator.autocast)
@@ -419,7 +420,8 @@ def _unlabeled_input(images, unlabeled, cfg: OptimConfig, mean, std, device, *, 
     images = images.to(device, non_blocking=True)
     if batch_augments(cfg.augment) and not unlabeled.augments:
         rank = accelerator.process_index if accelerator is not None else 0
-        images = augment_batch(images, seeded_generator(aug_seed, "unlabeled", epoch, step, rank))
+        images = augment_batch(images, seeded_generator(aug_seed, "unlabeled", epoch, step, rank),
+                               flip=batch_flips(cfg.augment))
     return _to_input(images, mean, std, cfg.channels_last)
 
 

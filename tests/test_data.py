@@ -368,3 +368,38 @@ def test_imagefolder_uniform_non_square_kept(tmp_path):
     b = load_data(str(root))
     assert b.input_size == (3, 8, 12)
     assert load_data(str(root), image_size=8).input_size == (3, 8, 8)
+
+
+def test_crop_policy_crops_without_flipping(tmp_path, monkeypatch):
+    """--augment crop: the cifar batch augmentation minus the flip, in training, BN recalibration and
+    the guide-cache key; its evaluation view crops nothing, as cifar's."""
+    from compressor import trainer
+    from compressor.config import TrainConfig, resolve_config
+    from compressor.data import batch_augments, batch_flips, resolve_policy
+    from compressor.data.view import eval_view
+    from compressor.guides import augmentation_policy
+    from compressor.checkpoint import load_model
+    from compressor.pipeline import train_model
+
+    assert resolve_policy("crop", (28, 28), "cifar_resnet") == ("crop", "given")
+    assert batch_augments("crop") and not batch_flips("crop") and batch_flips("cifar")
+    assert eval_view("crop", 28).crop == eval_view("cifar", 28).crop == 1.0
+    assert augmentation_policy("crop") == {"policy": "crop", "pad": 4, "flip": False}
+    assert augmentation_policy("cifar") == {"policy": "cifar", "pad": 4, "flip": True}  # old cache keys stand
+    with pytest.raises(CompressError, match="cifar, crop, imagenet, none or auto"):
+        resolve_policy("mirror", (28, 28), None)
+
+    seen = []
+    real = trainer.augment_batch
+
+    def recording(images, generator, **kwargs):
+        seen.append(kwargs.get("flip", True))
+        return real(images, generator, **kwargs)
+
+    monkeypatch.setattr(trainer, "augment_batch", recording)
+    cfg = resolve_config(TrainConfig, None, dict(arch="cnn2", out=str(tmp_path / "m.safetensors"), epochs=1,
+                                                 batch_size=16, augment="crop"))
+    train_model(cfg, data=synthetic_data(num_classes=4, n_train=32, n_test=16, seed=1), show_progress=False)
+    assert seen and not any(seen)  # every training batch cropped, none flipped
+    _, meta = load_model(tmp_path / "m.safetensors")
+    assert meta.metrics["augment"] == "crop"

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from ..errors import CompressError
 
-POLICIES = ("cifar", "imagenet", "none")
+POLICIES = ("cifar", "crop", "imagenet", "none")  # crop: cifar without the flip
 IMAGENET_CROP = 0.875  # evaluation: resize to size / 0.875, center-crop size (torchvision's references)
 
 
@@ -60,7 +60,7 @@ def resolve_policy(value, image_size: tuple[int, int], family: str | None) -> tu
     if value in POLICIES:
         return value, "given"
     if value not in (None, "auto"):
-        raise CompressError(f"--augment must be cifar, imagenet, none or auto; got {value!r}")
+        raise CompressError(f"--augment must be cifar, crop, imagenet, none or auto; got {value!r}")
     big = min(image_size) >= 64
     if big or (family or "").startswith("imagenet"):
         return "imagenet", (f"auto: {'images of ' + str(min(image_size)) + ' px' if big else 'family ' + family}"
@@ -201,8 +201,14 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, *, pad: int 
 
 
 def batch_augments(policy) -> bool:
-    """Whether the training loop augments whole batches (cifar; ``True``/``auto`` from older callers)."""
-    return policy is True or policy in ("cifar", "auto")
+    """Whether the training loop augments whole batches (cifar, crop; ``True``/``auto`` from older callers)."""
+    return policy is True or policy in ("cifar", "crop", "auto")
+
+
+def batch_flips(policy) -> bool:
+    """Whether the batch augmentation flips: every batch policy but ``crop`` (pad-4 crop only, for
+    images a mirror changes: digits, text, signs)."""
+    return policy != "crop"
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
