@@ -70,7 +70,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .data import augment_batch, batch_flips
+from .data import augment_batch, batch_augmentation
 from .fileio import atomic_write, write_json
 
 # Bump when the code that makes a batch from the data changes (sampler order,
@@ -275,11 +275,12 @@ def augmentation_policy(augment) -> dict:
     if augment in (False, None, "none"):
         return {"policy": "none"}
     policy = "cifar" if augment in (True, "auto") else str(augment)
-    if policy not in ("cifar", "crop"):
+    batch_aug = batch_augmentation(policy)
+    if batch_aug is None:
         return {"policy": policy}
     defaults = {name: p.default for name, p in inspect.signature(augment_batch).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    return {"policy": policy, **defaults, "flip": batch_flips(policy)}
+    return {"policy": policy, **defaults, **batch_aug}
 
 
 def cache_settings(cfg, train_split, input_size, mean, std, num_classes: int) -> dict:

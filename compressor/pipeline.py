@@ -36,7 +36,7 @@ import yaml
 from .checkpoint import CIFAR_MEAN, CIFAR_STD, file_sha256, load_model, meta_for, save_checkpoint
 from .config import DISTILL_LEGACY, RUN_RULE_KEYS, DistillConfig, TrainConfig, config_to_dict
 from .bn_recalibration import EPOCH_BATCHES, recalibrate_bn
-from .data import (DataBundle, ImageSplit, as_eval, augment_batch, batch_augments, batch_flips, channel_stats, load_data,
+from .data import (DataBundle, ImageSplit, as_eval, augment_batch, batch_augmentation, channel_stats, load_data,
                    make_loader, normalize, resolve_policy, subset)
 from .data.unlabeled import UnlabeledStream, load_unlabeled, mixed_training_set, unlabeled_batch_size
 from .errors import CompressError
@@ -1006,7 +1006,8 @@ def precise_bn(accelerator, model, train_split, cfg, mean, std, *, max_batches: 
     order = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(seed))
     loader = make_loader(subset(train_split, order[:n]), cfg.batch_size, shuffle=False, policy=cfg.augment,
                          seed=seed, workers=cfg.data_workers)
-    augment_here = batch_augments(cfg.augment) and not getattr(loader.dataset, "augments", False)
+    batch_aug = batch_augmentation(cfg.augment)
+    augment_here = batch_aug is not None and not getattr(loader.dataset, "augments", False)
     generator = torch.Generator().manual_seed(stable_seed(cfg.seed, "precise-bn-augment"))
     device = accelerator.device
     model = model.to(device)
@@ -1015,7 +1016,7 @@ def precise_bn(accelerator, model, train_split, cfg, mean, std, *, max_batches: 
     def batches():
         for images, _ in loader:
             if augment_here:  # the trainer's batch-level crop + flip (trainer.train_one_epoch)
-                images = augment_batch(images, generator, flip=batch_flips(cfg.augment))
+                images = augment_batch(images, generator, **batch_aug)
             x = normalize(images.to(device), mean, std)
             if not first:
                 first.append(x)

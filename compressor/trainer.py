@@ -40,7 +40,7 @@ from torch import nn
 
 from .bn_recalibration import random_state_kept
 from .config import OptimConfig
-from .data import augment_batch, batch_augments, batch_flips, normalize
+from .data import augment_batch, batch_augmentation, normalize
 from .errors import CompressError
 from .fileio import append_jsonl, read_jsonl, write_text
 from .guides import GuideLogitCache, GuideSet
@@ -345,9 +345,9 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
         if warmup_steps:  # warmup raises the lr every step, not every epoch; so does the cosine
             for group in optimizer.param_groups:
                 group["lr"] = lr_at_epoch(cfg, epoch + step / warmup_steps, epochs or epoch + 1)
-        if batch_augments(cfg.augment) and not getattr(loader.dataset, "augments", False):
-            images = augment_batch(images, augmentation_generator(aug_seed, epoch, step, accelerator),
-                                   flip=batch_flips(cfg.augment))
+        batch_aug = batch_augmentation(cfg.augment)
+        if batch_aug is not None and not getattr(loader.dataset, "augments", False):
+            images = augment_batch(images, augmentation_generator(aug_seed, epoch, step, accelerator), **batch_aug)
         x = _to_input(images, mean, std, cfg.channels_last)
         kept = kept_guides(len(guides), loss_cfg.drop_guides, seeded_generator(stage_seed, epoch, step))
         guide_logits = guides.logits(kept, x, epoch, step, accelerator.autocast)
@@ -418,10 +418,10 @@ def _unlabeled_input(images, unlabeled, cfg: OptimConfig, mean, std, device, *, 
     (cifar: the batch crop + flip, from its own generator seeded by (seed, "unlabeled", epoch, step,
     process); imagenet: already done per sample by the loader), normalised."""
     images = images.to(device, non_blocking=True)
-    if batch_augments(cfg.augment) and not unlabeled.augments:
+    batch_aug = batch_augmentation(cfg.augment)
+    if batch_aug is not None and not unlabeled.augments:
         rank = accelerator.process_index if accelerator is not None else 0
-        images = augment_batch(images, seeded_generator(aug_seed, "unlabeled", epoch, step, rank),
-                               flip=batch_flips(cfg.augment))
+        images = augment_batch(images, seeded_generator(aug_seed, "unlabeled", epoch, step, rank), **batch_aug)
     return _to_input(images, mean, std, cfg.channels_last)
 
 

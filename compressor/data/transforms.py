@@ -200,15 +200,24 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, *, pad: int 
     return crop_flip(images, top, left, mask, pad=pad)
 
 
+BATCH_AUGMENTATION = {"cifar": {}, "auto": {}, True: {},  # augment_batch's defaults: pad-4 crop + flip
+                      "crop": {"flip": False}}  # for images a mirror changes: digits, text, signs
+
+
+def batch_augmentation(policy) -> dict | None:
+    """The :func:`augment_batch` keyword arguments the training loop uses for ``policy`` on whole
+    batches (cifar, crop; ``True``/``auto`` from older callers), or ``None``: no batch augmentation."""
+    return BATCH_AUGMENTATION.get(policy) if isinstance(policy, (str, bool)) else None
+
+
 def batch_augments(policy) -> bool:
-    """Whether the training loop augments whole batches (cifar, crop; ``True``/``auto`` from older callers)."""
-    return policy is True or policy in ("cifar", "crop", "auto")
+    """Whether the training loop augments whole batches."""
+    return batch_augmentation(policy) is not None
 
 
 def batch_flips(policy) -> bool:
-    """Whether the batch augmentation flips: every batch policy but ``crop`` (pad-4 crop only, for
-    images a mirror changes: digits, text, signs)."""
-    return policy != "crop"
+    """Whether the batch augmentation flips (every batch policy but ``crop``)."""
+    return (batch_augmentation(policy) or {}).get("flip", True)
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
