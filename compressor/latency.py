@@ -41,6 +41,12 @@ class NoOnnxTimer(CompressError):
     """onnxruntime latency was asked for where no timer is installed (a setup error, not a model's)."""
 
 
+def failure_text(exc: BaseException) -> str:
+    """Why a model got no latency, in one short line: ``Type: first line of the message``."""
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {first}"
+
+
 def set_onnx_timer(timer: OnnxTimer | None) -> OnnxTimer | None:
     """Install the onnxruntime latency measurement (see the module docstring); returns the previous one."""
     global _onnx_timer
@@ -184,8 +190,7 @@ def chain_latency(members, *, num_classes: int, input_size=None, backend: str = 
                                              seconds=seconds), 4))
         except Exception as exc:  # a model that does not export must not fail a finished run: say so instead
             out.append(None)
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
-            failed[arch] = f"{type(exc).__name__}: {first}"
+            failed[arch] = failure_text(exc)
     info = {"backend": "onnxruntime", "precision": "fp32", "provider": "cpu", "batch_size": 1, "threads": threads,
             "statistic": "p50", "warmup": int(warmup), "seconds": float(seconds),
             "when": "once, after training, on the main process"}

@@ -283,7 +283,7 @@ def plan_chain(teacher_arch: str, num_classes: int, target: str, *, teacher_kwar
         params, macs = profile_arch(arch, num_classes, kwargs, size)
         lat = None
         if measure_latency:
-            from .latency import NoOnnxTimer, latency_ms
+            from .latency import NoOnnxTimer, failure_text, latency_ms
 
             try:
                 lat = round(latency_ms(arch, backend=latency_backend, num_classes=num_classes, model_kwargs=kwargs,
@@ -293,7 +293,7 @@ def plan_chain(teacher_arch: str, num_classes: int, target: str, *, teacher_kwar
             except Exception as exc:  # a model that does not export leaves a gap in the table, not a failed plan
                 if by == "latency":  # the plan needs the number
                     raise
-                latency_failed[arch] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+                latency_failed[arch] = failure_text(exc)
         return ChainMember(role=role, arch=arch, params=params, macs=macs, latency_ms=lat, model_kwargs=kwargs)
 
     members = [member("teacher", teacher_entry.name, t_kwargs)]
