@@ -152,7 +152,7 @@ def load_run_data(cfg, *, image_size=None, default_size=None, channels=None, fam
     """Load ``cfg.data`` for training (size, channels, backend and policy chosen and printed);
     ``cfg.augment`` is set to the policy used. ``data`` (an in-memory bundle) skips loading."""
     if data is not None:
-        policy, _ = resolve_policy(cfg.augment, data.input_size[1:], family)
+        policy, _ = resolve_policy(cfg.augment, data.input_size[1:], family, data.input_size[0])
         data.augment = policy
     else:
         data = load_data(cfg.data, image_size=image_size, default_size=default_size, channels=channels,

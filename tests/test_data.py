@@ -388,6 +388,11 @@ def test_crop_policy_crops_without_flipping(tmp_path, monkeypatch):
     assert augmentation_policy("cifar") == {"policy": "cifar", "pad": 4, "flip": True}  # old cache keys stand
     with pytest.raises(CompressError, match="cifar, crop, imagenet, none or auto"):
         resolve_policy("mirror", (28, 28), None)
+    # auto: no mirror for small grayscale images (digits, text), the flip for colour, imagenet from 64 px
+    assert resolve_policy("auto", (28, 28), "cifar_resnet", 1)[0] == "crop"
+    assert resolve_policy("auto", (28, 28), "cifar_resnet", 3)[0] == "cifar"
+    assert resolve_policy("auto", (96, 96), None, 1)[0] == "imagenet"
+    assert resolve_policy("cifar", (28, 28), None, 1) == ("cifar", "given")
 
     seen = []
     real = trainer.augment_batch
@@ -403,3 +408,15 @@ def test_crop_policy_crops_without_flipping(tmp_path, monkeypatch):
     assert seen and not any(seen)  # every training batch cropped, none flipped
     _, meta = load_model(tmp_path / "m.safetensors")
     assert meta.metrics["augment"] == "crop"
+
+
+def test_grayscale_folder_trains_without_the_flip_by_default(tmp_path):
+    """A 1-channel folder under --augment auto: the crop policy, said on the augment line, recorded."""
+    from data_folders import write_uniform_folder
+
+    gray = write_uniform_folder(tmp_path / "gray", 12, mode="L")
+    b = load_data(str(gray))
+    assert b.input_size[0] == 1 and b.augment == "crop"
+    assert any(n.startswith("augment: crop (auto: 12-px grayscale images -> pad-4 crop, no flip") for n in b.notes)
+    colour = write_uniform_folder(tmp_path / "rgb", 12)
+    assert load_data(str(colour)).augment == "cifar"

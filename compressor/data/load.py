@@ -210,11 +210,9 @@ def _load_imagefolder(root: Path, size, default_size, channels, splits, mode, au
                      f"(covering it, then center crop)")
     elif native is None:
         notes.append(f"image size: {size[0]}x{size[1]} (images of other sizes are resized, then center-cropped)")
-    augment, why = resolve_policy(augment, size, family)
+    augment, why = resolve_policy(augment, size, family, channels)
     if why != "given":
-        hint = ("; digits or text: --augment crop, a mirror changes them (28-px digits: 96.0 % without the flip, "
-                "88.5 % with it; docs/data.md)" if channels == 1 and augment == "cifar" else "")
-        notes.append(f"augment: {augment} ({why}{hint})")
+        notes.append(f"augment: {augment} ({why})")
     view = eval_view(augment, size)
     store = view.store if augment == "imagenet" else None
     if store is not None and "train" in splits:
@@ -319,7 +317,7 @@ def sample_split(spec: str, split: str, n: int, seed: int, *, image_size=None, c
         shapes = {(h, w) for h, w, _ in good}
         size = next(iter(shapes)) if len(shapes) == 1 else (32, 32)
         notes.append(f"image size: {size[0]}x{size[1]} (from the sampled files' headers; pass the model's size)")
-    policy, _ = resolve_policy(augment, size, family)
+    policy, _ = resolve_policy(augment, size, family, channels)
     view = eval_view(policy, size)
     files, labels = [files[i] for i in keep], labels[keep] if keep else labels[:0]
     idx = [idx[i] for i in keep]
