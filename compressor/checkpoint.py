@@ -246,6 +246,27 @@ def build_model(meta: CheckpointMeta) -> nn.Module:
     return create_model(meta.arch, num_classes=meta.num_classes, in_chans=meta.in_chans, **meta.model_kwargs)
 
 
+def file_in_chans(model: nn.Module, state: dict) -> int | None:
+    """The input channels a foreign state dict was trained for, when they differ from ``model``'s:
+    read from the model's first 4-D weight (its stem conv) under the same key in ``state``; None when
+    they agree or the file has no such key (the strict load then names the mismatch)."""
+    for key, own in model.state_dict().items():
+        if own.ndim == 4:
+            theirs = state.get(key)
+            if theirs is None or theirs.ndim != 4 or theirs.shape[1] == own.shape[1]:
+                return None
+            return int(theirs.shape[1])
+    return None
+
+
+def channel_normalisation(mean, std, in_chans: int) -> tuple[tuple, tuple]:
+    """3-channel mean/std for ``in_chans`` channels: unchanged for 3, the channel averages repeated
+    otherwise (how a grayscale copy of the same images averages)."""
+    if len(mean) == in_chans:
+        return tuple(mean), tuple(std)
+    return ((round(sum(mean) / len(mean), 4),) * in_chans, (round(sum(std) / len(std), 4),) * in_chans)
+
+
 def load_state_strict(model: nn.Module, state: dict, arch: str, source: str) -> None:
     """Load ``state`` into ``model``, failing with the list of mismatched keys."""
     own = model.state_dict()
@@ -312,9 +333,7 @@ def family_normalisation(entry) -> tuple[str, tuple, tuple]:
 def default_normalisation(in_chans: int) -> tuple[tuple, tuple]:
     """The mean/std a checkpoint records when none is given: CIFAR-10's for 3 channels; for any
     other count, CIFAR-10's channel averages repeated (one value per channel, as the metadata needs)."""
-    if in_chans == 3:
-        return CIFAR_MEAN, CIFAR_STD
-    return (round(sum(CIFAR_MEAN) / 3, 4),) * in_chans, (round(sum(CIFAR_STD) / 3, 4),) * in_chans
+    return channel_normalisation(CIFAR_MEAN, CIFAR_STD, in_chans)
 
 
 def meta_for(arch: str, *, num_classes: int, in_chans: int | None = None, mean=None, std=None,

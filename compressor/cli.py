@@ -238,15 +238,16 @@ def import_cmd(file, arch, out, num_classes, mean, std, class_names, options, im
     """Convert a PyTorch state dict (.pth/.th) into a compress checkpoint.
 
     Accepts a bare state dict or one under 'state_dict'/'model', with or without
-    a 'module.' prefix. Every key must match the arch. Files are read with
+    a 'module.' prefix. Every key must match the arch; the input channels follow
+    the file's first conv (a grayscale model imports as 1-channel). Files are read with
     torch.load(weights_only=True): a file that pickles anything but tensors and
     plain containers is refused unless --allow-pickle is given.
 
     Example:  compress import resnet56-4bfd9763.th --arch resnet56 --mean 0.485,0.456,0.406
     --std 0.229,0.224,0.225 --out teacher.safetensors
     """
-    from .checkpoint import (_infer_num_classes, family_normalisation, file_sha256, load_foreign_state_dict,
-                             load_state_strict, meta_for, save_checkpoint)
+    from .checkpoint import (_infer_num_classes, channel_normalisation, family_normalisation, file_in_chans,
+                             file_sha256, load_foreign_state_dict, load_state_strict, meta_for, save_checkpoint)
     from .fileio import check_output_path
     from .models import check_fits, count_params, create_model, get_entry, input_size_for
 
@@ -258,9 +259,14 @@ def import_cmd(file, arch, out, num_classes, mean, std, class_names, options, im
     n = num_classes or _infer_num_classes(state)
     kwargs = _parse_options(options)
     model = create_model(entry.name, num_classes=n, **kwargs)
+    in_chans = file_in_chans(model, state)  # e.g. a grayscale model: its stem conv takes 1 channel
+    if in_chans is not None:
+        click.echo(f"input channels: {in_chans}, as the file's first conv takes (the arch's default: "
+                   f"{input_size_for(entry.name, kwargs)[0]})")
+        model = create_model(entry.name, num_classes=n, in_chans=in_chans, **kwargs)
     load_state_strict(model, state, entry.name, file)
     # The size recorded is the size distill/eval/export feed the model: what it is built for.
-    size = input_size_for(entry.name, kwargs)
+    size = input_size_for(entry.name, kwargs, in_chans)
     if image_size:
         size = (size[0], image_size, image_size)
     else:
@@ -270,8 +276,10 @@ def import_cmd(file, arch, out, num_classes, mean, std, class_names, options, im
                                                 "or the model option that sets it")
     names = [c.strip() for c in class_names.split(",")] if class_names else []
     norm_name, default_mean, default_std = family_normalisation(entry)
+    default_mean, default_std = channel_normalisation(default_mean, default_std, size[0])
     if not (mean and std):
-        click.echo(f"normalisation: {norm_name} mean/std, the default for {entry.family} "
+        averaged = " (the channel averages)" if size[0] != 3 else ""
+        click.echo(f"normalisation: {norm_name} mean/std{averaged}, the default for {entry.family} "
                    f"(--mean/--std to override)")
     extra = {}
     if entry.timm_name:  # its pretrained_cfg's crop decides how eval and export validation crop

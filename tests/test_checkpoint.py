@@ -93,6 +93,25 @@ def test_import_cli_round_trip_and_wrong_arch(tmp_path, capsys):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_import_grayscale_state_dict_keeps_one_channel(tmp_path, capsys):
+    """A 1-channel model's state dict imports as a 1-channel checkpoint (the stem conv decides), with one
+    mean/std value (the family's channel averages) and the same outputs as the model that wrote it."""
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=4, in_chans=1).eval()
+    torch.save(model.state_dict(), tmp_path / "gray.pth")
+    out = tmp_path / "gray.safetensors"
+    with pytest.raises(SystemExit) as exc:
+        main(["import", str(tmp_path / "gray.pth"), "--arch", "resnet8", "--out", str(out)])
+    assert exc.value.code == 0
+    printed = capsys.readouterr().out
+    assert "input channels: 1, as the file's first conv takes (the arch's default: 3)" in printed
+    loaded, meta = load_model(out)
+    assert meta.in_chans == 1 and tuple(meta.input_size) == (1, 32, 32) and meta.num_classes == 4
+    assert meta.mean == (0.4734,) and meta.std == (0.2507,)  # CIFAR-10: (0.4914+0.4822+0.4465)/3, (0.2470+0.2435+0.2616)/3
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(loaded.eval()(x), model(x))
+
+
 @pytest.mark.skipif(not (SHARED / "pretrained-cifar10-resnet").is_dir(), reason="shared pretrained weights absent")
 @pytest.mark.parametrize("name,arch", [("resnet20-12fca82f.th", "resnet20"), ("resnet32-d509ac18.th", "resnet32"),
                                        ("resnet56-4bfd9763.th", "resnet56")])
