@@ -277,6 +277,9 @@ def import_cmd(file, arch, out, num_classes, mean, std, class_names, options, im
     names = [c.strip() for c in class_names.split(",")] if class_names else []
     norm_name, default_mean, default_std = family_normalisation(entry)
     default_mean, default_std = channel_normalisation(default_mean, default_std, size[0])
+    if any(v and len(_csv_floats(v)) != size[0] for v in (mean, std)):
+        raise CompressError(f"--mean/--std need {size[0]} values (one per channel): the file's model takes "
+                            f"{size[0]}-channel images")
     if not (mean and std):
         averaged = " (the channel averages)" if size[0] != 3 else ""
         click.echo(f"normalisation: {norm_name} mean/std{averaged}, the default for {entry.family} "

@@ -110,6 +110,12 @@ def test_import_grayscale_state_dict_keeps_one_channel(tmp_path, capsys):
     assert meta.mean == (0.4734,) and meta.std == (0.2507,)  # CIFAR-10: (0.4914+0.4822+0.4465)/3, (0.2470+0.2435+0.2616)/3
     x = torch.randn(2, 1, 32, 32)
     assert torch.equal(loaded.eval()(x), model(x))
+    with pytest.raises(SystemExit) as exc:  # 3 mean values for a 1-channel model: one line, nothing written
+        main(["import", str(tmp_path / "gray.pth"), "--arch", "resnet8", "--out", str(tmp_path / "g3.safetensors"),
+              "--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,0.2"])
+    assert exc.value.code == 2 and not (tmp_path / "g3.safetensors").exists()
+    err = capsys.readouterr().err
+    assert "--mean/--std need 1 values (one per channel)" in err and "Traceback" not in err
 
 
 @pytest.mark.skipif(not (SHARED / "pretrained-cifar10-resnet").is_dir(), reason="shared pretrained weights absent")
