@@ -106,7 +106,7 @@ OPTIM_HELP = {
                  "ShuffleNet, RegNet, EfficientNet and your own models, else off]",
     "augment": "cifar (pad-4 crop + flip) | crop (pad-4 crop, no flip: digits, text, anything a mirror "
                "changes) | imagenet (RandomResizedCrop + flip) | none | auto (imagenet from 64 px or for "
-               "imagenet families, else cifar)", "seed": "random seed",
+               "imagenet families, else crop for grayscale and cifar for colour images)", "seed": "random seed",
     "mixed_precision": "auto | no | bf16 | fp16 (auto: bf16 + channels_last where the CPU or GPU has native bf16)",
     "grad_accum": "gradient accumulation steps", "channels_last": "channels_last memory format [default: on when auto picks bf16]",
     "val_fraction": "hold out this share of train for the per-epoch evaluation (0: per-epoch on test)",

@@ -375,14 +375,15 @@ def test_crop_policy_crops_without_flipping(tmp_path, monkeypatch):
     the guide-cache key; its evaluation view crops nothing, as cifar's."""
     from compressor import trainer
     from compressor.config import TrainConfig, resolve_config
-    from compressor.data import batch_augments, batch_flips, resolve_policy
+    from compressor.data import batch_augmentation, resolve_policy
     from compressor.data.view import eval_view
     from compressor.guides import augmentation_policy
     from compressor.checkpoint import load_model
     from compressor.pipeline import train_model
 
     assert resolve_policy("crop", (28, 28), "cifar_resnet") == ("crop", "given")
-    assert batch_augments("crop") and not batch_flips("crop") and batch_flips("cifar")
+    assert batch_augmentation("crop") == {"flip": False} and batch_augmentation("cifar") == {}
+    assert batch_augmentation("imagenet") is None and batch_augmentation("none") is None
     assert eval_view("crop", 28).crop == eval_view("cifar", 28).crop == 1.0
     assert augmentation_policy("crop") == {"policy": "crop", "pad": 4, "flip": False}
     assert augmentation_policy("cifar") == {"policy": "cifar", "pad": 4, "flip": True}  # old cache keys stand

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from compressor.data import (EvalView, as_eval, augment_batch, batch_augments, eval_view, fit_image, load_data,
+from compressor.data import (EvalView, as_eval, augment_batch, batch_augmentation, eval_view, fit_image, load_data,
                              load_sample, make_loader, spread_indices, subset)
 
 SIZES = [(40, 40), (48, 64), (64, 48), (37, 53), (80, 60), (50, 50)]
@@ -43,8 +43,9 @@ def training_batches(split, policy: str, seed: int = 3, epochs: int = 2, batch: 
         loader.sampler.set_epoch(epoch)
         g = torch.Generator().manual_seed(seed * 1000 + epoch)
         for images, labels in loader:
-            if batch_augments(policy) and not loader.dataset.augments:
-                images = augment_batch(images, g)
+            kwargs = batch_augmentation(policy)
+            if kwargs is not None and not loader.dataset.augments:
+                images = augment_batch(images, g, **kwargs)
             out.append((images.clone(), labels.clone()))
     return out
 

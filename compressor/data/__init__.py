@@ -27,13 +27,13 @@ from .loader import EpochSampler, as_eval, channel_stats, make_loader, subset
 from .memory import ImageSplit
 from .stream import FileSplit
 from .sampling import load_sample, spread_indices
-from .transforms import (POLICIES, augment_batch, batch_augmentation, batch_augments, batch_flips, crop_flip, eval_crop, fit_image, normalize,
+from .transforms import (POLICIES, augment_batch, batch_augmentation, crop_flip, eval_crop, fit_image, normalize,
                          resolve_policy, store_size)
 from .view import EvalView, eval_view
 
 __all__ = [
     "ImageSplit", "FileSplit", "DataBundle", "load_data", "synthetic_data", "augment_batch", "crop_flip",
     "normalize", "EpochSampler", "make_loader", "subset", "DEMO_PATH", "IMAGE_EXTENSIONS", "MODES", "POLICIES",
-    "choose_mode", "channel_stats", "decode_file", "eval_crop", "fit_image", "resolve_policy", "batch_augmentation", "batch_augments", "batch_flips",
+    "choose_mode", "channel_stats", "decode_file", "eval_crop", "fit_image", "resolve_policy", "batch_augmentation",
     "as_eval", "store_size", "EvalView", "eval_view", "load_sample", "spread_indices",
 ]

@@ -218,16 +218,6 @@ def batch_augmentation(policy) -> dict | None:
     return BATCH_AUGMENTATION.get(policy) if isinstance(policy, (str, bool)) else None
 
 
-def batch_augments(policy) -> bool:
-    """Whether the training loop augments whole batches."""
-    return batch_augmentation(policy) is not None
-
-
-def batch_flips(policy) -> bool:
-    """Whether the batch augmentation flips (every batch policy but ``crop``)."""
-    return (batch_augmentation(policy) or {}).get("flip", True)
-
-
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 ``(x/255 - mean) / std`` per channel, on the same device."""
     c = images.shape[-3]
