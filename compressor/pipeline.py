@@ -273,7 +273,8 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     splits = prepare_splits(cfg, bundle)
     cfg, batch_record = resolve_batch_size(cfg, len(splits.train), accelerator.num_processes)
     cfg, defaults_record = resolve_training_defaults(cfg, entry.family, num_processes=accelerator.num_processes,
-                                                     lr_batch_size=batch_record["lr_batch_size"])
+                                                     lr_batch_size=batch_record["lr_batch_size"],
+                                                     from_weights=bool(cfg.init))
     defaults_record.update(batch_record)
     accelerator.print(describe_defaults(defaults_record))
     model_kwargs = with_auto_stem(entry.builder, cfg.model_kwargs, bundle.input_size)
@@ -788,7 +789,7 @@ def _stage_training_settings(cfg: DistillConfig, plan: Plan, epochs: int, assist
     for m in plan.members[1:]:
         stage_cfgs[m.arch], records[m.arch] = resolve_training_defaults(
             cfg, get_entry(m.arch).family, epochs=epochs if m.role == "student" else assistant_epochs,
-            num_processes=num_processes, lr_batch_size=lr_batch_size)
+            num_processes=num_processes, lr_batch_size=lr_batch_size, from_weights=bool(_init_path(cfg, m)))
     return stage_cfgs, records
 
 
@@ -891,11 +892,15 @@ STAGE_EXTRA_FIELDS = ("final_val_top1", "guides", "dropped_guides", "bn_recalibr
                       "warnings", "max_abs_logit")
 
 
+def _init_path(cfg: DistillConfig, member) -> str | None:
+    """The weights ``member`` starts from: ``--init-student`` or its ``init_assistants`` entry."""
+    return cfg.init_student if member.role == "student" else (cfg.init_assistants or {}).get(member.arch)
+
+
 def _init_member(run: _Run, member, model):
     """``--init-student`` / ``init_assistants``: start ``model`` from weights you have (printed; the
     report goes into the stage's metrics). The chain keeps the teacher's normalisation."""
-    cfg = run.cfg
-    path = cfg.init_student if member.role == "student" else (cfg.init_assistants or {}).get(member.arch)
+    path = _init_path(run.cfg, member)
     if not path:
         return None
     init = init_from_checkpoint(model, path)

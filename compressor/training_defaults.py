@@ -73,6 +73,12 @@ after epoch 1 (seed 0, test split). 540 96-px photos, 12 classes: 18.3 -> 24.3 %
 16.3 %). 900 MNIST digits, two passes: epoch 1 23.4 -> 35.6 %, epoch 2 55.2 -> 66.4 %.
 ``COMPRESS_EPOCH_MIN_IMAGES`` (environment) replaces the 2,048; 0 means one pass.
 
+A model that starts from weights you have (``--init``, ``--init-student``, ``init_assistants``) trains at
+:data:`FINETUNE_LR_FACTOR` (0.3) x the lr above, the rest of its family's settings unchanged (the line
+says ``x 0.3 to fine-tune the weights it starts from``); a lr set by a flag or recipe is kept. Why:
+timm and torchvision leave the fine-tuning lr to the user, and the from-scratch lr undid the weights
+in a short run (numbers at :data:`FINETUNE_LR_FACTOR`).
+
 The warm-up is at most a fifth of the run, so a 1-epoch run warms up over its
 first 0.2 epoch and still anneals (the cosine steps every batch).
 
@@ -260,6 +266,14 @@ class FamilyDefaults:
 ADAMW_LR, ADAMW_PER_IMAGES, ADAMW_WEIGHT_DECAY = 6e-3, 128, 0.05
 
 
+# A model that starts from weights you have (--init, --init-student, an assistant's init) trains at this
+# share of its family's default lr. Why (issue 18; docs/results.md §6, "Fine-tuning from weights you
+# have"): the CIFAR-10 ResNet-20 fine-tuned on 96-px photos of the same classes, 3 epochs: lr 0.1 42.8 %,
+# 0.03 50.7 %, 0.01 53.2 %; a CIFAR-10 ResNet-8 fine-tuned on 28-px digits (another domain): 0.1 95.9 %,
+# 0.03 95.3 %, 0.01 90.7 %. 0.3x is the share that loses little where the weights know little and keeps
+# most of the gain where they know much.
+FINETUNE_LR_FACTOR = 0.3
+
 _CIFAR = dict(lr=0.1, per_images=128, schedule="cosine", warmup_epochs=1.0, weight_decay=5e-4,
               label_smoothing=0.0, grad_clip=0.0)
 
@@ -305,12 +319,14 @@ def images_per_step(cfg, num_processes: int = 1, batch_size: int | None = None) 
 
 
 def resolve_training_defaults(cfg, family: str, *, epochs: int | None = None, num_processes: int = 1,
-                              lr_batch_size: int | None = None):
+                              lr_batch_size: int | None = None, from_weights: bool = False):
     """``(cfg with every unset DEFAULTED field filled, record)``; ``cfg`` itself is not changed.
 
     ``epochs`` (default ``cfg.epochs``) caps the warm-up at :data:`MAX_WARMUP_SHARE` of
     the run. ``lr_batch_size`` (default ``cfg.batch_size``; :func:`resolve_batch_size`'s
-    record has it) is the batch per process the default lr is scaled to. The record says,
+    record has it) is the batch per process the default lr is scaled to. ``from_weights``:
+    the model starts from weights you have (``--init``, ``--init-student``, an assistant's
+    init), and the default lr is :data:`FINETUNE_LR_FACTOR` x the family's. The record says,
     per field, the value and whether it is the family's ``default`` or was ``set`` (flag,
     recipe or a resumed run's config).
     """
@@ -327,6 +343,9 @@ def resolve_training_defaults(cfg, family: str, *, epochs: int | None = None, nu
         lr_rule = f"{fam.lr:g} per {fam.per_images} images x {lr_images}"
     if lr_images != batch:
         lr_rule += ", the lr of the full auto batch"
+    if from_weights:  # fine-tuning: a smaller step keeps what the weights know (FINETUNE_LR_FACTOR)
+        lr *= FINETUNE_LR_FACTOR
+        lr_rule += f", x {FINETUNE_LR_FACTOR:g} to fine-tune the weights it starts from"
     chosen = {
         "optimizer": optimizer,
         "lr": round(lr, 6),
@@ -397,5 +416,5 @@ def inherit_recorded(cfg, recorded: dict):
 __all__ = ["AUTO_BATCH_MAX", "AUTO_BATCH_MIN", "AUTO_BATCH_MIN_STEPS", "AUTO_EPOCH_MIN_IMAGES", "auto_batch_size",
            "auto_epoch_repeats", "resolve_batch_size", "AUTO_MIXUP_MAX_IMAGES", "resolve_kd_mixup",
            "AUTO_T_SHORT", "AUTO_T_LONG", "AUTO_T_LONG_IMAGES", "AUTO_T_LONG_MAX_CLASSES", "resolve_temperature",
-           "ADAMW_LR", "ADAMW_PER_IMAGES", "ADAMW_WEIGHT_DECAY", "DEFAULTED", "FAMILY_DEFAULTS", "FALLBACK", "LEGACY", "FamilyDefaults", "describe", "family_defaults",
+           "ADAMW_LR", "ADAMW_PER_IMAGES", "FINETUNE_LR_FACTOR", "ADAMW_WEIGHT_DECAY", "DEFAULTED", "FAMILY_DEFAULTS", "FALLBACK", "LEGACY", "FamilyDefaults", "describe", "family_defaults",
            "inherit_recorded", "resolve_training_defaults"]

@@ -1,6 +1,7 @@
 """Starting a model from weights you have (compressor.init_weights)."""
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from compressor.checkpoint import file_sha256, meta_for, save_checkpoint
@@ -89,6 +90,8 @@ def test_train_init_records_the_file_and_keeps_its_normalisation(tmp_path):
     init = meta.metrics["init"]
     assert init["sha256"] == file_sha256(tmp_path / "init.safetensors")
     assert init["classifier_replaced"] == ["linear.weight", "linear.bias"]
+    # fine-tuning: 0.1 per 128 images x 16 = 0.0125, x 0.3 = 0.00375
+    assert meta.metrics["training_defaults"]["lr"] == 0.00375
 
 
 def test_distill_starts_the_student_from_weights_you_have(tmp_path, pretrained_teacher):
@@ -111,3 +114,6 @@ def test_distill_starts_the_student_from_weights_you_have(tmp_path, pretrained_t
     _, meta = load_model(tmp_path / "run" / "student.safetensors")
     assert meta.metrics["init"]["sha256"] == file_sha256(tmp_path / "r8.pth")
     assert meta.metrics["init"]["classifier_replaced"] == ["linear.weight", "linear.bias"]
+    # the student fine-tunes at 0.3 x its family's lr (0.1 per 128 x 16 = 0.0125 -> 0.00375)
+    rec = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training_defaults"]["resnet8"]
+    assert rec["lr"] == 0.00375 and "fine-tune" in rec["lr_rule"]

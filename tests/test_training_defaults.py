@@ -58,6 +58,19 @@ def test_flags_and_recipes_win_and_nothing_is_mutated():
     assert "AdamW" not in line
 
 
+def test_a_model_that_starts_from_weights_fine_tunes_at_three_tenths_of_the_lr():
+    # cifar_resnet: 0.1 per 128 images x 128 = 0.1, x 0.3 = 0.03; AdamW: 6e-3 x sqrt(1) x 0.3 = 1.8e-3
+    cfg, rec = resolve_training_defaults(_train(epochs=3, batch_size=128), "cifar_resnet", from_weights=True)
+    assert cfg.lr == pytest.approx(0.03) and rec["lr"] == 0.03
+    assert "lr 0.03 (0.1 per 128 images x 128, x 0.3 to fine-tune the weights it starts from)" in describe(rec)
+    assert (cfg.warmup_epochs, cfg.weight_decay) == (0.6, 5e-4)  # the rest of the family's settings stand
+    assert resolve_training_defaults(_train(epochs=3, batch_size=128), "mobilenetv2", from_weights=True)[0].lr \
+        == pytest.approx(0.0018)
+    # a lr set by a flag or recipe is the user's: not scaled
+    cfg, rec = resolve_training_defaults(_train(epochs=3, batch_size=128, lr=0.2), "cifar_resnet", from_weights=True)
+    assert cfg.lr == 0.2 and "lr" not in rec["defaulted"]
+
+
 def test_user_models_get_the_fallback():
     cfg, rec = resolve_training_defaults(_train(epochs=50), "user:my.py:Net")
     assert rec["family"] == "your model" and cfg.lr == pytest.approx(FALLBACK.lr * 128 / FALLBACK.per_images)
