@@ -417,5 +417,5 @@ def inherit_recorded(cfg, recorded: dict):
 __all__ = ["AUTO_BATCH_MAX", "AUTO_BATCH_MIN", "AUTO_BATCH_MIN_STEPS", "AUTO_EPOCH_MIN_IMAGES", "auto_batch_size",
            "auto_epoch_repeats", "resolve_batch_size", "AUTO_MIXUP_MAX_IMAGES", "resolve_kd_mixup",
            "AUTO_T_SHORT", "AUTO_T_LONG", "AUTO_T_LONG_IMAGES", "AUTO_T_LONG_MAX_CLASSES", "resolve_temperature",
-           "ADAMW_LR", "ADAMW_PER_IMAGES", "FINETUNE_LR_FACTOR", "ADAMW_WEIGHT_DECAY", "DEFAULTED", "FAMILY_DEFAULTS", "FALLBACK", "LEGACY", "FamilyDefaults", "describe", "family_defaults",
+           "ADAMW_LR", "ADAMW_PER_IMAGES", "ADAMW_WEIGHT_DECAY", "FINETUNE_LR_FACTOR", "DEFAULTED", "FAMILY_DEFAULTS", "FALLBACK", "LEGACY", "FamilyDefaults", "describe", "family_defaults",
            "inherit_recorded", "resolve_training_defaults"]
