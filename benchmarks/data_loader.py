@@ -23,12 +23,16 @@ distinct files, the rest hard links to them), and a second root with the first
 * ``multiprocess_stream``: torchrun with 2 CPU processes (gloo), stream mode,
   10 batches of 32 per process: images each process decoded (disjoint sets)
   and its peak RSS.
+* ``index`` (with ``--index N``): a third folder of N images (hard links), loaded in stream
+  mode only (list the files, read every header): wall time, peak RSS and the RSS it adds per
+  1,000 files over the ``--small`` stream load (the file list and the header results; a
+  future per file cost about 2 KB before the reads went in chunks).
 * ``auto``: what ``--data-mode auto`` chooses here for the demo set, a
   CIFAR-10-sized set, this 224-px folder and ImageNet-1k (decoded bytes).
 
 Prints one JSON object on stdout and a table on stderr.
 
-Usage: ``python benchmarks/data_loader.py [--small 2000] [--large 20000] [--keep DIR]``
+Usage: ``python benchmarks/data_loader.py [--small 2000] [--large 20000] [--index 200000] [--keep DIR]``
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ n = 0
 if mode != "bare":
     b = load_data(root, mode=mode)
     load_s = time.perf_counter() - t0
-    if mode == "stream":
+    if mode == "stream" and batches:
         for k, (x, y) in enumerate(make_loader(b.train, 64, shuffle=True, seed=0, policy=b.augment, workers=2)):
             n += len(y)
             if k + 1 == batches:
@@ -258,6 +262,8 @@ def main(argv=None) -> int:
     ap.add_argument("--small", type=int, default=2000)
     ap.add_argument("--large", type=int, default=20000)
     ap.add_argument("--stream-batches", type=int, default=10)
+    ap.add_argument("--index", type=int, default=0,
+                    help="also index a folder of this many images in stream mode (e.g. 200000; 0: skip)")
     ap.add_argument("--keep", default=None, help="build the folders here and keep them (default: a temp dir)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -292,6 +298,14 @@ def main(argv=None) -> int:
     loader = loader_rates(small)
     train_img_s = train_rate()
     mp = multiprocess(small)
+    index = None
+    if args.index:
+        root = base / f"jpeg224-{args.index}"
+        if not root.exists():
+            make_folder(root, args.index)
+        r = child(root, "stream", 0)
+        added = r["peak_rss_mb"] - load[f"stream_{args.small}"]["peak_rss_mb"]
+        index = {**r, "rss_mb_per_1000_files": round(1000 * added / max(1, args.index - args.small), 3)}
     best_loader = max(loader.values())
     result = {
         "benchmark": "data_loader", "cpu_count": os.cpu_count(), "torch": torch.__version__,
@@ -305,7 +319,7 @@ def main(argv=None) -> int:
         },
         "decode": decode, "stream_loader_img_s_by_workers": loader,
         "train_resnet18_224_img_s": round(train_img_s, 2), "auto": auto_choices(args.large),
-        "multiprocess_stream": mp,
+        "multiprocess_stream": mp, "index": index,
     }
     print(json.dumps(result))
     e = sys.stderr
@@ -321,6 +335,9 @@ def main(argv=None) -> int:
     print("torchrun 2 CPU processes, stream, 10 batches of 32 each: "
           + "; ".join(f"rank {r['rank']} decoded {r['decoded']} images, peak RSS {r['peak_rss_mb']:.0f} MB"
                       for r in mp["processes"]) + f"; disjoint: {mp['disjoint']}", file=e)
+    if index is not None:
+        print(f"index {args.index} files (stream, headers only): {index['load_s']:.1f} s, peak RSS "
+              f"{index['peak_rss_mb']:.0f} MB, +{index['rss_mb_per_1000_files']:.2f} MB per 1,000 files", file=e)
     for k, v in result["targets"].items():
         print(f"  {k}: {v}", file=e)
     for k, v in result["auto"].items():
