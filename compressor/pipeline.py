@@ -305,7 +305,8 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     if cfg.log_with:
         accelerator.init_trackers(out.stem, config={k: v for k, v in resolved.items()
                                                     if isinstance(v, (int, float, str, bool))})
-    progress = Progress(enabled=accelerator.is_main_process and show_progress)
+    progress = Progress(enabled=accelerator.is_main_process and show_progress,
+                        processes=accelerator.num_processes)
     progress.start_stage(entry.name, cfg.epochs, 0, len(train_loader.sampler))
     try:
         result = fit(accelerator, model, [], train_loader, eval_loader, cfg=cfg, loss_cfg=LossSettings(),
@@ -757,7 +758,8 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
                             kd_logits=cfg.kd_logits)
     return _Run(cfg=cfg, accelerator=accelerator, run_dir=run_dir, plan=plan, tmeta=tmeta, bundle=bundle,
                 splits=splits, mean=mean, std=std, loss_cfg=loss_cfg, stage_cfgs=stage_cfgs, resume=resume,
-                progress=Progress(enabled=accelerator.is_main_process and show_progress),
+                progress=Progress(enabled=accelerator.is_main_process and show_progress,
+                                  processes=accelerator.num_processes),
                 open_guide_caches=_guide_cache_opener(cfg, accelerator, splits, tmeta.num_classes, mean, std),
                 epochs=epochs, assistant_epochs=assistant_epochs, precision=precision, unlabeled=unlabeled)
 

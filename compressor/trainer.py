@@ -330,6 +330,8 @@ def train_one_epoch(accelerator, model, guides: GuideSet, loader, optimizer, *, 
     sums = {k: torch.tensor(float(partial.get("sums", {}).get(k, 0.0)), device=device) for k in sum_keys}
     correct = torch.tensor(float(partial.get("correct", 0.0)), device=device)
     seen = int(partial.get("seen", 0))
+    if progress is not None and seen:
+        progress.resumed_in_epoch(seen)
     guide_uses = list(partial.get("guide_uses", [0] * len(guides)))
     # The lr moves every step during the warm-up and under the cosine (see lr_at_epoch).
     warmup_steps = len(loader) if epoch < float(cfg.warmup_epochs or 0) or cfg.schedule == "cosine" else 0
