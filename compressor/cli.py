@@ -93,7 +93,8 @@ OPTIM_HELP = {
     "epoch_repeats": "passes over the training images per epoch [default: auto: 1, or as many as make an epoch "
                      "at least 2048 images on a smaller set]",
     "lr": "peak learning rate [default: the model family's, scaled to the images per step; x 0.3 for a "
-          "model that starts from weights: --init, --init-student, --init-assistant]",
+          "model that starts from weights (--init, --init-student, --init-assistant), x 0.1 when those "
+          "weights already score well on the validation split]",
     "optimizer": "sgd | adamw [default: the model family's: adamw for MobileNet, ShuffleNet, EfficientNet and "
                  "RegNet, else sgd]",
     "momentum": "SGD momentum", "weight_decay": "weight decay [default: the model family's]",

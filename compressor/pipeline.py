@@ -201,6 +201,20 @@ def _split_metrics(accelerator, model, split, cfg, mean, std) -> dict:
     return evaluate(accelerator, model.to(accelerator.device), loader, mean=mean, std=std)
 
 
+def init_val_score(accelerator, model, init, splits: Splits, cfg, mean, std) -> dict | None:
+    """``{"top1", "images"}`` of ``model`` just loaded from weights (``init``, an :class:`InitReport`)
+    on the validation split, before training: what decides whether those weights already solve the
+    task (:func:`~compressor.training_defaults.resolve_training_defaults`). None when the classifier
+    was replaced (another class count: nothing to score) or there is no validation split (the test
+    split never makes a choice). The global RNG is left as it was, so training draws what it would
+    have drawn without the score (the loader's iterator takes a seed from it)."""
+    if init is None or init.classifier_replaced or splits.eval_name != "val":
+        return None
+    with torch.random.fork_rng(devices=[]):
+        top1 = _split_metrics(accelerator, model, splits.eval, cfg, mean, std)["top1"]
+    return {"top1": float(top1), "images": len(splits.eval)}
+
+
 def _check_run_dir_writable(run_dir: Path) -> None:
     """Run directories are created with their parents; the nearest existing one must be writable."""
     existing = run_dir
@@ -271,12 +285,6 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
                             fix=f"resume with the same flags, or delete {work} to start again")
     accelerator.print(precision.describe())
     splits = prepare_splits(cfg, bundle)
-    cfg, batch_record = resolve_batch_size(cfg, len(splits.train), accelerator.num_processes)
-    cfg, defaults_record = resolve_training_defaults(cfg, entry.family, num_processes=accelerator.num_processes,
-                                                     lr_batch_size=batch_record["lr_batch_size"],
-                                                     from_weights=bool(cfg.init))
-    defaults_record.update(batch_record)
-    accelerator.print(describe_defaults(defaults_record))
     model_kwargs = with_auto_stem(entry.builder, cfg.model_kwargs, bundle.input_size)
     if model_kwargs.get("stem") != cfg.model_kwargs.get("stem"):
         accelerator.print(f"stem: {model_kwargs['stem']} for {bundle.input_size[-1]} px images (default: cifar up "
@@ -284,7 +292,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     check_trains_at(entry.name, model_kwargs, num_classes, bundle.input_size)
     torch.manual_seed(stable_seed(cfg.seed, "init", entry.name))
     model = create_model(entry.name, num_classes=num_classes, in_chans=c, **model_kwargs)
-    init_record = None
+    init = init_record = None
     if cfg.init:
         init = init_from_checkpoint(model, cfg.init)
         accelerator.print(init.describe())
@@ -296,6 +304,17 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
                               f"(--mean/--std to override)")
     elif timm_norm:
         accelerator.print(timm_norm[2])
+    cfg, batch_record = resolve_batch_size(cfg, len(splits.train), accelerator.num_processes)
+    before = init_val_score(accelerator, model, init, splits, cfg, mean, std)
+    if before is not None:
+        accelerator.print(f"init: the weights score {before['top1']:.2f}% on the {before['images']} validation "
+                          f"images before training")
+    cfg, defaults_record = resolve_training_defaults(cfg, entry.family, num_processes=accelerator.num_processes,
+                                                     lr_batch_size=batch_record["lr_batch_size"],
+                                                     from_weights=bool(cfg.init), init_val=before,
+                                                     num_classes=num_classes)
+    defaults_record.update(batch_record)
+    accelerator.print(describe_defaults(defaults_record))
     accelerator.wait_for_everyone()  # every process has checked the state folder before it is written
     if accelerator.is_main_process:  # after every check: a refused start leaves nothing to resume
         work.mkdir(exist_ok=True)
@@ -721,8 +740,13 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     if unknown:  # before anything is written
         raise CompressError(f"init_assistants names {', '.join(unknown)}, not an assistant of this plan "
                             f"({', '.join(assistants) or 'none'}); key it by the assistants the plan shows")
+    for member in plan.members[1:]:  # every model of the chain takes the data's size, before the first stage trains
+        check_trains_at(member.arch, member.model_kwargs, tmeta.num_classes, splits.bundle.input_size)
+    init_scores = {m.arch: _member_init_val_score(cfg, accelerator, m, tmeta, splits)
+                   for m in plan.members[1:] if _init_path(cfg, m)}
     stage_cfgs, defaults_records = _stage_training_settings(cfg, plan, epochs, assistant_epochs,
-                                                            accelerator.num_processes, batch_record["lr_batch_size"])
+                                                            accelerator.num_processes, batch_record["lr_batch_size"],
+                                                            init_scores, tmeta.num_classes)
     for record in defaults_records.values():  # one batch size for the whole chain
         record.update(batch_record)
     resolved["training_defaults"] = defaults_records
@@ -751,8 +775,6 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
         accelerator.init_trackers(run_dir.name, config={k: v for k, v in resolved.items()
                                                         if isinstance(v, (int, float, str, bool))})
     mean, std = list(tmeta.mean), list(tmeta.std)
-    for member in plan.members[1:]:  # every model of the chain takes the data's size, before the first stage trains
-        check_trains_at(member.arch, member.model_kwargs, tmeta.num_classes, splits.bundle.input_size)
     loss_cfg = LossSettings(temperature=cfg.temperature, kd_weight=cfg.kd_weight, drop_guides=cfg.drop_guides,
                             kd_reduction=cfg.kd_reduction, kd_weighting=cfg.kd_weighting,
                             kd_logits=cfg.kd_logits)
@@ -785,14 +807,31 @@ def _load_or_make_plan(cfg: DistillConfig, tmeta, target: str, run_dir: Path, *,
 
 
 def _stage_training_settings(cfg: DistillConfig, plan: Plan, epochs: int, assistant_epochs: int,
-                             num_processes: int, lr_batch_size: int) -> tuple[dict, dict]:
-    """Per stage: every model trains with its own family's defaults (training_defaults)."""
+                             num_processes: int, lr_batch_size: int, init_scores: dict,
+                             num_classes: int) -> tuple[dict, dict]:
+    """Per stage: every model trains with its own family's defaults (training_defaults); a model that
+    starts from weights fine-tunes, by its ``init_scores`` entry (:func:`init_val_score`)."""
     stage_cfgs, records = {}, {}
     for m in plan.members[1:]:
         stage_cfgs[m.arch], records[m.arch] = resolve_training_defaults(
             cfg, get_entry(m.arch).family, epochs=epochs if m.role == "student" else assistant_epochs,
-            num_processes=num_processes, lr_batch_size=lr_batch_size, from_weights=bool(_init_path(cfg, m)))
+            num_processes=num_processes, lr_batch_size=lr_batch_size, from_weights=bool(_init_path(cfg, m)),
+            init_val=init_scores.get(m.arch), num_classes=num_classes)
     return stage_cfgs, records
+
+
+def _member_init_val_score(cfg: DistillConfig, accelerator, member, tmeta, splits: Splits) -> dict | None:
+    """:func:`init_val_score` of a chain model that starts from weights (built here only to score them,
+    in the chain's normalisation, the teacher's); printed when there is a score."""
+    with torch.random.fork_rng(devices=[]):  # building it draws weights: the run's RNG stays as it was
+        model = create_model(member.arch, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
+                             **member.model_kwargs)
+    init = init_from_checkpoint(model, _init_path(cfg, member))
+    score = init_val_score(accelerator, model, init, splits, cfg, list(tmeta.mean), list(tmeta.std))
+    if score is not None:
+        accelerator.print(f"{member.arch}: its --init weights score {score['top1']:.2f}% on the {score['images']} "
+                          f"validation images before training")
+    return score
 
 
 def _teacher_row(run: _Run, teacher, teacher_sha256: str) -> dict:

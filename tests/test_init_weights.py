@@ -117,3 +117,66 @@ def test_distill_starts_the_student_from_weights_you_have(tmp_path, pretrained_t
     # the student fine-tunes at 0.3 x its family's lr (0.1 per 128 x 16 = 0.0125 -> 0.00375)
     rec = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training_defaults"]["resnet8"]
     assert rec["lr"] == 0.00375 and "fine-tune" in rec["lr_rule"]
+
+
+def test_weights_that_already_solve_the_task_fine_tune_at_a_tenth(tmp_path):
+    # A model trained on these images scores above the bar (halfway from chance to 100 %) on the
+    # validation split before training: the default lr is 0.1x, not 0.3x, and the record says why.
+    from compressor.checkpoint import load_model
+    from compressor.config import TrainConfig, resolve_config
+    from compressor.data import synthetic_data
+    from compressor.pipeline import train_model
+    from compressor.training_defaults import solves_task_threshold
+
+    data = synthetic_data(num_classes=4, n_train=120, n_test=16, seed=3)
+    base = dict(arch="resnet8", batch_size=16, seed=0)
+    train_model(resolve_config(TrainConfig, None, dict(base, out=str(tmp_path / "first.safetensors"), epochs=4)),
+                data=data, show_progress=False)
+    cfg = resolve_config(TrainConfig, None, dict(base, out=str(tmp_path / "again.safetensors"), epochs=1,
+                                                 init=str(tmp_path / "first.safetensors")))
+    train_model(cfg, data=data, show_progress=False)
+    rec = load_model(tmp_path / "again.safetensors")[1].metrics["training_defaults"]
+    assert solves_task_threshold(4) == 62.5
+    assert rec["init_val_top1"] > 62.5, rec
+    # 0.1 per 128 images x 16 = 0.0125, x 0.1 = 0.00125
+    assert rec["lr"] == 0.00125
+    assert rec["init_val_images"] == 12  # 10 % of 120
+    assert (f"already score {rec['init_val_top1']:.1f}% on 12 validation images (at least" in rec["lr_rule"]
+            and rec["lr_rule"].endswith("above 62.5%)"))
+
+
+def test_no_score_without_a_validation_split_or_with_a_new_classifier(tmp_path):
+    from types import SimpleNamespace
+
+    from compressor.pipeline import init_val_score
+
+    def boom(*a, **k):
+        raise AssertionError("evaluated")
+
+    kept, replaced = SimpleNamespace(classifier_replaced=[]), SimpleNamespace(classifier_replaced=["fc.weight"])
+    on_test, on_val = SimpleNamespace(eval_name="test"), SimpleNamespace(eval_name="val")
+    assert init_val_score(None, boom, kept, on_test, None, None, None) is None  # the test split makes no choice
+    assert init_val_score(None, boom, replaced, on_val, None, None, None) is None
+    assert init_val_score(None, boom, None, on_val, None, None, None) is None
+
+
+def test_distill_scores_the_student_init_and_fine_tunes_weights_that_solve_the_task(tmp_path, pretrained_teacher):
+    from compressor.config import DistillConfig, TrainConfig, resolve_config
+    from compressor.data import synthetic_data
+    from compressor.pipeline import run_distillation, train_model
+
+    from compressor.checkpoint import load_model
+
+    data = synthetic_data(num_classes=10, n_train=200, n_test=16, seed=3)
+    tmeta = load_model(pretrained_teacher)[1]  # the chain's normalisation: the init trains in it too
+    train_model(resolve_config(TrainConfig, None, dict(arch="resnet8", batch_size=16, epochs=6,
+                                                       mean=list(tmeta.mean), std=list(tmeta.std),
+                                                       out=str(tmp_path / "r8.safetensors"))),
+                data=data, show_progress=False)
+    run_distillation(resolve_config(DistillConfig, None, dict(
+        teacher=str(pretrained_teacher), target="resnet8", method="ce", epochs=1, batch_size=16,
+        latency_backend="none", init_student=str(tmp_path / "r8.safetensors"), out=str(tmp_path / "run"))),
+        data=data, show_progress=False)
+    rec = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training_defaults"]["resnet8"]
+    assert rec["init_val_top1"] > 55.0, rec
+    assert rec["lr"] == 0.00125 and "already score" in rec["lr_rule"]  # 0.1 per 128 x 16 x 0.1

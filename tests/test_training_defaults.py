@@ -355,3 +355,36 @@ def test_distill_stages_keep_the_full_auto_batch_lr(tmp_path, pretrained_teacher
     run_distillation(cfg, data=synthetic_data(num_classes=10, n_train=32, n_test=8, seed=1), show_progress=False)
     rec = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["training_defaults"]["resnet8"]
     assert (rec["batch_size"], rec["lr_batch_size"], rec["lr"]) == (16, 128, 0.1)
+
+
+def test_weights_that_solve_the_task_fine_tune_at_a_tenth_above_the_bar():
+    from compressor.training_defaults import score_lower_bound, solves_task_threshold
+
+    assert solves_task_threshold(10) == 55.0 and solves_task_threshold(2) == 75.0
+    assert solves_task_threshold(100) == 50.5
+    # Wilson, z 2: 60 % of 50 images: (0.6 + 0.04 - 2 sqrt(0.0048 + 0.0004)) / 1.08 = 45.905 %
+    assert score_lower_bound(60.0, 50) == pytest.approx(45.9054, abs=1e-3)
+    assert score_lower_bound(100.0, 12) == pytest.approx(75.0)  # 12 / (12 + 4): a perfect small sample
+    cfg = TrainConfig(arch="resnet8", batch_size=128)
+    kw = dict(lr_batch_size=128, from_weights=True, num_classes=10)
+
+    def lr(top1, images):
+        return resolve_training_defaults(cfg, "cifar_resnet", init_val={"top1": top1, "images": images}, **kw)[0].lr
+
+    assert lr(79.8, 500) == pytest.approx(0.01)    # at least 76.0 %
+    assert lr(60.0, 5000) == pytest.approx(0.01)   # at least 58.6 %
+    assert lr(60.0, 50) == pytest.approx(0.03)     # at least 45.9 %: not shown to solve it
+    assert lr(55.0, 10**6) == pytest.approx(0.03)  # at the bar is not above it
+    assert resolve_training_defaults(cfg, "cifar_resnet", init_val=None, **kw)[0].lr == pytest.approx(0.03)
+    _, rec = resolve_training_defaults(cfg, "cifar_resnet", init_val={"top1": 78.0, "images": 50}, **kw)
+    assert (rec["init_val_top1"], rec["init_val_images"]) == (78.0, 50)
+    # 78 % of 50: at least (0.78 + 0.04 - 2 sqrt(0.003432 + 0.0004)) / 1.08 = 64.46 %
+    assert rec["lr_rule"].endswith("x 0.1 to fine-tune weights that already score 78.0% on 50 validation images "
+                                   "(at least 64.5% at two standard errors, above 55.0%)")
+    # AdamW families: 6e-3 per 128 images -> 6e-4
+    _, rec = resolve_training_defaults(TrainConfig(arch="mobilenetv2_035", batch_size=128), "mobilenetv2",
+                                       init_val={"top1": 90.0, "images": 500}, **kw)
+    assert rec["lr"] == pytest.approx(6e-4)
+    # a set lr is never scaled
+    assert resolve_training_defaults(TrainConfig(arch="resnet8", batch_size=128, lr=0.05), "cifar_resnet",
+                                     init_val={"top1": 99.0, "images": 500}, **kw)[0].lr == 0.05
