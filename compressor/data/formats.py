@@ -250,7 +250,8 @@ def _image_files(class_dir: Path) -> list[str]:
                     subdirs.append(e.path)
                 elif (e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".")
                       and e.is_file(follow_symlinks=True)):
-                    key = os.path.realpath(e.path)
+                    # a plain entry's real path is its real folder's plus its name: one realpath per folder
+                    key = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)
                     if key not in seen_files:
                         seen_files.add(key)
                         out.append(e.path)
