@@ -23,7 +23,10 @@ torchvision's fine-tuning references do it:
 
 The normalisation the weights expect travels with them: a compress checkpoint's
 ``mean``/``std``, else the model family's (ImageNet statistics for torchvision
-families). The input size follows the data. The file's sha256 is recorded.
+families). The input size follows the data; a compress checkpoint's own input
+size is kept in the report (``input_size``), so the weights can be scored at the
+size they were trained at too (:func:`compressor.pipeline.init_val_score`). The
+file's sha256 is recorded.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ class InitReport:
     skipped: list = field(default_factory=list)   # "name (file shape vs model shape)"
     mean: tuple | None = None       # what the file says its weights expect (None: not recorded)
     std: tuple | None = None
+    input_size: tuple | None = None  # (C, H, W) the file says its weights were trained at (None: not recorded)
 
     def describe(self) -> str:
         parts = [f"init: {self.loaded}/{self.total} tensors from {self.path} (sha256 {self.sha256[:16]}, "
@@ -71,9 +75,10 @@ class InitReport:
                 "channels_adapted": self.channels_adapted, "skipped": self.skipped[:20]}
 
 
-def read_init_state(path, *, allow_pickle: bool = False) -> tuple[dict, tuple | None, tuple | None]:
-    """``(state_dict, mean, std)`` of any checkpoint ``compress import`` accepts; mean/std are the
-    compress metadata's, or ``None`` when the file does not record them. Never imports code."""
+def read_init_state(path, *, allow_pickle: bool = False) -> tuple[dict, object | None]:
+    """``(state_dict, meta)`` of any checkpoint ``compress import`` accepts; ``meta`` is the compress
+    metadata (:class:`~compressor.checkpoint.CheckpointMeta`: mean, std, input size), ``None`` when
+    the file has none. Never imports code."""
     p = Path(path)
     if p.suffix == ".safetensors":
         from safetensors import safe_open
@@ -86,10 +91,9 @@ def read_init_state(path, *, allow_pickle: bool = False) -> tuple[dict, tuple | 
         except Exception:  # noqa: BLE001 - unreadable: the reader below names the problem
             raw = {}
         if "arch" in raw and "num_classes" in raw:
-            state, meta = read_checkpoint(p)  # metadata validated against the tensors; no code runs
-            return state, tuple(meta.mean), tuple(meta.std)
-        return load_foreign_state_dict(p), None, None
-    return load_foreign_state_dict(p, allow_pickle=allow_pickle), None, None
+            return read_checkpoint(p)  # metadata validated against the tensors; no code runs
+        return load_foreign_state_dict(p), None
+    return load_foreign_state_dict(p, allow_pickle=allow_pickle), None
 
 
 def adapt_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -104,7 +108,7 @@ def adapt_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 def init_from_checkpoint(model: nn.Module, path, *, allow_pickle: bool = False) -> InitReport:
     """Copy the weights of ``path`` into ``model`` as described in the module docstring."""
-    state, mean, std = read_init_state(path, allow_pickle=allow_pickle)
+    state, meta = read_init_state(path, allow_pickle=allow_pickle)
     own = model.state_dict()
     file_classes = _classifier_rows(state)
     new, loaded, replaced, adapted, skipped = {}, 0, [], [], []
@@ -138,7 +142,8 @@ def init_from_checkpoint(model: nn.Module, path, *, allow_pickle: bool = False) 
     model.load_state_dict({**own, **new}, strict=True)
     return InitReport(path=str(path), sha256=file_sha256(path), loaded=loaded, total=len(own),
                       loaded_share=share, classifier_replaced=replaced, channels_adapted=adapted,
-                      skipped=skipped, mean=mean, std=std)
+                      skipped=skipped, mean=tuple(meta.mean) if meta else None, std=tuple(meta.std) if meta else None,
+                      input_size=tuple(int(v) for v in meta.input_size) if meta else None)
 
 
 def init_normalisation(report: InitReport, entry, channels: int, mean, std) -> tuple[list, list]:
@@ -156,6 +161,20 @@ def init_normalisation(report: InitReport, entry, channels: int, mean, std) -> t
     if len(m) != channels:
         m, s = [sum(m) / len(m)] * channels, [sum(s) / len(s)] * channels
     return [float(v) for v in m], [float(v) for v in s]
+
+
+class ResizedInput(nn.Module):
+    """``model`` fed its input fitted to ``size`` (H, W) first (:func:`~compressor.data.transforms.fit_image`,
+    the data pipeline's antialiased resize): weights scored at the size they were trained at."""
+
+    def __init__(self, model: nn.Module, size):
+        super().__init__()
+        self.model, self.size = model, (int(size[0]), int(size[1]))
+
+    def forward(self, x):
+        from .data.transforms import fit_image
+
+        return self.model(fit_image(x, self.size))
 
 
 def _classifier_rows(state: dict) -> int | None:

@@ -52,11 +52,11 @@ from .report import format_summary, write_report
 from .stability import (NEAR_CHANCE_POINTS, chance_top1, gated_guides, guide_gate, kd_warmup_for_stage,
                         gate_text, surpassed_guides,
                         student_warnings)
-from .init_weights import init_from_checkpoint, init_normalisation
+from .init_weights import ResizedInput, init_from_checkpoint, init_normalisation
 from .trust import TRUST_KEYS, check_plan_code, check_recipe, trust_from_config
 from .trainer import LossSettings, check_compile_available, evaluate, find_state, fit, stable_seed
-from .training_defaults import (LEGACY, describe as describe_defaults, inherit_recorded, resolve_batch_size,
-                                resolve_kd_mixup, resolve_temperature, resolve_training_defaults)
+from .training_defaults import (LEGACY, describe as describe_defaults, inherit_recorded, init_score_text,
+                                resolve_batch_size, resolve_kd_mixup, resolve_temperature, resolve_training_defaults)
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 # ``precision`` is what ``auto`` resolved to on the machine of the session that wrote config.yaml.
@@ -201,18 +201,39 @@ def _split_metrics(accelerator, model, split, cfg, mean, std) -> dict:
     return evaluate(accelerator, model.to(accelerator.device), loader, mean=mean, std=std)
 
 
+INIT_SCORE_MAX_IMAGES = 10_000  # of the validation split (a random draw): 2 standard errors are <= 1 point there
+
+
 def init_val_score(accelerator, model, init, splits: Splits, cfg, mean, std) -> dict | None:
-    """``{"top1", "images"}`` of ``model`` just loaded from weights (``init``, an :class:`InitReport`)
+    """``{"top1", "images", "px"}`` of ``model`` just loaded from weights (``init``, an :class:`InitReport`)
     on the validation split, before training: what decides whether those weights already solve the
     task (:func:`~compressor.training_defaults.resolve_training_defaults`). None when the classifier
     was replaced (another class count: nothing to score) or there is no validation split (the test
     split never makes a choice). The global RNG is left as it was, so training draws what it would
-    have drawn without the score (the loader's iterator takes a seed from it)."""
+    have drawn without the score (the loader's iterator takes a seed from it). A large validation split
+    is scored on its first :data:`INIT_SCORE_MAX_IMAGES` images (a 1-million-image folder holds out
+    100,000), enough for the choice.
+
+    Weights trained at another size (a compress checkpoint records it) are scored at the data's size
+    and, with the images resized, at their own; the higher counts (``px``: the side it was measured
+    at; ``resized``: at the weights' own size, not the data's). Weights that know the classes at 32 px
+    score near chance on the same photos at 96 px (11.8 vs 79.7 %) and still fine-tune best at the
+    same-task lr (docs/results.md §6)."""
     if init is None or init.classifier_replaced or splits.eval_name != "val":
         return None
+    images = splits.eval if len(splits.eval) <= INIT_SCORE_MAX_IMAGES else subset(splits.eval,
+                                                                                  slice(INIT_SCORE_MAX_IMAGES))
+    data_px = tuple(int(v) for v in images.input_size[-2:])
+    own_px = tuple(init.input_size[-2:]) if init.input_size else data_px
+    best = None
     with torch.random.fork_rng(devices=[]):
-        top1 = _split_metrics(accelerator, model, splits.eval, cfg, mean, std)["top1"]
-    return {"top1": float(top1), "images": len(splits.eval)}
+        for px in dict.fromkeys([data_px, own_px]):
+            scored = model if px == data_px else ResizedInput(model, px)
+            top1 = float(_split_metrics(accelerator, scored, images, cfg, mean, std)["top1"])
+            if best is None or top1 > best["top1"]:
+                best = {"top1": top1, "images": len(images), "px": px[-1] if px[0] == px[1] else list(px),
+                        "resized": px != data_px}
+    return best
 
 
 def _check_run_dir_writable(run_dir: Path) -> None:
@@ -307,8 +328,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     cfg, batch_record = resolve_batch_size(cfg, len(splits.train), accelerator.num_processes)
     before = init_val_score(accelerator, model, init, splits, cfg, mean, std)
     if before is not None:
-        accelerator.print(f"init: the weights score {before['top1']:.2f}% on the {before['images']} validation "
-                          f"images before training")
+        accelerator.print(f"init: the weights {init_score_text(before)}")
     cfg, defaults_record = resolve_training_defaults(cfg, entry.family, num_processes=accelerator.num_processes,
                                                      lr_batch_size=batch_record["lr_batch_size"],
                                                      from_weights=bool(cfg.init), init_val=before,
@@ -829,8 +849,7 @@ def _member_init_val_score(cfg: DistillConfig, accelerator, member, tmeta, split
     init = init_from_checkpoint(model, _init_path(cfg, member))
     score = init_val_score(accelerator, model, init, splits, cfg, list(tmeta.mean), list(tmeta.std))
     if score is not None:
-        accelerator.print(f"{member.arch}: its --init weights score {score['top1']:.2f}% on the {score['images']} "
-                          f"validation images before training")
+        accelerator.print(f"{member.arch}: its --init weights {init_score_text(score)}")
     return score
 
 

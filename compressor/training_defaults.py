@@ -384,8 +384,8 @@ def resolve_training_defaults(cfg, family: str, *, epochs: int | None = None, nu
         if low is not None and bar is not None and low > bar:
             lr *= SAME_TASK_LR_FACTOR
             lr_rule += (f", x {SAME_TASK_LR_FACTOR:g} to fine-tune weights that already score "
-                        f"{init_val['top1']:.1f}% on {init_val['images']} validation images (at least "
-                        f"{low:.1f}% at two standard errors, above {bar:.1f}%)")
+                        f"{init_val['top1']:.1f}% on {init_val['images']} validation images{_own_size(init_val)} "
+                        f"(at least {low:.1f}% at two standard errors, above {bar:.1f}%)")
         else:
             lr *= FINETUNE_LR_FACTOR
             lr_rule += f", x {FINETUNE_LR_FACTOR:g} to fine-tune the weights it starts from"
@@ -411,7 +411,22 @@ def resolve_training_defaults(cfg, family: str, *, epochs: int | None = None, nu
     if init_val:
         record["init_val_top1"] = round(float(init_val["top1"]), 3)
         record["init_val_images"] = int(init_val["images"])
+        if init_val.get("resized"):
+            record["init_val_px"] = init_val["px"]
     return dataclasses.replace(cfg, **values), record
+
+
+def _own_size(score: dict) -> str:
+    if not score.get("resized"):
+        return ""
+    px = score["px"]
+    return f" resized to {px if isinstance(px, int) else 'x'.join(map(str, px))} px, the size they were trained at"
+
+
+def init_score_text(score: dict) -> str:
+    """What weights scored before training (:func:`compressor.pipeline.init_val_score`), in words."""
+    return (f"score {score['top1']:.2f}% on the {score['images']} validation images{_own_size(score)}, "
+            f"before training")
 
 
 def describe(record: dict, what: str | None = None) -> str:
@@ -463,5 +478,5 @@ __all__ = ["AUTO_BATCH_MAX", "AUTO_BATCH_MIN", "AUTO_BATCH_MIN_STEPS", "AUTO_EPO
            "auto_epoch_repeats", "resolve_batch_size", "AUTO_MIXUP_MAX_IMAGES", "resolve_kd_mixup",
            "AUTO_T_SHORT", "AUTO_T_LONG", "AUTO_T_LONG_IMAGES", "AUTO_T_LONG_MAX_CLASSES", "resolve_temperature",
            "ADAMW_LR", "ADAMW_PER_IMAGES", "ADAMW_WEIGHT_DECAY", "FINETUNE_LR_FACTOR", "SAME_TASK_LR_FACTOR",
-           "SOLVES_TASK_SHARE", "solves_task_threshold", "score_lower_bound", "DEFAULTED", "FAMILY_DEFAULTS", "FALLBACK", "LEGACY", "FamilyDefaults", "describe", "family_defaults",
+           "SOLVES_TASK_SHARE", "solves_task_threshold", "score_lower_bound", "init_score_text", "DEFAULTED", "FAMILY_DEFAULTS", "FALLBACK", "LEGACY", "FamilyDefaults", "describe", "family_defaults",
            "inherit_recorded", "resolve_training_defaults"]

@@ -180,3 +180,50 @@ def test_distill_scores_the_student_init_and_fine_tunes_weights_that_solve_the_t
     rec = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training_defaults"]["resnet8"]
     assert rec["init_val_top1"] > 55.0, rec
     assert rec["lr"] == 0.00125 and "already score" in rec["lr_rule"]  # 0.1 per 128 x 16 x 0.1
+
+
+def test_weights_trained_at_another_size_are_scored_at_their_own_size_too(monkeypatch):
+    # A model that only reads 16-px images (any other size: always class 0) scores chance on 32-px
+    # validation images and 100 % on the same images fitted to 16 px, the size its file records:
+    # the higher score counts, and the record says it was measured resized.
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from compressor.config import TrainConfig
+    from compressor.data.memory import ImageSplit
+    from compressor.pipeline import init_val_score
+    from compressor.training_defaults import init_score_text, resolve_training_defaults
+
+    class SixteenPixelsOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            bright = (x.mean(dim=(1, 2, 3)) > 0).float() * self.scale
+            if x.shape[-2:] != (16, 16):
+                bright = torch.zeros_like(bright)
+            return torch.stack([1 - bright, bright], dim=1)
+
+    labels = torch.arange(20) % 2
+    pixels = (labels.view(-1, 1, 1, 1) * 200 + 20).expand(20, 3, 32, 32).to(torch.uint8).contiguous()
+    splits = SimpleNamespace(eval_name="val", eval=ImageSplit(pixels, labels))
+    cfg = SimpleNamespace(batch_size=8, data_workers=0)
+    args = (Accelerator(cpu=True), SixteenPixelsOnly(), None, splits, cfg, [0.5] * 3, [0.25] * 3)
+    at_16 = SimpleNamespace(classifier_replaced=[], input_size=(3, 16, 16))
+    score = init_val_score(*args[:2], at_16, *args[3:])
+    assert score == {"top1": 100.0, "images": 20, "px": 16, "resized": True}
+    assert init_score_text(score) == ("score 100.00% on the 20 validation images resized to 16 px, the size they "
+                                      "were trained at, before training")
+    unrecorded = SimpleNamespace(classifier_replaced=[], input_size=None)  # a foreign file: the data's size only
+    assert init_val_score(*args[:2], unrecorded, *args[3:]) == {"top1": 50.0, "images": 20, "px": 32, "resized": False}
+    import compressor.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "INIT_SCORE_MAX_IMAGES", 6)  # a large split: its first images decide
+    assert init_val_score(*args[:2], at_16, *args[3:])["images"] == 6
+    _, rec = resolve_training_defaults(
+        TrainConfig(arch="resnet8", data="x", out="y", batch_size=16), "cifar_resnet", from_weights=True,
+        init_val=score, num_classes=2)
+    assert rec["init_val_px"] == 16 and "validation images resized to 16 px, the size they were trained at (at least" \
+        in rec["lr_rule"]
