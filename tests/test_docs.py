@@ -109,6 +109,14 @@ def test_no_absolute_machine_paths(path):
     assert not bad, f"{path.relative_to(ROOT)}: {bad[:3]}"
 
 
+@pytest.mark.parametrize("path", sorted((DOCS / "study").glob("*.json")), ids=lambda p: p.name)
+def test_raw_study_files_name_repo_paths_relative(path):
+    # raw records keep the scratch paths they ran with (/tmp/...), but never the checkout's own
+    # location on one machine: the commands in them must run from any clone's root
+    bad = re.findall(r"(?<![\w.])/(?:work|home)/\S*", path.read_text())
+    assert not bad, f"{path.relative_to(ROOT)}: {bad[:3]}"
+
+
 def test_every_docs_link_in_the_readme_exists():
     for target in re.findall(r"\]\(((?:docs/)[^)#]+)", README.read_text()):
         assert (ROOT / target).is_file(), target
