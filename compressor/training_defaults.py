@@ -425,8 +425,8 @@ def _own_size(score: dict) -> str:
 
 def init_score_text(score: dict) -> str:
     """What weights scored before training (:func:`compressor.pipeline.init_val_score`), in words."""
-    return (f"score {score['top1']:.2f}% on the {score['images']} validation images{_own_size(score)}, "
-            f"before training")
+    size = _own_size(score)
+    return f"score {score['top1']:.2f}% on the {score['images']} validation images{size}{',' if size else ''} before training"
 
 
 def describe(record: dict, what: str | None = None) -> str:

@@ -217,7 +217,9 @@ def test_weights_trained_at_another_size_are_scored_at_their_own_size_too(monkey
     assert init_score_text(score) == ("score 100.00% on the 20 validation images resized to 16 px, the size they "
                                       "were trained at, before training")
     unrecorded = SimpleNamespace(classifier_replaced=[], input_size=None)  # a foreign file: the data's size only
-    assert init_val_score(*args[:2], unrecorded, *args[3:]) == {"top1": 50.0, "images": 20, "px": 32, "resized": False}
+    plain = init_val_score(*args[:2], unrecorded, *args[3:])
+    assert plain == {"top1": 50.0, "images": 20, "px": 32, "resized": False}
+    assert init_score_text(plain) == "score 50.00% on the 20 validation images before training"
     import compressor.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "INIT_SCORE_MAX_IMAGES", 6)  # a large split: its first images decide
