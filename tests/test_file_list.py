@@ -31,6 +31,14 @@ def test_take_copies_the_chosen_paths_in_order_with_repeats():
         files.take([0, 5])
 
 
+def test_take_across_chunks(monkeypatch):
+    import compressor.data.stream as stream
+
+    monkeypatch.setattr(stream, "TAKE_CHUNK", 2)  # 5 paths: chunks of 2, 2 and 1
+    order = [4, 3, 0, 1, 3]
+    assert list(FileList(PATHS).take(order)) == [PATHS[i] for i in order]
+
+
 def test_pickles_and_splits_share_or_subset_it():
     files = FileList([f"/data/train/{i}.jpg" for i in range(3000)])
     back = pickle.loads(pickle.dumps(files))  # spawned workers get it this way

@@ -36,6 +36,9 @@ from .formats import decode_file, one_intra_op_thread, quiet_torchvision
 from .transforms import fit_image, imagenet_train, sample_seed
 
 
+TAKE_CHUNK = 1 << 16  # paths per vectorised step of FileList.take
+
+
 class FileList(Sequence):
     """An immutable sequence of paths (``str``) packed into one ``uint8`` buffer plus ``int64`` end
     offsets (see the module docstring). Paths round-trip through :func:`os.fsencode`, so names that
@@ -74,19 +77,24 @@ class FileList(Sequence):
             yield self[i]
 
     def take(self, idx) -> "FileList":
-        """The paths at ``idx`` (int array or tensor), copied into a new buffer without decoding them."""
+        """The paths at ``idx`` (int array or tensor), copied into a new buffer without decoding them
+        (vectorised, :data:`TAKE_CHUNK` paths at a time: the byte index arrays stay small)."""
         idx = np.asarray(idx.tolist() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64).reshape(-1)
         n = len(self)
         if idx.size and (idx.min() < -n or idx.max() >= n):
             raise IndexError(f"file index out of range for {n} files")
         idx = np.where(idx < 0, idx + n, idx)
-        starts = np.concatenate(([0], self._ends[:-1]))[idx] if n else np.zeros(0, np.int64)
-        lengths = self._ends[idx] - starts if n else np.zeros(0, np.int64)
+        ends = self._ends[idx]
+        starts = ends - (self._ends - np.concatenate(([0], self._ends[:-1])))[idx] if n else ends
+        parts = []
+        for a in range(0, idx.size, TAKE_CHUNK):
+            s, length = starts[a:a + TAKE_CHUNK], ends[a:a + TAKE_CHUNK] - starts[a:a + TAKE_CHUNK]
+            # byte k of the chunk is byte (k - its path's start in the chunk + its old start) of the buffer
+            shift = np.repeat(s - (np.cumsum(length) - length), length)
+            parts.append(self._blob[np.arange(shift.size, dtype=np.int64) + shift])
         out = FileList()
-        out._ends = np.cumsum(lengths, dtype=np.int64)
-        # byte k of the new buffer is byte (k - its path's new start + its old start) of the old one
-        shift = np.repeat(starts - (out._ends - lengths), lengths)
-        out._blob = self._blob[np.arange(int(out._ends[-1]) if len(idx) else 0, dtype=np.int64) + shift]
+        out._ends = np.cumsum(ends - starts, dtype=np.int64)
+        out._blob = np.concatenate(parts) if parts else out._blob
         return out
 
     def __eq__(self, other):
