@@ -229,3 +229,27 @@ def test_weights_trained_at_another_size_are_scored_at_their_own_size_too(monkey
         init_val=score, num_classes=2)
     assert rec["init_val_px"] == 16 and "validation images resized to 16 px, the size they were trained at (at least" \
         in rec["lr_rule"]
+
+
+def test_a_label_smoothed_teacher_gets_a_note(tmp_path, capsys):
+    # Smoothed teachers distil worse (docs/results.md §6): a teacher whose checkpoint records label
+    # smoothing gets one printed note with the fix; an unsmoothed one, or method ce, none.
+    from compressor.config import DistillConfig, resolve_config
+    from compressor.data import synthetic_data
+    from compressor.pipeline import _teacher_label_smoothing, run_distillation
+
+    data = synthetic_data(num_classes=4, n_train=32, n_test=8, seed=2)
+    for smoothing in (0.1, 0.0):
+        torch.manual_seed(0)
+        meta = meta_for("resnet14", num_classes=4, metrics={"training_defaults": {"label_smoothing": smoothing}})
+        save_checkpoint(tmp_path / f"t{smoothing}.safetensors", create_model("resnet14", num_classes=4), meta)
+        assert _teacher_label_smoothing(meta) == smoothing
+        for method in ("kd", "ce"):
+            capsys.readouterr()
+            run_distillation(resolve_config(DistillConfig, None, dict(
+                teacher=str(tmp_path / f"t{smoothing}.safetensors"), target="resnet8", method=method, epochs=1,
+                batch_size=16, latency_backend="none", out=str(tmp_path / f"run-{smoothing}-{method}"))),
+                data=data, show_progress=False)
+            noted = "note: the teacher was trained with label smoothing 0.1" in capsys.readouterr().out
+            assert noted == (smoothing == 0.1 and method == "kd"), (smoothing, method)
+    assert _teacher_label_smoothing(meta_for("resnet8", num_classes=4)) == 0.0  # nothing recorded
