@@ -57,9 +57,6 @@ class FileList(Sequence):
     def __len__(self) -> int:
         return int(self._ends.shape[0])
 
-    def _span(self, i: int) -> tuple[int, int]:
-        return (int(self._ends[i - 1]) if i else 0), int(self._ends[i])
-
     def __getitem__(self, i):
         if isinstance(i, slice):
             return self.take(np.arange(len(self))[i])
@@ -69,8 +66,7 @@ class FileList(Sequence):
             i += n
         if not 0 <= i < n:
             raise IndexError(f"file index {i} out of range for {n} files")
-        start, end = self._span(i)
-        return os.fsdecode(self._blob[start:end].tobytes())
+        return os.fsdecode(self._blob[(int(self._ends[i - 1]) if i else 0):int(self._ends[i])].tobytes())
 
     def __iter__(self):
         for i in range(len(self)):
@@ -84,8 +80,7 @@ class FileList(Sequence):
         if idx.size and (idx.min() < -n or idx.max() >= n):
             raise IndexError(f"file index out of range for {n} files")
         idx = np.where(idx < 0, idx + n, idx)
-        ends = self._ends[idx]
-        starts = ends - (self._ends - np.concatenate(([0], self._ends[:-1])))[idx] if n else ends
+        ends, starts = self._ends[idx], np.concatenate(([0], self._ends[:-1]))[idx]
         parts = []
         for a in range(0, idx.size, TAKE_CHUNK):
             s, length = starts[a:a + TAKE_CHUNK], ends[a:a + TAKE_CHUNK] - starts[a:a + TAKE_CHUNK]
