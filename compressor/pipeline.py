@@ -56,7 +56,8 @@ from .init_weights import ResizedInput, init_from_checkpoint, init_normalisation
 from .trust import TRUST_KEYS, check_plan_code, check_recipe, trust_from_config
 from .trainer import LossSettings, check_compile_available, evaluate, find_state, fit, stable_seed
 from .training_defaults import (LEGACY, describe as describe_defaults, inherit_recorded, init_score_text,
-                                resolve_batch_size, resolve_kd_mixup, resolve_temperature, resolve_training_defaults)
+                                keep_recorded_defaults, kept_text, resolve_batch_size, resolve_kd_mixup,
+                                resolve_temperature, resolve_training_defaults)
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 # ``precision`` is what ``auto`` resolved to on the machine of the session that wrote config.yaml.
@@ -333,8 +334,15 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
                                                      lr_batch_size=batch_record["lr_batch_size"],
                                                      from_weights=bool(cfg.init), init_val=before,
                                                      num_classes=num_classes)
+    if resume:  # the defaults the training started with (an upgrade may have changed the family's)
+        recorded = _read_run_file(work / "config.yaml") if (work / "config.yaml").exists() else None
+        cfg, defaults_record = keep_recorded_defaults(
+            cfg, defaults_record, recorded.get("training_defaults") if isinstance(recorded, dict) else None)
     defaults_record.update(batch_record)
+    resolved["training_defaults"] = defaults_record
     accelerator.print(describe_defaults(defaults_record))
+    if kept_text(defaults_record, entry.name):
+        accelerator.print(kept_text(defaults_record, entry.name))
     accelerator.wait_for_everyone()  # every process has checked the state folder before it is written
     if accelerator.is_main_process:  # after every check: a refused start leaves nothing to resume
         work.mkdir(exist_ok=True)
@@ -727,9 +735,12 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     target = _resolve_target(cfg, tmeta)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, target)
     _check_run_dir_start(run_dir, resume)
+    recorded_defaults = {}  # per model: the family defaults the run recorded (kept on resume)
     if resume:  # unset per-family fields keep what the run recorded (training_defaults.inherit_recorded)
         recorded = _read_run_file(run_dir / "config.yaml")
         cfg = inherit_recorded(cfg, recorded if isinstance(recorded, dict) else {})
+        if isinstance(recorded, dict) and isinstance(recorded.get("training_defaults"), dict):
+            recorded_defaults = recorded["training_defaults"]
     requested = config_to_dict(cfg)  # as given (e.g. mixed_precision auto); what it resolved to is "precision"
     precision = resolve_precision(cfg.mixed_precision, cfg.channels_last)
     cfg = precision.apply(cfg)
@@ -766,7 +777,7 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
                    for m in plan.members[1:] if _init_path(cfg, m)}
     stage_cfgs, defaults_records = _stage_training_settings(cfg, plan, epochs, assistant_epochs,
                                                             accelerator.num_processes, batch_record["lr_batch_size"],
-                                                            init_scores, tmeta.num_classes)
+                                                            init_scores, tmeta.num_classes, recorded_defaults)
     for record in defaults_records.values():  # one batch size for the whole chain
         record.update(batch_record)
     resolved["training_defaults"] = defaults_records
@@ -780,6 +791,9 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     print_(precision.describe())
     for line in dict.fromkeys(describe_defaults(r) for r in defaults_records.values()):
         print_(line)
+    for arch, record in defaults_records.items():
+        if kept_text(record, arch):
+            print_(kept_text(record, arch))
     if cfg.method != "ce" and not cfg.unlabeled:
         hint = ("; --no-kd-mixup to turn it off" if cfg.kd_mixup else "" if streamed  # no flag turns it on
                 else "; --kd-mixup to turn it on")
@@ -828,15 +842,17 @@ def _load_or_make_plan(cfg: DistillConfig, tmeta, target: str, run_dir: Path, *,
 
 def _stage_training_settings(cfg: DistillConfig, plan: Plan, epochs: int, assistant_epochs: int,
                              num_processes: int, lr_batch_size: int, init_scores: dict,
-                             num_classes: int) -> tuple[dict, dict]:
+                             num_classes: int, recorded: dict) -> tuple[dict, dict]:
     """Per stage: every model trains with its own family's defaults (training_defaults); a model that
-    starts from weights fine-tunes, by its ``init_scores`` entry (:func:`init_val_score`)."""
+    starts from weights fine-tunes, by its ``init_scores`` entry (:func:`init_val_score`). A resumed
+    run's model keeps the defaults its ``recorded`` entry (config.yaml) names (:func:`keep_recorded_defaults`)."""
     stage_cfgs, records = {}, {}
     for m in plan.members[1:]:
-        stage_cfgs[m.arch], records[m.arch] = resolve_training_defaults(
+        stage_cfg, record = resolve_training_defaults(
             cfg, get_entry(m.arch).family, epochs=epochs if m.role == "student" else assistant_epochs,
             num_processes=num_processes, lr_batch_size=lr_batch_size, from_weights=bool(_init_path(cfg, m)),
             init_val=init_scores.get(m.arch), num_classes=num_classes)
+        stage_cfgs[m.arch], records[m.arch] = keep_recorded_defaults(stage_cfg, record, recorded.get(m.arch))
     return stage_cfgs, records
 
 

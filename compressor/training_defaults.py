@@ -474,9 +474,42 @@ def inherit_recorded(cfg, recorded: dict):
     return dataclasses.replace(cfg, **values)
 
 
+def keep_recorded_defaults(cfg, record: dict, recorded) -> tuple:
+    """For ``--resume``: ``(cfg, record)`` where every field this version defaulted takes the value
+    the run recorded when it too defaulted it (``recorded``: that model's ``training_defaults`` record
+    in the run's ``config.yaml``), so a run resumed after an upgrade that changed a family default
+    trains every later epoch and stage as it started. ``record["kept_from_run"]`` names the fields
+    whose recorded value differs from this version's default (absent when none); a run written
+    before the record existed (``recorded`` not a record) keeps this version's defaults."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("defaulted"), list):
+        return cfg, record
+    kept = {key: {"recorded": recorded[key], "default_now": record[key]} for key in record["defaulted"]
+            if key in recorded["defaulted"] and key in recorded and recorded[key] != record[key]}
+    if not kept:
+        return cfg, record
+    values = {key: v["recorded"] for key, v in kept.items()}
+    record = {**record, **values, "kept_from_run": kept}
+    if "lr" in kept and "lr_rule" in recorded:
+        record["lr_rule"] = recorded["lr_rule"]
+    return dataclasses.replace(cfg, **values), record
+
+
+def kept_text(record: dict, what: str) -> str | None:
+    """One line naming the defaults a resumed run kept from its record (:func:`keep_recorded_defaults`)."""
+    kept = record.get("kept_from_run") or {}
+    if not kept:
+        return None
+
+    def setting(key, value):
+        return f"{key.replace('_', ' ')} {value:g}" if isinstance(value, float) else f"{key.replace('_', ' ')} {value}"
+
+    then = ", ".join(setting(k, v["recorded"]) for k, v in kept.items())
+    now = ", ".join(setting(k, v["default_now"]) for k, v in kept.items())
+    return f"{what}: resumed with the {then} the run started with (this version's default: {now})"
+
 __all__ = ["AUTO_BATCH_MAX", "AUTO_BATCH_MIN", "AUTO_BATCH_MIN_STEPS", "AUTO_EPOCH_MIN_IMAGES", "auto_batch_size",
            "auto_epoch_repeats", "resolve_batch_size", "AUTO_MIXUP_MAX_IMAGES", "resolve_kd_mixup",
            "AUTO_T_SHORT", "AUTO_T_LONG", "AUTO_T_LONG_IMAGES", "AUTO_T_LONG_MAX_CLASSES", "resolve_temperature",
            "ADAMW_LR", "ADAMW_PER_IMAGES", "ADAMW_WEIGHT_DECAY", "FINETUNE_LR_FACTOR", "SAME_TASK_LR_FACTOR",
            "SOLVES_TASK_SHARE", "solves_task_threshold", "score_lower_bound", "init_score_text", "DEFAULTED", "FAMILY_DEFAULTS", "FALLBACK", "LEGACY", "FamilyDefaults", "describe", "family_defaults",
-           "inherit_recorded", "resolve_training_defaults"]
+           "inherit_recorded", "keep_recorded_defaults", "kept_text", "resolve_training_defaults"]

@@ -311,14 +311,14 @@ def test_divergence_stops_with_the_step_and_learning_rate(tmp_path, capsys, monk
     assert not (tmp_path / "runs" / "run" / "student.safetensors").exists()
 
 
-def _synthetic_run(out: Path, *, resume: bool = False) -> dict:
+def _synthetic_run(out: Path, *, resume: bool = False, **changes) -> dict:
     from compressor.config import DistillConfig, resolve_config
     from compressor.data import synthetic_data
     from compressor.pipeline import run_distillation
 
     cfg = resolve_config(DistillConfig, None, dict(teacher=TEACHER, target="resnet8", method="kd", epochs=2,
                                                    batch_size=16, out=str(out), seed=5, lr=0.05,
-                                                   latency_backend="none"))
+                                                   latency_backend="none", **changes))
     data = synthetic_data(num_classes=10, n_train=64, n_test=16, seed=1)
     return run_distillation(cfg, data=data, show_progress=False, resume=resume)
 
@@ -355,3 +355,39 @@ def test_ctrl_c_mid_epoch_saves_the_step_and_resumes_identically(tmp_path, monke
              for x in (d / "stages" / "1-resnet8" / "metrics.jsonl").read_text().splitlines()]
             for d in (tmp_path / "a", tmp_path / "c")]
     assert logs[0] == logs[1] and len(logs[0]) == 2
+
+
+def test_a_run_resumed_after_an_upgrade_keeps_its_recorded_family_defaults(tmp_path, monkeypatch, capsys):
+    """The version that started the run defaulted ResNets to label smoothing 0.2; the upgraded one
+    (today's: 0) resumes it with the 0.2 its config.yaml recorded, says so, and gives the student a
+    run without a break at 0.2 gives."""
+    import dataclasses
+
+    import compressor.trainer as trainer
+    import compressor.training_defaults as td
+
+    _synthetic_run(tmp_path / "a", label_smoothing=0.2)
+    real_loss, calls = trainer.dgkd_loss, []
+
+    def loss_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setitem(td.FAMILY_DEFAULTS, "cifar_resnet",
+                        dataclasses.replace(td.FAMILY_DEFAULTS["cifar_resnet"], label_smoothing=0.2))
+    monkeypatch.setattr(trainer, "dgkd_loss", loss_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        _synthetic_run(tmp_path / "b")
+    monkeypatch.undo()  # the upgrade
+    capsys.readouterr()
+    _synthetic_run(tmp_path / "b", resume=True)
+    said = capsys.readouterr().out
+    assert "resnet8: resumed with the label smoothing 0.2 the run started with (this version's default: " \
+           "label smoothing 0)" in said, said
+    import yaml
+
+    record = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["training_defaults"]["resnet8"]
+    assert record["label_smoothing"] == 0.2 and set(record["kept_from_run"]) == {"label_smoothing"}
+    assert_same_student(tmp_path / "b", tmp_path / "a")

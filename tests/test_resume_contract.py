@@ -395,3 +395,55 @@ def test_an_unknown_tracker_is_one_line(tmp_path):
     with pytest.raises(CompressError, match=r"--log-with") as exc:
         _train(tmp_path / "t.safetensors", log_with="nosuchtracker")
     assert "\n" not in str(exc.value)
+
+
+def test_a_resumed_training_keeps_the_family_defaults_it_started_with(tmp_path, monkeypatch, capsys):
+    """A run resumed after an upgrade that changed a family default (here: label smoothing, which
+    the run left unset) trains on with the value its config.yaml recorded, not this version's: the
+    resumed model equals one trained without a break at the recorded value, and says so."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    import compressor.training_defaults as td
+    from compressor.checkpoint import load_model
+
+    _train(tmp_path / "ref.safetensors", label_smoothing=0.2)  # what the older default gives, no break
+    out, work = tmp_path / "t.safetensors", tmp_path / "t.safetensors.train-state"
+    # the older version: ResNets defaulted to label smoothing 0.2 (today: 0)
+    monkeypatch.setitem(td.FAMILY_DEFAULTS, "cifar_resnet",
+                        dataclasses.replace(td.FAMILY_DEFAULTS["cifar_resnet"], label_smoothing=0.2))
+    _interrupt_after_step(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _train(out)
+    monkeypatch.undo()  # the upgrade
+    assert "label_smoothing: 0.2" in (work / "config.yaml").read_text()
+
+    _train(out, resume=True)
+    said = capsys.readouterr().out
+    assert "resnet8: resumed with the label smoothing 0.2 the run started with (this version's default: " \
+           "label smoothing 0)" in said, said
+    kept = load_model(out)[1].metrics["training_defaults"]
+    assert kept["label_smoothing"] == 0.2 and kept["kept_from_run"] == {
+        "label_smoothing": {"recorded": 0.2, "default_now": 0.0}}
+    a, b = load_file(str(out)), load_file(str(tmp_path / "ref.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_recorded_defaults_takes_only_what_both_versions_defaulted():
+    from compressor.config import TrainConfig
+    from compressor.training_defaults import keep_recorded_defaults, resolve_training_defaults
+
+    cfg, record = resolve_training_defaults(TrainConfig(arch="resnet8", epochs=10, batch_size=128, weight_decay=1e-3),
+                                            "cifar_resnet")
+    assert (cfg.lr, cfg.warmup_epochs) == (0.1, 1.0)
+    old = {**record, "lr": 0.05, "lr_rule": "an older rule", "warmup_epochs": 0.0, "weight_decay": 5e-4}
+    kept_cfg, kept = keep_recorded_defaults(cfg, record, old)
+    assert (kept_cfg.lr, kept_cfg.warmup_epochs, kept["lr_rule"]) == (0.05, 0.0, "an older rule")
+    assert kept_cfg.weight_decay == 1e-3  # set by a flag now: not the recorded value
+    assert set(kept["kept_from_run"]) == {"lr", "warmup_epochs"}
+    # a field the old run set (not defaulted) stays this version's default; no record: nothing kept
+    old_set = {**old, "defaulted": [k for k in record["defaulted"] if k != "lr"]}
+    assert keep_recorded_defaults(cfg, record, old_set)[0].lr == 0.1
+    assert keep_recorded_defaults(cfg, record, None) == (cfg, record)
+    assert keep_recorded_defaults(cfg, record, record) == (cfg, record)  # the same defaults: record unchanged
