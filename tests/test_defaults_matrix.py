@@ -350,6 +350,9 @@ def test_build_datasets_quick_from_tar(tmp_path, monkeypatch):
         assert (im.mode, im.size) == ("L", (28, 28))
     with Image.open(next((d / "photo96" / "test" / "ship").iterdir())) as im:
         assert (im.mode, im.size) == ("RGB", (96, 96))
+    with Image.open(next((d / "gray64" / "train" / "cat").iterdir())) as im:
+        assert (im.mode, im.size) == ("L", (64, 64))
+    assert "32 -> 64 px" in man["gray64"]["note"] and man["gray64"]["counts"] == man["gray28"]["counts"]
     # the original CIFAR bytes are copied unchanged
     with tarfile.open(tar) as tf:
         orig = tf.extractfile("cifar10-jpeg/train/dog/0003.jpg").read()
@@ -359,7 +362,7 @@ def test_build_datasets_quick_from_tar(tmp_path, monkeypatch):
     # a second build keeps what exists
     said = []
     bd.build(d, cifar_tar=tar, gray_source=None, quick=True, echo=said.append)
-    assert all("kept" in s for s in said) and len(said) == 5
+    assert all("kept" in s for s in said) and len(said) == 6
 
 
 def test_gray28_from_mnist_csv(tmp_path, monkeypatch):
@@ -370,7 +373,7 @@ def test_gray28_from_mnist_csv(tmp_path, monkeypatch):
             rows.append(",".join(str((d * 20 + i) % 256) for _ in range(784)) + f",{d}")
     src = tmp_path / "mnist_5k.csv.gz"
     src.write_bytes(gzip.compress(("\n".join(rows) + "\n").encode()))
-    man = bd.build(tmp_path / "d", cifar_tar=None, gray_source=str(src), quick=True, only=["gray28"],
+    man = bd.build(tmp_path / "d", cifar_tar=None, gray_source=str(src), quick=True, only=["gray28", "gray64"],
                    echo=lambda *_: None)
     g = man["gray28"]
     assert g["derived"] is False and g["counts"] == {"train": 20, "test": 10} and "MNIST" in g["source"]
@@ -379,6 +382,9 @@ def test_gray28_from_mnist_csv(tmp_path, monkeypatch):
     with Image.open(tmp_path / "d" / "gray28" / "test" / "7" / "0000.png") as im:
         # the test image of digit 7 is its last row (never a train image): value (7*20+2) % 256 = 142
         assert im.mode == "L" and im.size == (28, 28) and im.getpixel((5, 5)) == 142
+    with Image.open(tmp_path / "d" / "gray64" / "test" / "7" / "0000.png") as im:  # the same digits, 64 px
+        assert im.mode == "L" and im.size == (64, 64) and im.getpixel((40, 40)) == 142
+    assert man["gray64"]["note"] == "real grayscale handwritten digits, 28 px UPSAMPLED (bicubic 28 -> 64 px)"
 
 
 def test_build_datasets_bad_input_exit_2(tmp_path, capsys):

