@@ -107,8 +107,8 @@ OPTIM_HELP = {
     "grad_clip": "clip the gradient norm to this (0: off) [default: the model family's: 5 for MobileNet, "
                  "ShuffleNet, RegNet, EfficientNet and your own models, else off]",
     "augment": "cifar (pad-4 crop + flip) | crop (pad-4 crop, no flip: digits, text, anything a mirror "
-               "changes) | imagenet (RandomResizedCrop + flip) | none | auto (imagenet from 64 px or for "
-               "imagenet families, else crop for grayscale and cifar for colour images)", "seed": "random seed",
+               "changes) | imagenet (RandomResizedCrop + flip) | none | auto (crop for grayscale images; "
+               "colour: imagenet from 64 px or for imagenet families, else cifar)", "seed": "random seed",
     "mixed_precision": "auto | no | bf16 | fp16 (auto: bf16 + channels_last where the CPU or GPU has native bf16)",
     "grad_accum": "gradient accumulation steps", "channels_last": "channels_last memory format [default: on when auto picks bf16]",
     "val_fraction": "hold out this share of train for the per-epoch evaluation (0: per-epoch on test)",

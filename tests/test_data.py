@@ -389,10 +389,16 @@ def test_crop_policy_crops_without_flipping(tmp_path, monkeypatch):
     assert augmentation_policy("cifar") == {"policy": "cifar", "pad": 4, "flip": True}  # old cache keys stand
     with pytest.raises(CompressError, match="cifar, crop, imagenet, none or auto"):
         resolve_policy("mirror", (28, 28), None)
-    # auto: no mirror for small grayscale images (digits, text), the flip for colour, imagenet from 64 px
+    # auto: grayscale images (digits, text) get the small crop without a mirror at any size; colour
+    # ones the flip, and imagenet (RandomResizedCrop + flip) from 64 px or for the imagenet families
     assert resolve_policy("auto", (28, 28), "cifar_resnet", 1)[0] == "crop"
     assert resolve_policy("auto", (28, 28), "cifar_resnet", 3)[0] == "cifar"
-    assert resolve_policy("auto", (96, 96), None, 1)[0] == "imagenet"
+    assert resolve_policy("auto", (96, 96), None, 3)[0] == "imagenet"
+    assert resolve_policy("auto", (28, 28), "imagenet_resnet", 3)[0] == "imagenet"
+    assert resolve_policy("auto", (96, 96), None, 1) == (
+        "crop", "auto: 96-px grayscale images -> pad-4 crop, no flip: a mirror or a large crop changes digits "
+                "and text; --augment imagenet for photos")
+    assert resolve_policy("auto", (28, 28), "imagenet_resnet", 1)[0] == "crop"
     assert resolve_policy("cifar", (28, 28), None, 1) == ("cifar", "given")
 
     seen = []

@@ -72,7 +72,7 @@ def test_folder_train_distill_export_eval_bench_with_only_data(in_tmp, capsys, s
     assert f"image size: {size}x{size} (the native size" in out
     _, meta = read_checkpoint("t.safetensors")
     assert list(meta.input_size) == chw and meta.in_chans == chw[0]
-    assert meta.metrics["augment"] == ("imagenet" if size >= 64 else "crop")  # grayscale: no mirror
+    assert meta.metrics["augment"] == ("crop" if mode == "L" else "imagenet")  # grayscale: no mirror, small crop
     # distill with nothing about the data but --data: size, channels and policy follow the teacher
     code, out = run_cli(["distill", "--teacher", "t.safetensors", "--target", "resnet8", "--assistants", 0,
                          "--method", "kd", "--data", ds, "--epochs", 1, "--latency-backend", "none",
