@@ -341,8 +341,8 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     defaults_record.update(batch_record)
     resolved["training_defaults"] = defaults_record
     accelerator.print(describe_defaults(defaults_record))
-    if kept_text(defaults_record, entry.name):
-        accelerator.print(kept_text(defaults_record, entry.name))
+    for line in filter(None, [kept_text(defaults_record, entry.name)]):
+        accelerator.print(line)
     accelerator.wait_for_everyone()  # every process has checked the state folder before it is written
     if accelerator.is_main_process:  # after every check: a refused start leaves nothing to resume
         work.mkdir(exist_ok=True)
@@ -791,9 +791,8 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     print_(precision.describe())
     for line in dict.fromkeys(describe_defaults(r) for r in defaults_records.values()):
         print_(line)
-    for arch, record in defaults_records.items():
-        if kept_text(record, arch):
-            print_(kept_text(record, arch))
+    for line in filter(None, (kept_text(record, arch) for arch, record in defaults_records.items())):
+        print_(line)
     if cfg.method != "ce" and not cfg.unlabeled:
         hint = ("; --no-kd-mixup to turn it off" if cfg.kd_mixup else "" if streamed  # no flag turns it on
                 else "; --kd-mixup to turn it on")

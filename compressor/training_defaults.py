@@ -507,6 +507,7 @@ def kept_text(record: dict, what: str) -> str | None:
     now = ", ".join(setting(k, v["default_now"]) for k, v in kept.items())
     return f"{what}: resumed with the {then} the run started with (this version's default: {now})"
 
+
 __all__ = ["AUTO_BATCH_MAX", "AUTO_BATCH_MIN", "AUTO_BATCH_MIN_STEPS", "AUTO_EPOCH_MIN_IMAGES", "auto_batch_size",
            "auto_epoch_repeats", "resolve_batch_size", "AUTO_MIXUP_MAX_IMAGES", "resolve_kd_mixup",
            "AUTO_T_SHORT", "AUTO_T_LONG", "AUTO_T_LONG_IMAGES", "AUTO_T_LONG_MAX_CLASSES", "resolve_temperature",
