@@ -234,7 +234,7 @@ def build_labels10(tmp: Path, unl_tmp: Path, cifar: dict, sizes: dict) -> dict:
                     f"cifar10-labels10-unlabeled/ (for --unlabeled)"}
 
 
-def build_gray28(tmp: Path, cifar: dict | None, sizes: dict, gray_source: Path | None, px: int = GRAY_PX) -> dict:
+def build_gray(tmp: Path, cifar: dict | None, sizes: dict, gray_source: Path | None, px: int = GRAY_PX) -> dict:
     """``gray28`` (``px`` 28) or ``gray64`` (the same images, upsampled bicubic to ``px``)."""
     upsampled = f" UPSAMPLED (bicubic {GRAY_PX} -> {px} px)" if px != GRAY_PX else ""
     if gray_source is not None:
@@ -318,9 +318,9 @@ def build(out: Path, *, cifar_tar: Path | None, gray_source: str | None, quick: 
             _install(unl_tmp, out / f"{name}-unlabeled")
             info["unlabeled_dir"] = f"{name}-unlabeled"
         elif name == "gray28":
-            info = build_gray28(tmp, cifar, sizes, gray_path)
+            info = build_gray(tmp, cifar, sizes, gray_path)
         elif name == "gray64":
-            info = build_gray28(tmp, cifar, sizes, gray_path, px=GRAY_LARGE_PX)
+            info = build_gray(tmp, cifar, sizes, gray_path, px=GRAY_LARGE_PX)
         elif name == "photo96":
             info = build_photo96(tmp, cifar, sizes)
         else:
