@@ -301,10 +301,11 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     cfg = precision.apply(cfg)
     accelerator = make_accelerator(cfg, project_dir=str(out.with_name(out.name + ".logs")))
     resolved = {**requested, "num_processes": accelerator.num_processes, "precision": precision.to_dict()}
+    recorded = {}  # a resumed training's config.yaml (its family defaults are kept: keep_recorded_defaults)
     if resume:
-        check_resume_config(work / "config.yaml", resolved, defaults=resume_defaults(TrainConfig),
-                            what=f"the training of {out} ({work})",
-                            fix=f"resume with the same flags, or delete {work} to start again")
+        recorded = check_resume_config(work / "config.yaml", resolved, defaults=resume_defaults(TrainConfig),
+                                       what=f"the training of {out} ({work})",
+                                       fix=f"resume with the same flags, or delete {work} to start again")
     accelerator.print(precision.describe())
     splits = prepare_splits(cfg, bundle)
     model_kwargs = with_auto_stem(entry.builder, cfg.model_kwargs, bundle.input_size)
@@ -334,10 +335,8 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
                                                      lr_batch_size=batch_record["lr_batch_size"],
                                                      from_weights=bool(cfg.init), init_val=before,
                                                      num_classes=num_classes)
-    if resume:  # the defaults the training started with (an upgrade may have changed the family's)
-        recorded = _read_run_file(work / "config.yaml") if (work / "config.yaml").exists() else None
-        cfg, defaults_record = keep_recorded_defaults(
-            cfg, defaults_record, recorded.get("training_defaults") if isinstance(recorded, dict) else None)
+    # the defaults a resumed training started with (an upgrade may have changed the family's)
+    cfg, defaults_record = keep_recorded_defaults(cfg, defaults_record, recorded.get("training_defaults"))
     defaults_record.update(batch_record)
     resolved["training_defaults"] = defaults_record
     accelerator.print(describe_defaults(defaults_record))
@@ -562,14 +561,15 @@ def _upgraded(recorded: dict) -> dict:
     return recorded
 
 
-def check_resume_config(path: Path, resolved: dict, *, defaults: dict, what: str, fix: str) -> None:
+def check_resume_config(path: Path, resolved: dict, *, defaults: dict, what: str, fix: str) -> dict:
     """The resume contract of ``train`` and ``distill``: ``resolved`` (this session's config) must
     equal the config recorded at ``path`` in every key but :data:`RESUME_IGNORED_KEYS`; else one
     line ``{what} was started with a different config (key: old -> new; ...); {fix}``. A key the
-    recorded file lacks (an older version) counts as its value in ``defaults``."""
+    recorded file lacks (an older version) counts as its value in ``defaults``. Returns the recorded
+    config as read (``{}`` when there is none), for what else the resume takes from it."""
     if not path.exists():
-        return
-    old = _read_run_file(path) or {}
+        return {}
+    recorded = old = _read_run_file(path) or {}
     if not isinstance(old, dict):
         raise CompressError(f"{path} is damaged (not a mapping); start again with another --out")
     old = _upgraded(old)
@@ -580,6 +580,7 @@ def check_resume_config(path: Path, resolved: dict, *, defaults: dict, what: str
              if k not in RESUME_IGNORED_KEYS and old.get(k) != resolved.get(k)]
     if diffs:
         raise CompressError(f"{what} was started with a different config ({'; '.join(diffs)}); {fix}")
+    return recorded
 
 
 _TARGET_KEYS = ("target", "target_latency_ms", "target_family")
