@@ -36,7 +36,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import file_sha256, load_foreign_state_dict
+from safetensors import safe_open
+
+from .checkpoint import (_infer_num_classes, check_readable_file, family_normalisation, file_sha256,
+                         load_foreign_state_dict, read_checkpoint)
+from .data.transforms import fit_image
 from .errors import CompressError
 from .fileio import shorten
 
@@ -81,10 +85,6 @@ def read_init_state(path, *, allow_pickle: bool = False) -> tuple[dict, object |
     the file has none. Never imports code."""
     p = Path(path)
     if p.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        from .checkpoint import check_readable_file, read_checkpoint
-
         try:
             with safe_open(str(check_readable_file(p, "checkpoint")), framework="pt") as fh:
                 raw = fh.metadata() or {}
@@ -150,8 +150,6 @@ def init_normalisation(report: InitReport, entry, channels: int, mean, std) -> t
     """The mean/std a model started from ``report``'s weights should see: what the file records,
     else the family's usual statistics for families whose weights expect ImageNet's (torchvision),
     else ``mean``/``std`` (the data's). Per-channel values are averaged for 1-channel data."""
-    from .checkpoint import family_normalisation
-
     if report.mean is not None:
         m, s = report.mean, report.std
     elif entry.norm == "imagenet":
@@ -172,15 +170,11 @@ class ResizedInput(nn.Module):
         self.model, self.size = model, (int(size[0]), int(size[1]))
 
     def forward(self, x):
-        from .data.transforms import fit_image
-
         return self.model(fit_image(x, self.size))
 
 
 def _classifier_rows(state: dict) -> int | None:
     """The file's class count (:func:`compressor.checkpoint._infer_num_classes`), None without a head."""
-    from .checkpoint import _infer_num_classes
-
     try:
         return _infer_num_classes(state)
     except CompressError:

@@ -561,15 +561,19 @@ def _upgraded(recorded: dict) -> dict:
     return recorded
 
 
-def check_resume_config(path: Path, resolved: dict, *, defaults: dict, what: str, fix: str) -> dict:
+def check_resume_config(path: Path, resolved: dict, *, defaults: dict, what: str, fix: str,
+                        recorded=None) -> dict:
     """The resume contract of ``train`` and ``distill``: ``resolved`` (this session's config) must
     equal the config recorded at ``path`` in every key but :data:`RESUME_IGNORED_KEYS`; else one
     line ``{what} was started with a different config (key: old -> new; ...); {fix}``. A key the
-    recorded file lacks (an older version) counts as its value in ``defaults``. Returns the recorded
-    config as read (``{}`` when there is none), for what else the resume takes from it."""
-    if not path.exists():
-        return {}
-    recorded = old = _read_run_file(path) or {}
+    recorded file lacks (an older version) counts as its value in ``defaults``. ``recorded``: the
+    file's content when the caller has read it already. Returns the recorded config as read (``{}``
+    when there is none), for what else the resume takes from it."""
+    if recorded is None:
+        if not path.exists():
+            return {}
+        recorded = _read_run_file(path)
+    recorded = old = recorded or {}
     if not isinstance(old, dict):
         raise CompressError(f"{path} is damaged (not a mapping); start again with another --out")
     old = _upgraded(old)
@@ -612,18 +616,20 @@ def recorded_settings(path: Path, cls, given: dict) -> dict | None:
     return base
 
 
-def _check_resume_config(run_dir: Path, resolved: dict) -> None:
-    """The teacher is compared by content: a run that recorded the teacher's sha256 resumes from
+def _check_resume_config(run_dir: Path, resolved: dict, recorded=None) -> None:
+    """:func:`check_resume_config` of a distillation run against its config.yaml (``recorded``: as the
+    caller read it; None: read here). The teacher is compared by content: a run that recorded the teacher's sha256 resumes from
     the same file at another path (moved, copied, another checkout); another file is refused by
     its sha256. A run written before the sha256 was recorded compares the path."""
     path = run_dir / "config.yaml"
-    recorded = _read_run_file(path) if path.exists() else None
+    if recorded is None and path.exists():
+        recorded = _read_run_file(path)
     if isinstance(recorded, dict):
         if "teacher_sha256" not in recorded:
             resolved = {k: v for k, v in resolved.items() if k != "teacher_sha256"}
         elif recorded["teacher_sha256"] == resolved.get("teacher_sha256"):
             resolved = {**resolved, "teacher": recorded.get("teacher")}
-    check_resume_config(path, resolved,
+    check_resume_config(path, resolved, recorded=recorded,
                         defaults=resume_defaults(DistillConfig),
                         what=str(run_dir), fix="resume with the same flags, or start a new run with another --out")
 
@@ -737,6 +743,7 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, target)
     _check_run_dir_start(run_dir, resume)
     recorded_defaults = {}  # per model: the family defaults the run recorded (kept on resume)
+    recorded = None  # the run's config.yaml, read once
     if resume:  # unset per-family fields keep what the run recorded (training_defaults.inherit_recorded)
         recorded = _read_run_file(run_dir / "config.yaml")
         cfg = inherit_recorded(cfg, recorded if isinstance(recorded, dict) else {})
@@ -762,7 +769,7 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     if unlabeled is not None:  # recorded, so a resume with other unlabeled images is refused
         resolved["unlabeled_data"] = unlabeled.record()
     if resume:
-        _check_resume_config(run_dir, resolved)
+        _check_resume_config(run_dir, resolved, recorded)
     accelerator.wait_for_everyone()  # every process has checked the run directory before anything is written
     epochs, assistant_epochs = cfg.epochs, cfg.assistant_epochs or cfg.epochs
     plan = _load_or_make_plan(cfg, tmeta, target, run_dir, resume=resume, epochs=epochs,
