@@ -105,3 +105,22 @@ def _sigint_is_pythons():
     yield
     if ignored:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def ctrl_c_at_step(monkeypatch, step: int) -> list:
+    """Ctrl-C during training step ``step`` (1-based, counted over the run; the trainer saves the state
+    after that step); returns the step log (one entry per loss computed)."""
+    import signal
+
+    import compressor.trainer as trainer
+
+    real_loss, calls = trainer.dgkd_loss, []
+
+    def loss_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "dgkd_loss", loss_then_ctrl_c)
+    return calls

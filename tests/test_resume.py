@@ -45,6 +45,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import ctrl_c_at_step
+
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = str(REPO / "compressor" / "assets" / "resnet20_cifar10_pretrained.safetensors")
 ARGS = ["distill", "--teacher", TEACHER, "--target", "resnet8", "--epochs", "2", "--train-subset", "128",
@@ -323,29 +325,13 @@ def _synthetic_run(out: Path, *, resume: bool = False, **changes) -> dict:
     return run_distillation(cfg, data=data, show_progress=False, resume=resume)
 
 
-def _ctrl_c_at_step(monkeypatch, step: int) -> list:
-    """Ctrl-C during training step ``step`` (1-based, counted over the run); returns the step log."""
-    import compressor.trainer as trainer
-
-    real_loss, calls = trainer.dgkd_loss, []
-
-    def loss_then_ctrl_c(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == step:
-            signal.raise_signal(signal.SIGINT)
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "dgkd_loss", loss_then_ctrl_c)
-    return calls
-
-
 def test_ctrl_c_mid_epoch_saves_the_step_and_resumes_identically(tmp_path, monkeypatch, capsys):
     """The first Ctrl-C is deferred to the end of the running step, the state saved there."""
     import compressor.trainer as trainer
 
     _synthetic_run(tmp_path / "a")
     real_loss = trainer.dgkd_loss
-    calls = _ctrl_c_at_step(monkeypatch, 6)  # epoch 2 (4 steps per epoch), step 2
+    calls = ctrl_c_at_step(monkeypatch, 6)  # epoch 2 (4 steps per epoch), step 2
     with pytest.raises(KeyboardInterrupt):
         _synthetic_run(tmp_path / "b")
     assert len(calls) == 6  # the running step was finished, no further one started
@@ -377,7 +363,7 @@ def test_a_run_resumed_after_an_upgrade_keeps_its_recorded_family_defaults(tmp_p
     _synthetic_run(tmp_path / "a", label_smoothing=0.2)
     monkeypatch.setitem(td.FAMILY_DEFAULTS, "cifar_resnet",
                         dataclasses.replace(td.FAMILY_DEFAULTS["cifar_resnet"], label_smoothing=0.2))
-    _ctrl_c_at_step(monkeypatch, 6)
+    ctrl_c_at_step(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         _synthetic_run(tmp_path / "b")
     monkeypatch.undo()  # the upgrade

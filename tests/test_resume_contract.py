@@ -9,7 +9,6 @@ tensorboard`` passed no logging directory to Accelerate (a ValueError traceback)
 """
 from __future__ import annotations
 
-import signal
 import textwrap
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import pytest
 import torch
 
 from compressor.errors import CompressError
+from conftest import ctrl_c_at_step
+
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
@@ -38,28 +39,13 @@ def _train(out: Path, *, resume: bool = False, **changes) -> dict:
     return train_model(_train_cfg(out, **changes), data=data, show_progress=False, resume=resume)
 
 
-def _interrupt_after_step(monkeypatch, step: int) -> None:
-    """Ctrl-C during training step ``step`` (1-based): the state is saved after that step."""
-    import compressor.trainer as trainer
-
-    real_loss, calls = trainer.dgkd_loss, []
-
-    def loss_then_ctrl_c(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == step:
-            signal.raise_signal(signal.SIGINT)
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "dgkd_loss", loss_then_ctrl_c)
-
-
 def test_train_resume_refuses_a_changed_config_and_continues_an_unchanged_one(tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
     _train(tmp_path / "ref.safetensors")  # uninterrupted
     out = tmp_path / "t.safetensors"
     work = tmp_path / "t.safetensors.train-state"
-    _interrupt_after_step(monkeypatch, 2)
+    ctrl_c_at_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         _train(out)
     monkeypatch.undo()
@@ -413,7 +399,7 @@ def test_a_resumed_training_keeps_the_family_defaults_it_started_with(tmp_path, 
     # the older version: ResNets defaulted to label smoothing 0.2 (today: 0)
     monkeypatch.setitem(td.FAMILY_DEFAULTS, "cifar_resnet",
                         dataclasses.replace(td.FAMILY_DEFAULTS["cifar_resnet"], label_smoothing=0.2))
-    _interrupt_after_step(monkeypatch, 2)
+    ctrl_c_at_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         _train(out)
     monkeypatch.undo()  # the upgrade
