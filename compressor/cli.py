@@ -102,8 +102,9 @@ OPTIM_HELP = {
     "milestones": "step schedule: fractions of the epochs",
     "gamma": "step schedule factor", "warmup_epochs": "linear warmup epochs, fractions allowed "
                                                       "[default: the model family's, at most 1/5 of the run]",
-    "label_smoothing": "label smoothing of the cross-entropy term [default: the model family's: 0.1 for "
-                       "torchvision/ImageNet families, 0 for CIFAR families]",
+    "label_smoothing": "label smoothing of the cross-entropy term [default: train: 0 (it makes teachers: "
+                       "smoothed teachers teach less); distill: the model family's, 0.1 for torchvision/ImageNet "
+                       "families, 0 for CIFAR families]",
     "grad_clip": "clip the gradient norm to this (0: off) [default: the model family's: 5 for MobileNet, "
                  "ShuffleNet, RegNet, EfficientNet and your own models, else off]",
     "augment": "cifar (pad-4 crop + flip) | crop (pad-4 crop, no flip: digits, text, anything a mirror "

@@ -334,7 +334,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     cfg, defaults_record = resolve_training_defaults(cfg, entry.family, num_processes=accelerator.num_processes,
                                                      lr_batch_size=batch_record["lr_batch_size"],
                                                      from_weights=bool(cfg.init), init_val=before,
-                                                     num_classes=num_classes)
+                                                     num_classes=num_classes, teacher=True)
     # the defaults a resumed training started with (an upgrade may have changed the family's)
     cfg, defaults_record = keep_recorded_defaults(cfg, defaults_record, recorded.get("training_defaults"))
     defaults_record.update(batch_record)
@@ -895,7 +895,7 @@ def _teacher_row(run: _Run, teacher, teacher_sha256: str) -> dict:
     if smoothing and run.plan.method != "ce":
         run.say(f"note: the teacher was trained with label smoothing {smoothing:g} (its checkpoint says so); smoothed "
                 f"teachers pass on less than their accuracy suggests (Mueller et al. 2019; docs/results.md §6). A "
-                f"teacher you train to distil from: compress train --label-smoothing 0")
+                f"teacher you train to distil from: compress train without --label-smoothing (its default is 0)")
     return {**run.plan.teacher.__dict__, **accuracy_fields(teacher_test, None, run.splits.eval_name),
             "train_seconds": None, "stage_dir": None}
 

@@ -387,8 +387,6 @@ def test_a_resumed_training_keeps_the_family_defaults_it_started_with(tmp_path, 
     """A run resumed after an upgrade that changed a family default (here: label smoothing, which
     the run left unset) trains on with the value its config.yaml recorded, not this version's: the
     resumed model equals one trained without a break at the recorded value, and says so."""
-    import dataclasses
-
     from safetensors.torch import load_file
 
     import compressor.training_defaults as td
@@ -396,9 +394,8 @@ def test_a_resumed_training_keeps_the_family_defaults_it_started_with(tmp_path, 
 
     _train(tmp_path / "ref.safetensors", label_smoothing=0.2)  # what the older default gives, no break
     out, work = tmp_path / "t.safetensors", tmp_path / "t.safetensors.train-state"
-    # the older version: ResNets defaulted to label smoothing 0.2 (today: 0)
-    monkeypatch.setitem(td.FAMILY_DEFAULTS, "cifar_resnet",
-                        dataclasses.replace(td.FAMILY_DEFAULTS["cifar_resnet"], label_smoothing=0.2))
+    # the older version: compress train defaulted to label smoothing 0.2 (today: 0)
+    monkeypatch.setattr(td, "TEACHER_LABEL_SMOOTHING", 0.2)
     ctrl_c_at_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         _train(out)

@@ -12,7 +12,7 @@ from compressor.errors import CompressError
 from compressor.losses import dgkd_loss
 from compressor.models import list_families
 from compressor.training_defaults import (DEFAULTED, FALLBACK, FAMILY_DEFAULTS, LEGACY, describe, inherit_recorded,
-                                          resolve_training_defaults)
+                                          keep_recorded_defaults, resolve_training_defaults)
 from compressor.trainer import lr_at_epoch
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -21,6 +21,29 @@ PAPER_RECIPES = sorted([*RECIPES.glob("cifar*.yaml"), RECIPES / "cpu_study.yaml"
 
 def _train(**kw):
     return TrainConfig(arch="x", out="y.safetensors", **kw)
+
+
+def test_a_teacher_trains_without_label_smoothing_whatever_its_family():
+    """compress train makes teachers: smoothed teachers teach less (docs/results.md §6), so its label
+    smoothing defaults to 0 for every family; a flag still sets it; a chain model keeps the family's."""
+    cfg, rec = resolve_training_defaults(_train(epochs=1, batch_size=128), "mobilenetv3", teacher=True)
+    assert cfg.label_smoothing == 0.0 and rec["label_smoothing"] == 0.0 and "label_smoothing" in rec["defaulted"]
+    assert rec["label_smoothing_rule"] == ("a teacher: smoothed teachers teach less; the family's 0.1: "
+                                           "--label-smoothing 0.1 for a model you deploy as trained")
+    assert ("wd 0.05, no label smoothing (a teacher: smoothed teachers teach less; the family's 0.1: "
+            "--label-smoothing 0.1 for a model you deploy as trained), grad-norm clip 5") in describe(rec)
+    given, rec = resolve_training_defaults(_train(epochs=1, label_smoothing=0.1), "mobilenetv3", teacher=True)
+    assert given.label_smoothing == 0.1 and "label_smoothing_rule" not in rec
+    chain, rec = resolve_training_defaults(_train(epochs=1), "mobilenetv3")  # a distillation stage
+    assert chain.label_smoothing == 0.1 and "label_smoothing_rule" not in rec
+    resnet, rec = resolve_training_defaults(_train(epochs=1), "cifar_resnet", teacher=True)  # already 0: no rule
+    assert resnet.label_smoothing == 0.0 and "label_smoothing_rule" not in rec
+    # a training started before (the family's 0.1 recorded) resumes with it: the rule goes with the value
+    started, rec_then = resolve_training_defaults(_train(epochs=1), "mobilenetv3")
+    cfg, rec_now = resolve_training_defaults(_train(epochs=1), "mobilenetv3", teacher=True)
+    kept_cfg, kept = keep_recorded_defaults(cfg, rec_now, rec_then)
+    assert kept_cfg.label_smoothing == 0.1 and "label_smoothing_rule" not in kept
+    assert kept["kept_from_run"] == {"label_smoothing": {"recorded": 0.1, "default_now": 0.0}}
 
 
 def test_every_zoo_family_has_its_own_defaults():
@@ -283,6 +306,20 @@ def test_train_prints_and_records_the_defaults(tmp_path, capsys, one_torch_threa
     rec = train_model(auto, show_progress=False,
                       data=synthetic_data(num_classes=4, n_train=32, n_test=8))["training_defaults"]
     assert (rec["batch_size"], rec["lr_batch_size"], rec["lr"]) == (16, 128, 0.1)
+
+
+def test_train_of_a_smoothing_family_makes_an_unsmoothed_teacher(tmp_path, capsys, one_torch_thread):
+    from compressor.checkpoint import read_checkpoint
+    from compressor.data import synthetic_data
+    from compressor.pipeline import train_model
+
+    cfg = resolve_config(TrainConfig, None, {"arch": "mobilenetv3_small_050", "out": str(tmp_path / "m.safetensors"),
+                                             "epochs": 1, "batch_size": 16, "mixed_precision": "no"})
+    train_model(cfg, show_progress=False, data=synthetic_data(num_classes=4, n_train=32, n_test=8))
+    assert "wd 0.05, no label smoothing (a teacher: smoothed teachers teach less; the family's 0.1: " \
+           "--label-smoothing 0.1 for a model you deploy as trained)" in capsys.readouterr().out
+    rec = read_checkpoint(tmp_path / "m.safetensors")[1].metrics["training_defaults"]
+    assert rec["label_smoothing"] == 0.0 and "label_smoothing" in rec["defaulted"] and rec["label_smoothing_rule"]
 
 
 # --- issue 18: AdamW for the depthwise families (docs/results.md §5) ---
