@@ -618,9 +618,9 @@ def recorded_settings(path: Path, cls, given: dict) -> dict | None:
 
 def _check_resume_config(run_dir: Path, resolved: dict, recorded=None) -> None:
     """:func:`check_resume_config` of a distillation run against its config.yaml (``recorded``: as the
-    caller read it; None: read here). The teacher is compared by content: a run that recorded the teacher's sha256 resumes from
-    the same file at another path (moved, copied, another checkout); another file is refused by
-    its sha256. A run written before the sha256 was recorded compares the path."""
+    caller read it; None: read here). The teacher is compared by content: a run that recorded the
+    teacher's sha256 resumes from the same file at another path (moved, copied, another checkout);
+    another file is refused by its sha256. A run written before the sha256 was recorded compares the path."""
     path = run_dir / "config.yaml"
     if recorded is None and path.exists():
         recorded = _read_run_file(path)
