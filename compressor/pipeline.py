@@ -340,8 +340,8 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     defaults_record.update(batch_record)
     resolved["training_defaults"] = defaults_record
     accelerator.print(describe_defaults(defaults_record))
-    for line in filter(None, [kept_text(defaults_record, entry.name)]):
-        accelerator.print(line)
+    if kept := kept_text(defaults_record, entry.name):
+        accelerator.print(kept)
     accelerator.wait_for_everyone()  # every process has checked the state folder before it is written
     if accelerator.is_main_process:  # after every check: a refused start leaves nothing to resume
         work.mkdir(exist_ok=True)
