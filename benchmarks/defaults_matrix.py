@@ -150,6 +150,10 @@ class Prereq:
         return out / folder / f"{self.dataset}-{self.arch}-e{self.epochs}.safetensors"
 
 
+class StaleCacheError(Exception):
+    """A cached teacher or pretrained model was trained under other defaults (:func:`stale_prereq`)."""
+
+
 @dataclass
 class Budget:
     name: str
@@ -203,6 +207,31 @@ def pretrained_for(cell: Cell, teacher_epochs: int) -> Prereq | None:
 # ----------------------------------------------------------------------------- commands
 def cli_base() -> list[str]:
     return [sys.executable, "-m", "compressor.cli"]
+
+
+def stale_prereq(p: Prereq, out: Path, extra: list[str]) -> str | None:
+    """Why the cached ``p`` was trained under other defaults than ``compress train`` uses now, or None.
+
+    A teacher cached before 2026-12-02 was trained with its family's label smoothing (0.1 for the
+    MobileNets); ``compress train`` now trains teachers without it, and a smoothed teacher teaches
+    1-2.7 points less (docs/results.md §6). Reusing it would mix two teachers in one table, so the
+    matrix stops and names the files to delete. ``--extra-args "--label-smoothing X"`` sets it for
+    every command, so then the recorded value must be X."""
+    path = p.path(out)
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    from compressor.training_defaults import TEACHER_LABEL_SMOOTHING
+
+    with safe_open(str(path), framework="pt") as fh:
+        metrics = json.loads((fh.metadata() or {}).get("metrics", "{}"))
+    recorded = (metrics.get("training_defaults") or {}).get("label_smoothing", 0.0)
+    flag = extra.index("--label-smoothing") if "--label-smoothing" in extra else None
+    wanted = float(extra[flag + 1]) if flag is not None and flag + 1 < len(extra) else TEACHER_LABEL_SMOOTHING
+    if float(recorded) == wanted:
+        return None
+    return f"{path} was trained with label smoothing {float(recorded):g}, compress train now uses {wanted:g}"
 
 
 def prereq_command(p: Prereq, data_root: Path, out: Path, extra: list[str], train_subset: int | None) -> list[str]:
@@ -709,10 +738,17 @@ def execute(runs: list[Run], *, args, budgets: dict, echo=say) -> tuple[list[str
     echo(f"{len(runs)} runs, {done_before} done earlier, "
          f"{len(todo)} to run on {args.jobs} job(s) ({runner.threads} CPU thread(s) each)")
     prereqs: dict = {}
+    stale: dict = {}
     for r in todo:
         for p in (teacher_for(r.cell, args.teacher_epochs), pretrained_for(r.cell, args.teacher_epochs)):
             if p is not None and not p.path(out).is_file():
                 prereqs[p.id] = p
+            elif p is not None and (why := stale_prereq(p, out, extra)):
+                stale.setdefault(why, set()).add(str(out / "cells" / r.cell.id))
+    if stale:
+        why, cells = next(iter(stale.items()))
+        raise StaleCacheError(f"{why}: delete it and the runs it taught ({', '.join(sorted(cells))}) to "
+                              f"train them again with today's defaults, or use another --out")
     ok_prereq: dict = {}
 
     def do_prereq(p: Prereq):
@@ -890,7 +926,11 @@ def main(argv=None) -> int:
             return 2
         args.out.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        skipped, failed = execute(runs, args=args, budgets=budgets)
+        try:
+            skipped, failed = execute(runs, args=args, budgets=budgets)
+        except StaleCacheError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         settings["wall_seconds_this_session"] = round(time.time() - t0, 1)
     else:
         skipped, failed = [], []

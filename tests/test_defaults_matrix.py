@@ -222,6 +222,42 @@ def test_missing_teacher_data_skips_dependent_runs(tmp_path, monkeypatch):
     assert failed == ["teacher:cifar10-mobilenetv2_100-e5"] and len(skipped) == 3
 
 
+def _cached_teacher(path: Path, label_smoothing: float) -> None:
+    from safetensors.torch import save_file
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metrics = {"training_defaults": {"label_smoothing": label_smoothing, "defaulted": ["label_smoothing"]}}
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"arch": "mobilenetv2_100", "num_classes": "10",
+                                                           "metrics": json.dumps(metrics)})
+
+
+def test_a_teacher_cached_under_the_old_smoothing_stops_the_matrix(tmp_path, monkeypatch, capsys):
+    """A MobileNet teacher trained before compress train dropped label smoothing (0.1) is not reused:
+    the matrix exits 2 naming the file and the cells it taught; a teacher of today's default (0) or of
+    the value --extra-args sets is reused."""
+    (tmp_path / "data" / "cifar10" / "train" / "a").mkdir(parents=True)
+    monkeypatch.setattr(dm.Runner, "call", lambda *a: pytest.fail("nothing may run"))
+    runs = dm.enumerate_runs([dm.Cell("cifar10", "mbv2", "short")], [0])
+    teacher = dm.teacher_for(runs[0].cell, 5).path(tmp_path / "out")
+    _cached_teacher(teacher, 0.1)
+    budgets = {"short": dm.Budget("short", 3, None)}
+    with pytest.raises(dm.StaleCacheError) as err:
+        dm.execute(runs, args=_args(tmp_path), budgets=budgets, echo=lambda *_: None)
+    text = str(err.value)
+    assert str(teacher) in text and "label smoothing 0.1, compress train now uses 0" in text
+    assert str(tmp_path / "out" / "cells" / "cifar10.mbv2.short") in text
+    assert dm.stale_prereq(dm.teacher_for(runs[0].cell, 5), tmp_path / "out", ["--label-smoothing", "0.1"]) is None
+    _cached_teacher(teacher, 0.0)
+    assert dm.stale_prereq(dm.teacher_for(runs[0].cell, 5), tmp_path / "out", []) is None
+    # the command line: one line, exit 2
+    _cached_teacher(teacher, 0.1)
+    rc = dm.main(["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--only", "^cifar10.mbv2.short$",
+                  "--seeds", "0", "--teacher-epochs", "5", "--device", "cpu"])
+    err_text = capsys.readouterr().err
+    assert rc == 2 and err_text.startswith("error: ") and err_text.count("\n") == 1
+
+
 # ----------------------------------------------------------------------------- table
 def _rec(cell, method, seed, top1, chance=10.0, epoch1=None, wall=60.0, teacher=80.0):
     return {"cell": cell, "method": method, "seed": seed, "status": "done", "student_top1": top1,
