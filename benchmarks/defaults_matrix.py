@@ -224,8 +224,11 @@ def stale_prereq(p: Prereq, out: Path, extra: list[str]) -> str | None:
 
     from compressor.training_defaults import TEACHER_LABEL_SMOOTHING
 
-    with safe_open(str(path), framework="pt") as fh:
-        metrics = json.loads((fh.metadata() or {}).get("metrics", "{}"))
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metrics = json.loads((fh.metadata() or {}).get("metrics", "{}"))
+    except Exception as exc:  # noqa: BLE001 -- a damaged cache is stale whatever broke
+        return f"{path} is not a readable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
     recorded = (metrics.get("training_defaults") or {}).get("label_smoothing", 0.0)
     flag = extra.index("--label-smoothing") if "--label-smoothing" in extra else None
     wanted = float(extra[flag + 1]) if flag is not None and flag + 1 < len(extra) else TEACHER_LABEL_SMOOTHING
@@ -744,10 +747,10 @@ def execute(runs: list[Run], *, args, budgets: dict, echo=say) -> tuple[list[str
             if p is not None and not p.path(out).is_file():
                 prereqs[p.id] = p
             elif p is not None and (why := stale_prereq(p, out, extra)):
-                stale.setdefault(why, set()).add(str(out / "cells" / r.cell.id))
+                stale.setdefault(why, set()).update(str(out / part / r.cell.id) for part in ("cells", "runs"))
     if stale:
-        why, cells = next(iter(stale.items()))
-        raise StaleCacheError(f"{why}: delete it and the runs it taught ({', '.join(sorted(cells))}) to "
+        why, folders = next(iter(stale.items()))
+        raise StaleCacheError(f"{why}: delete it and the runs it taught ({', '.join(sorted(folders))}) to "
                               f"train them again with today's defaults, or use another --out")
     ok_prereq: dict = {}
 

@@ -246,10 +246,13 @@ def test_a_teacher_cached_under_the_old_smoothing_stops_the_matrix(tmp_path, mon
         dm.execute(runs, args=_args(tmp_path), budgets=budgets, echo=lambda *_: None)
     text = str(err.value)
     assert str(teacher) in text and "label smoothing 0.1, compress train now uses 0" in text
-    assert str(tmp_path / "out" / "cells" / "cifar10.mbv2.short") in text
+    assert str(tmp_path / "out" / "cells" / "cifar10.mbv2.short") in text  # the records and the run folders
+    assert str(tmp_path / "out" / "runs" / "cifar10.mbv2.short") in text
     assert dm.stale_prereq(dm.teacher_for(runs[0].cell, 5), tmp_path / "out", ["--label-smoothing", "0.1"]) is None
     _cached_teacher(teacher, 0.0)
     assert dm.stale_prereq(dm.teacher_for(runs[0].cell, 5), tmp_path / "out", []) is None
+    teacher.write_bytes(b"truncated")  # a damaged cache is stale too, named in one line
+    assert "is not a readable checkpoint" in dm.stale_prereq(dm.teacher_for(runs[0].cell, 5), tmp_path / "out", [])
     # the command line: one line, exit 2
     _cached_teacher(teacher, 0.1)
     rc = dm.main(["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--only", "^cifar10.mbv2.short$",
