@@ -220,21 +220,19 @@ def stale_prereq(p: Prereq, out: Path, extra: list[str]) -> str | None:
     path = p.path(out)
     if not path.is_file():
         return None
-    from safetensors import safe_open
-
-    from compressor.training_defaults import TEACHER_LABEL_SMOOTHING
+    from compressor.checkpoint import read_checkpoint
+    from compressor.errors import CompressError
+    from compressor.training_defaults import TEACHER_LABEL_SMOOTHING, recorded_label_smoothing
 
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            metrics = json.loads((fh.metadata() or {}).get("metrics", "{}"))
-    except Exception as exc:  # noqa: BLE001 -- a damaged cache is stale whatever broke
-        return f"{path} is not a readable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-    recorded = (metrics.get("training_defaults") or {}).get("label_smoothing", 0.0)
+        recorded = recorded_label_smoothing(read_checkpoint(path)[1].metrics)
+    except CompressError as exc:  # a damaged cache is stale: the reader says what is wrong with it
+        return f"{path} is not a readable checkpoint ({exc})"
     flag = extra.index("--label-smoothing") if "--label-smoothing" in extra else None
     wanted = float(extra[flag + 1]) if flag is not None and flag + 1 < len(extra) else TEACHER_LABEL_SMOOTHING
-    if float(recorded) == wanted:
+    if recorded == wanted:
         return None
-    return f"{path} was trained with label smoothing {float(recorded):g}, compress train now uses {wanted:g}"
+    return f"{path} was trained with label smoothing {recorded:g}, compress train now uses {wanted:g}"
 
 
 def prereq_command(p: Prereq, data_root: Path, out: Path, extra: list[str], train_subset: int | None) -> list[str]:

@@ -57,7 +57,7 @@ from .trust import TRUST_KEYS, check_plan_code, check_recipe, trust_from_config
 from .trainer import LossSettings, check_compile_available, evaluate, find_state, fit, stable_seed
 from .training_defaults import (LEGACY, describe as describe_defaults, inherit_recorded, init_score_text,
                                 keep_recorded_defaults, kept_text, resolve_batch_size, resolve_kd_mixup,
-                                resolve_temperature, resolve_training_defaults)
+                                recorded_label_smoothing, resolve_temperature, resolve_training_defaults)
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 # ``precision`` is what ``auto`` resolved to on the machine of the session that wrote config.yaml.
@@ -891,20 +891,13 @@ def _teacher_row(run: _Run, teacher, teacher_sha256: str) -> dict:
             write_json(path, teacher_test)
     run.say(f"teacher {run.tmeta.arch}: test top-1 {teacher_test['top1']:.2f}% on {run.bundle.name} "
             f"(sha256 {teacher_sha256[:16]}, {shorten(run.tmeta.source) or 'source not recorded'})")
-    smoothing = _teacher_label_smoothing(run.tmeta)
+    smoothing = recorded_label_smoothing(run.tmeta.metrics)
     if smoothing and run.plan.method != "ce":
         run.say(f"note: the teacher was trained with label smoothing {smoothing:g} (its checkpoint says so); smoothed "
                 f"teachers pass on less than their accuracy suggests (Mueller et al. 2019; docs/results.md §6). A "
                 f"teacher you train to distil from: compress train without --label-smoothing (its default is 0)")
     return {**run.plan.teacher.__dict__, **accuracy_fields(teacher_test, None, run.splits.eval_name),
             "train_seconds": None, "stage_dir": None}
-
-
-def _teacher_label_smoothing(tmeta) -> float:
-    """The label smoothing a compress-trained teacher's checkpoint records (0 when it records none)."""
-    record = (tmeta.metrics or {}).get("training_defaults")
-    value = record.get("label_smoothing") if isinstance(record, dict) else None
-    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def _stage_dir(run: _Run, k: int, arch: str) -> Path:

@@ -307,6 +307,13 @@ SOLVES_TASK_SHARE = 0.5
 TEACHER_LABEL_SMOOTHING = 0.0
 
 
+def recorded_label_smoothing(metrics: dict | None) -> float:
+    """The label smoothing a compress-trained checkpoint's metrics record (0 when they record none)."""
+    record = (metrics or {}).get("training_defaults")
+    value = record.get("label_smoothing") if isinstance(record, dict) else None
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
 def solves_task_threshold(num_classes: int) -> float:
     """The top-1 (%) above which weights count as already solving a ``num_classes``-class task."""
     chance = 100.0 / num_classes
@@ -539,5 +546,5 @@ __all__ = ["AUTO_BATCH_MAX", "AUTO_BATCH_MIN", "AUTO_BATCH_MIN_STEPS", "AUTO_EPO
            "auto_epoch_repeats", "resolve_batch_size", "AUTO_MIXUP_MAX_IMAGES", "resolve_kd_mixup",
            "AUTO_T_SHORT", "AUTO_T_LONG", "AUTO_T_LONG_IMAGES", "AUTO_T_LONG_MAX_CLASSES", "resolve_temperature",
            "ADAMW_LR", "ADAMW_PER_IMAGES", "ADAMW_WEIGHT_DECAY", "FINETUNE_LR_FACTOR", "SAME_TASK_LR_FACTOR",
-           "SOLVES_TASK_SHARE", "TEACHER_LABEL_SMOOTHING", "solves_task_threshold", "score_lower_bound", "init_score_text", "DEFAULTED", "FAMILY_DEFAULTS", "FALLBACK", "LEGACY", "FamilyDefaults", "describe", "family_defaults",
+           "SOLVES_TASK_SHARE", "TEACHER_LABEL_SMOOTHING", "recorded_label_smoothing", "solves_task_threshold", "score_lower_bound", "init_score_text", "DEFAULTED", "FAMILY_DEFAULTS", "FALLBACK", "LEGACY", "FamilyDefaults", "describe", "family_defaults",
            "inherit_recorded", "keep_recorded_defaults", "kept_text", "resolve_training_defaults"]

@@ -223,13 +223,13 @@ def test_missing_teacher_data_skips_dependent_runs(tmp_path, monkeypatch):
 
 
 def _cached_teacher(path: Path, label_smoothing: float) -> None:
-    from safetensors.torch import save_file
-    import torch
+    """A real checkpoint (a small CNN stands in for the MobileNet: only the record is read)."""
+    from compressor.checkpoint import meta_for, save_checkpoint
+    from compressor.models import create_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
     metrics = {"training_defaults": {"label_smoothing": label_smoothing, "defaulted": ["label_smoothing"]}}
-    save_file({"w": torch.zeros(1)}, str(path), metadata={"arch": "mobilenetv2_100", "num_classes": "10",
-                                                           "metrics": json.dumps(metrics)})
+    save_checkpoint(path, create_model("cnn2", num_classes=10), meta_for("cnn2", num_classes=10, metrics=metrics))
 
 
 def test_a_teacher_cached_under_the_old_smoothing_stops_the_matrix(tmp_path, monkeypatch, capsys):

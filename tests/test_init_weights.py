@@ -236,14 +236,15 @@ def test_a_label_smoothed_teacher_gets_a_note(tmp_path, capsys):
     # smoothing gets one printed note with the fix; an unsmoothed one, or method ce, none.
     from compressor.config import DistillConfig, resolve_config
     from compressor.data import synthetic_data
-    from compressor.pipeline import _teacher_label_smoothing, run_distillation
+    from compressor.pipeline import run_distillation
+    from compressor.training_defaults import recorded_label_smoothing
 
     data = synthetic_data(num_classes=4, n_train=32, n_test=8, seed=2)
     for smoothing in (0.1, 0.0):
         torch.manual_seed(0)
         meta = meta_for("resnet14", num_classes=4, metrics={"training_defaults": {"label_smoothing": smoothing}})
         save_checkpoint(tmp_path / f"t{smoothing}.safetensors", create_model("resnet14", num_classes=4), meta)
-        assert _teacher_label_smoothing(meta) == smoothing
+        assert recorded_label_smoothing(meta.metrics) == smoothing
         for method in ("kd", "ce"):
             capsys.readouterr()
             run_distillation(resolve_config(DistillConfig, None, dict(
@@ -252,4 +253,4 @@ def test_a_label_smoothed_teacher_gets_a_note(tmp_path, capsys):
                 data=data, show_progress=False)
             noted = "note: the teacher was trained with label smoothing 0.1" in capsys.readouterr().out
             assert noted == (smoothing == 0.1 and method == "kd"), (smoothing, method)
-    assert _teacher_label_smoothing(meta_for("resnet8", num_classes=4)) == 0.0  # nothing recorded
+    assert recorded_label_smoothing(meta_for("resnet8", num_classes=4).metrics) == 0.0  # nothing recorded
