@@ -154,3 +154,45 @@ def test_stem_auto_follows_input_size_and_bad_stem_is_rejected():
 def test_every_family_is_listed():
     names = set(list_models())
     assert set(TORCHVISION) | {"resnet10", "resnet22", "resnet28"} <= names
+
+
+# blocks that add their input back, counted by hand from torchvision's block tables: MobileNetV2
+# (t, c, n, s) repeats after each stage's first block, 0+1+2+3+2+2+0; MobileNetV3-small at width 0.5
+# the 24->24, 40->40 (x2), 48->48 and 96->96 (x2) stride-1 blocks plus 40->48, which 0.5 makes
+# 24->24; EfficientNet-B0 (n - 1) per stage, 0+1+1+2+2+3+0
+RESIDUAL_BLOCKS = {"mobilenetv2_035": 10, "mobilenetv3_small_050": 7, "efficientnet_b0": 9}
+
+
+@pytest.mark.parametrize("name,blocks", sorted(RESIDUAL_BLOCKS.items()))
+def test_residual_branches_start_at_zero_so_each_block_starts_as_the_identity(name, blocks):
+    from compressor.models.torchvision_families import zero_init_residual_branches
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, stem="cifar").eval()
+    residual = [m for m in model.modules() if getattr(m, "use_res_connect", False)]
+    assert len(residual) == blocks
+    for block in residual:
+        last_bn = [m for m in block.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+        assert torch.count_nonzero(last_bn.weight) == 0
+        channels = last_bn.num_features
+        x = torch.randn(2, channels, 8, 8)
+        with torch.no_grad():
+            assert torch.equal(block(x), x)  # branch output is exactly the BN bias, 0
+    # every other BatchNorm keeps torchvision's initialisation (scale 1)
+    zeroed = {id([m for m in b.modules() if isinstance(m, nn.BatchNorm2d)][-1]) for b in residual}
+    others = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and id(m) not in zeroed]
+    assert others and all(torch.all(m.weight == 1) for m in others)
+    # --option zero_init_last=false: torchvision's own initialisation, every scale 1
+    plain = create_model(name, num_classes=10, stem="cifar", zero_init_last=False)
+    assert all(torch.all(m.weight == 1) for m in plain.modules() if isinstance(m, nn.BatchNorm2d))
+    assert zero_init_residual_branches(plain) == blocks
+    # only the starting values differ: the same keys and shapes, so checkpoints load either way
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_zero_init_last_is_an_option_of_the_residual_families_only():
+    from compressor.errors import CompressError
+
+    for name in ("shufflenetv2_x0_5", "regnety_400mf"):
+        with pytest.raises(CompressError, match="does not accept these options"):
+            create_model(name, num_classes=10, zero_init_last=False)
