@@ -30,8 +30,9 @@ its ResNets, applied to the inverted-residual blocks. Only the starting
 weights change (a checkpoint loads the same either way). Why (issue 18;
 docs/results.md §6, "Zero-initialised residual branches"): MobileNetV2-0.35
 trained alone for 3 epochs on 540 96-px photos scored 10.7 / 18.0 / 8.3 %
-after epoch 1 (chance 10 %) with torchvision's initialisation and
-17.3 / 21.7 / 16.3 % with it, 22.8 -> 27.1 % at the end (3 seeds).
+on the test split after epoch 1 (chance 10 %) with torchvision's
+initialisation and 17.3 / 21.7 / 16.3 % with it, and ended at 22.4 -> 27.8 %
+(every seed higher, 3 seeds).
 """
 from __future__ import annotations
 
