@@ -41,6 +41,7 @@ from functools import partial
 import torch
 import torchvision.models as tvm
 
+from ..bn_recalibration import batchnorm_layers
 from .registry import register_model
 from .stems import adapt_stem
 
@@ -52,14 +53,11 @@ ZERO_INIT_FAMILIES = ("mobilenetv2", "mobilenetv3", "efficientnet")
 def zero_init_residual_branches(model: torch.nn.Module) -> int:
     """Zero the scale of the last BatchNorm in the branch of every block that adds its input back
     (``use_res_connect``): the block starts as the identity. Returns the number of blocks."""
-    blocks = 0
-    for module in model.modules():
-        if getattr(module, "use_res_connect", False):
-            norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-            if norms:
-                torch.nn.init.zeros_(norms[-1].weight)
-                blocks += 1
-    return blocks
+    branches = (batchnorm_layers(m) for m in model.modules() if getattr(m, "use_res_connect", False))
+    last_norms = [norms[-1] for norms in branches if norms]
+    for norm in last_norms:
+        torch.nn.init.zeros_(norm.weight)
+    return len(last_norms)
 
 
 def _features_family(builder, num_classes, in_chans, stem, **kwargs):
@@ -107,22 +105,19 @@ for _r in ("400mf", "800mf", "1_6gf", "3_2gf"):
 def _register(name: str):
     family, construct, px, description = FAMILIES[name]
 
-    register = register_model(name, family=family, input_size=(3, px, px), norm="imagenet", description=description)
-    if family not in ZERO_INIT_FAMILIES:
-        @register
-        def build(num_classes=1000, in_chans=3, stem="imagenet"):
-            return construct(num_classes=num_classes, in_chans=in_chans, stem=stem)
+    def build(num_classes=1000, in_chans=3, stem="imagenet"):
+        return construct(num_classes=num_classes, in_chans=in_chans, stem=stem)
 
-        return build
-
-    @register
     def build_zero_init(num_classes=1000, in_chans=3, stem="imagenet", zero_init_last=True):
-        model = construct(num_classes=num_classes, in_chans=in_chans, stem=stem)
+        model = build(num_classes, in_chans, stem)
         if zero_init_last:
             zero_init_residual_branches(model)
         return model
 
-    return build_zero_init
+    # the registry reads a builder's options from its signature: only these families take zero_init_last
+    builder = build_zero_init if family in ZERO_INIT_FAMILIES else build
+    return register_model(name, family=family, input_size=(3, px, px), norm="imagenet",
+                          description=description)(builder)
 
 
 for _name in FAMILIES:
