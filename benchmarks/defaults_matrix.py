@@ -216,7 +216,8 @@ def stale_prereq(p: Prereq, out: Path, extra: list[str]) -> str | None:
     MobileNets); ``compress train`` now trains teachers without it, and a smoothed teacher teaches
     1-2.7 points less (docs/results.md §6). Reusing it would mix two teachers in one table, so the
     matrix stops and names the files to delete. ``--extra-args "--label-smoothing X"`` sets it for
-    every command, so then the recorded value must be X."""
+    every command, so then the recorded value must be X. The same for how it started
+    (:func:`stale_start`)."""
     path = p.path(out)
     if not path.is_file():
         return None
@@ -225,14 +226,43 @@ def stale_prereq(p: Prereq, out: Path, extra: list[str]) -> str | None:
     from compressor.training_defaults import TEACHER_LABEL_SMOOTHING, recorded_label_smoothing
 
     try:
-        recorded = recorded_label_smoothing(read_checkpoint(path)[1].metrics)
+        metrics = read_checkpoint(path)[1].metrics
     except CompressError as exc:  # a damaged cache is stale: the reader says what is wrong with it
         return f"{path} is not a readable checkpoint ({exc})"
+    recorded = recorded_label_smoothing(metrics)
     flag = extra.index("--label-smoothing") if "--label-smoothing" in extra else None
     wanted = float(extra[flag + 1]) if flag is not None and flag + 1 < len(extra) else TEACHER_LABEL_SMOOTHING
-    if recorded == wanted:
+    if recorded != wanted:
+        return f"{path} was trained with label smoothing {recorded:g}, compress train now uses {wanted:g}"
+    return stale_start(p.arch, path, metrics, extra)
+
+
+def stale_start(arch: str, path: Path, metrics: dict, extra: list[str]) -> str | None:
+    """Why a cached ``arch`` started from other weights than ``compress train`` starts it from now.
+
+    Since 2026-12-02 the MobileNets and EfficientNet start with zero-initialised residual branches
+    (builder option ``zero_init_last``, default true; their students alone gain 1-8 points in short
+    runs, docs/results.md §6). A checkpoint records the options it was built with
+    (``metrics.model_options``); one that records none predates that record, and so the change."""
+    from compressor.cli import parse_option_value
+    from compressor.models import get_entry
+    from compressor.models.torchvision_families import ZERO_INIT_FAMILIES
+
+    if get_entry(arch).family not in ZERO_INIT_FAMILIES:  # the family has no such option: nothing to compare
         return None
-    return f"{path} was trained with label smoothing {recorded:g}, compress train now uses {wanted:g}"
+    wanted = True
+    for word, pair in zip(extra, extra[1:]):  # --extra-args "--option zero_init_last=false" sets it everywhere
+        key, _, value = pair.partition("=")
+        if word == "--option" and key.strip() == "zero_init_last":
+            parsed = parse_option_value(value)
+            wanted = True if parsed is None else bool(parsed)  # none: the builder's default
+    options = metrics.get("model_options") if isinstance(metrics, dict) else None
+    if not isinstance(options, dict) or "zero_init_last" not in options:
+        return (f"{path} records no zero_init_last (trained before 2026-12-02, with torchvision's "
+                f"initialisation), compress train now uses zero_init_last={wanted}")
+    if bool(options["zero_init_last"]) != wanted:
+        return f"{path} was trained with zero_init_last={options['zero_init_last']}, compress train now uses {wanted}"
+    return None
 
 
 def prereq_command(p: Prereq, data_root: Path, out: Path, extra: list[str], train_subset: int | None) -> list[str]:

@@ -42,7 +42,7 @@ from .data.unlabeled import UnlabeledStream, load_unlabeled, mixed_training_set,
 from .errors import CompressError
 from .evaluation import check_data_fits
 from .fileio import check_output_path, shorten, write_json, write_yaml
-from .models import create_model, get_entry, input_size_for
+from .models import create_model, get_entry, input_size_for, model_options
 from .models.stems import CIFAR_STEM_MAX_PX, with_auto_stem
 from .models.user import arch_slug, is_user_ref
 from .precision import resolve_precision
@@ -315,6 +315,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     check_trains_at(entry.name, model_kwargs, num_classes, bundle.input_size)
     torch.manual_seed(stable_seed(cfg.seed, "init", entry.name))
     model = create_model(entry.name, num_classes=num_classes, in_chans=c, **model_kwargs)
+    options = model_options(model)  # recorded: how it started (e.g. zero_init_last) is not in its weights
     init = init_record = None
     if cfg.init:
         init = init_from_checkpoint(model, cfg.init)
@@ -380,7 +381,8 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     metrics = {**accuracy_fields(test, result.best_top1, splits.eval_name),
                "bn_recalibrated_batches": recalibrated, "warnings": warnings,
                "epochs": cfg.epochs, "train_seconds": round(result.seconds, 1), "data": bundle.name,
-               "training_defaults": defaults_record, **({"init": init_record} if init_record else {}),
+               "training_defaults": defaults_record, "model_options": options,
+               **({"init": init_record} if init_record else {}),
                **_data_metrics(bundle)}
     if accelerator.is_main_process:
         meta = meta_for(entry.name, num_classes=num_classes, in_chans=c, mean=mean, std=std,
@@ -1019,6 +1021,7 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
     torch.manual_seed(stable_seed(cfg.seed, "init", member.arch))
     model = create_model(member.arch, num_classes=run.tmeta.num_classes, in_chans=run.tmeta.in_chans,
                          **member.model_kwargs)
+    options = model_options(model)  # recorded: how it started (e.g. zero_init_last) is not in its weights
     init = _init_member(run, member, model)
     # Data order and augmentation depend on the seed alone: every stage and every
     # method sees the same batches; the init depends on the model, not its position.
@@ -1055,8 +1058,8 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
     fields, seconds = accuracy_fields(test, result.best_top1, splits.eval_name), result.seconds
     if splits.eval_name == "val":
         fields["final_val_top1"] = round(final_eval["top1"], 3)
-    extra = {**({"init": init.to_dict()} if init else {}), "guides": guide_names, "dropped_guides": dropped_names, "bn_recalibrated_batches": recalibrated,
-             "kd_warmup_epochs": loss_cfg.kd_warmup_epochs,
+    extra = {**({"init": init.to_dict()} if init else {}), "guides": guide_names, "dropped_guides": dropped_names,
+             "bn_recalibrated_batches": recalibrated, "kd_warmup_epochs": loss_cfg.kd_warmup_epochs,
              "max_abs_logit": None if max_logit is None else round(max_logit, 3)}
     if member.role == "student":
         extra["warnings"] = student_warnings(
@@ -1065,7 +1068,7 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
             steps=sum(r.get("steps", 0) for r in result.history) or None)
     fields.update(extra)
     metrics = {**fields, "epochs": stage_epochs, "train_seconds": round(seconds, 1), "method": plan.method,
-               "data": run.bundle.name, **_data_metrics(run.bundle)}
+               "data": run.bundle.name, "model_options": options, **_data_metrics(run.bundle)}
     _save_stage(run, k, member, stage_dir, model, metrics)
     best_name = f"best_{splits.eval_name}_top1"
     bn_note = f", BN statistics recomputed on {recalibrated} batches" if recalibrated else ""

@@ -222,14 +222,41 @@ def test_missing_teacher_data_skips_dependent_runs(tmp_path, monkeypatch):
     assert failed == ["teacher:cifar10-mobilenetv2_100-e5"] and len(skipped) == 3
 
 
-def _cached_teacher(path: Path, label_smoothing: float) -> None:
-    """A real checkpoint (a small CNN stands in for the MobileNet: only the record is read)."""
+TODAY_START = {"stem": "cifar", "zero_init_last": True}  # a MobileNet's recorded options since 2026-12-02
+
+
+def _cached_teacher(path: Path, label_smoothing: float, options: dict | None = TODAY_START) -> None:
+    """A real checkpoint (a small CNN stands in for the MobileNet: only the record is read); ``options``:
+    the builder options it records (``metrics.model_options``; None: none, as before 2026-12-02)."""
     from compressor.checkpoint import meta_for, save_checkpoint
     from compressor.models import create_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    metrics = {"training_defaults": {"label_smoothing": label_smoothing, "defaulted": ["label_smoothing"]}}
+    metrics = {"training_defaults": {"label_smoothing": label_smoothing, "defaulted": ["label_smoothing"]},
+               **({"model_options": options} if options is not None else {})}
     save_checkpoint(path, create_model("cnn2", num_classes=10), meta_for("cnn2", num_classes=10, metrics=metrics))
+
+
+def test_a_mobilenet_teacher_cached_before_zero_initialised_branches_is_stale(tmp_path):
+    """A MobileNet teacher whose checkpoint records no ``zero_init_last`` started from torchvision's
+    initialisation (cached before 2026-12-02): stale, named with the option; one that records today's
+    start, or the start ``--extra-args "--option zero_init_last=false"`` asks for, is reused. A ResNet
+    teacher has no such option and records none: reused."""
+    mbv2, resnet = (dm.teacher_for(dm.Cell(data, chain, "short"), 5) for data, chain in (("cifar10", "mbv2"),
+                                                                                          ("photo96", "resnet")))
+    assert (mbv2.arch, resnet.arch) == ("mobilenetv2_100", "resnet20")
+    out = tmp_path / "out"
+    _cached_teacher(mbv2.path(out), 0.0, None)  # the label smoothing is today's: only the start differs
+    why = dm.stale_prereq(mbv2, out, [])
+    assert str(mbv2.path(out)) in why and "records no zero_init_last" in why and "zero_init_last=True" in why
+    _cached_teacher(mbv2.path(out), 0.0, {"stem": "cifar", "zero_init_last": False})
+    assert "was trained with zero_init_last=False, compress train now uses True" in dm.stale_prereq(mbv2, out, [])
+    assert dm.stale_prereq(mbv2, out, ["--option", "zero_init_last=false"]) is None
+    _cached_teacher(mbv2.path(out), 0.0)
+    assert dm.stale_prereq(mbv2, out, []) is None
+    assert "now uses False" in dm.stale_prereq(mbv2, out, ["--option", "zero_init_last=false"])
+    _cached_teacher(resnet.path(out), 0.0, None)
+    assert dm.stale_prereq(resnet, out, []) is None
 
 
 def test_a_teacher_cached_under_the_old_smoothing_stops_the_matrix(tmp_path, monkeypatch, capsys):

@@ -300,6 +300,7 @@ def test_train_prints_and_records_the_defaults(tmp_path, capsys, one_torch_threa
     assert rec["lr"] == 0.0125 and rec["weight_decay"] == 1e-4 and "weight_decay" not in rec["defaulted"]
     _, meta = read_checkpoint(tmp_path / "m.safetensors")
     assert meta.metrics["training_defaults"] == rec
+    assert meta.metrics["model_options"] == {"shortcut": "A"}  # the builder's default, recorded though not given
     # batch unset: 29 training images shrink it to 16, which keeps the lr of 128
     auto = resolve_config(TrainConfig, None, {"arch": "resnet8", "out": str(tmp_path / "a.safetensors"),
                                               "epochs": 1, "mixed_precision": "no"})
@@ -318,8 +319,11 @@ def test_train_of_a_smoothing_family_makes_an_unsmoothed_teacher(tmp_path, capsy
     train_model(cfg, show_progress=False, data=synthetic_data(num_classes=4, n_train=32, n_test=8))
     assert "wd 0.05, no label smoothing (a teacher: smoothed teachers teach less; the family's 0.1: " \
            "--label-smoothing 0.1 for a model you deploy as trained)" in capsys.readouterr().out
-    rec = read_checkpoint(tmp_path / "m.safetensors")[1].metrics["training_defaults"]
+    metrics = read_checkpoint(tmp_path / "m.safetensors")[1].metrics
+    rec = metrics["training_defaults"]
     assert rec["label_smoothing"] == 0.0 and "label_smoothing" in rec["defaulted"] and rec["label_smoothing_rule"]
+    # how it started is recorded (its weights cannot say): the defaults matrix reads it to spot stale teachers
+    assert metrics["model_options"] == {"stem": "cifar", "zero_init_last": True}
 
 
 # --- issue 18: AdamW for the depthwise families (docs/results.md §5) ---

@@ -103,6 +103,14 @@ def _builder_defaults(builder) -> dict:
             and p.name not in ("num_classes", "in_chans")}
 
 
+def model_options(model: nn.Module) -> dict:
+    """The options :func:`create_model` built ``model`` with, its builder's defaults filled in (as
+    :func:`model_identity` writes them), e.g. ``{"stem": "cifar", "zero_init_last": true}``; ``{}``
+    for a module built elsewhere. Checkpoints record them (``metrics.model_options``): the
+    defaults a model *started* from (its initialisation) leave no trace in its weights."""
+    return model_identity(model).get("options", {})
+
+
 def model_identity(model: nn.Module) -> dict:
     """What, besides its weights, decides what ``model`` computes.
 
