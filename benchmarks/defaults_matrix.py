@@ -244,19 +244,16 @@ def stale_start(arch: str, path: Path, metrics: dict, extra: list[str]) -> str |
     (builder option ``zero_init_last``, default true; their students alone gain 1-8 points in short
     runs, docs/results.md §6). A checkpoint records the options it was built with
     (``metrics.model_options``); one that records none predates that record, and so the change."""
-    from compressor.cli import parse_option_value
+    from compressor.cli import _parse_options
     from compressor.models import get_entry
     from compressor.models.torchvision_families import ZERO_INIT_FAMILIES
 
     if get_entry(arch).family not in ZERO_INIT_FAMILIES:  # the family has no such option: nothing to compare
         return None
-    wanted = True
-    for word, pair in zip(extra, extra[1:]):  # --extra-args "--option zero_init_last=false" sets it everywhere
-        key, _, value = pair.partition("=")
-        if word == "--option" and key.strip() == "zero_init_last":
-            parsed = parse_option_value(value)
-            wanted = True if parsed is None else bool(parsed)  # none: the builder's default
-    options = metrics.get("model_options") if isinstance(metrics, dict) else None
+    # --extra-args "--option zero_init_last=false" sets it for every command, as the CLI parses it
+    given = _parse_options([pair for word, pair in zip(extra, extra[1:]) if word == "--option"])
+    wanted = True if given.get("zero_init_last") is None else bool(given["zero_init_last"])  # none: the default
+    options = metrics.get("model_options")
     if not isinstance(options, dict) or "zero_init_last" not in options:
         return (f"{path} records no zero_init_last (trained before 2026-12-02, with torchvision's "
                 f"initialisation), compress train now uses zero_init_last={wanted}")
@@ -956,10 +953,12 @@ def main(argv=None) -> int:
                   f"python tools/build_datasets.py --cifar-tar PATH --out {args.data_root}", file=sys.stderr)
             return 2
         args.out.mkdir(parents=True, exist_ok=True)
+        from compressor.errors import CompressError
+
         t0 = time.time()
         try:
             skipped, failed = execute(runs, args=args, budgets=budgets)
-        except StaleCacheError as exc:
+        except (StaleCacheError, CompressError) as exc:  # CompressError: e.g. a bad --option in --extra-args
             print(f"error: {exc}", file=sys.stderr)
             return 2
         settings["wall_seconds_this_session"] = round(time.time() - t0, 1)

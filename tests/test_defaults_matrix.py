@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from compressor.errors import CompressError
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -255,6 +257,8 @@ def test_a_mobilenet_teacher_cached_before_zero_initialised_branches_is_stale(tm
     _cached_teacher(mbv2.path(out), 0.0)
     assert dm.stale_prereq(mbv2, out, []) is None
     assert "now uses False" in dm.stale_prereq(mbv2, out, ["--option", "zero_init_last=false"])
+    with pytest.raises(CompressError, match="--option takes KEY=VALUE"):  # parsed as the CLI parses it
+        dm.stale_prereq(mbv2, out, ["--option", "zero_init_last"])
     _cached_teacher(resnet.path(out), 0.0, None)
     assert dm.stale_prereq(resnet, out, []) is None
 
