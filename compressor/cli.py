@@ -1,7 +1,8 @@
 """The ``compress`` command line: a thin Click layer over the Python API.
 
 Exit codes: 0 ok; 1 a requested check failed (parity, latency budget, accuracy
-floor); 2 bad input (one line on stderr, no traceback); 130 interrupted.
+floor); 2 bad input (one line on stderr, no traceback); 130 interrupted (Ctrl-C);
+143 stopped by SIGTERM (the training state saved first, as on Ctrl-C).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import click
 
 from .config import DistillConfig, TrainConfig
-from .errors import CheckFailed, CompressError
+from .errors import CheckFailed, CompressError, Terminated
 
 
 def _csv_floats(value):
@@ -143,10 +144,14 @@ def _command_line() -> str:
     return "compress " + " ".join(shlex.quote(a) for a in argv)
 
 
-def _interrupted(command: str, what: str) -> typing.NoReturn:
+def _interrupted(command: str, what: str, stop: KeyboardInterrupt) -> typing.NoReturn:
+    """Ctrl-C: exit 130; SIGTERM (:class:`Terminated`): 143, what a scheduler expects of a process it
+    asked to stop."""
     resume_cmd = command if "--resume" in command.split() else command + " --resume"
-    click.echo(f"\ninterrupted: {what}. Resume with:\n  {resume_cmd}", err=True)
-    sys.exit(130)
+    terminated = isinstance(stop, Terminated)
+    click.echo(f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}: {what}. Resume with:\n  {resume_cmd}",
+               err=True)
+    sys.exit(143 if terminated else 130)
 
 
 @click.group(cls=CompressGroup)
@@ -216,8 +221,8 @@ def train_cmd(arch, out, recipe, init, num_classes, mean, std, options, resume, 
     check_output_path(cfg.out, inputs=[recipe, cfg.init])
     try:
         metrics = train_model(cfg, resume=resume)
-    except KeyboardInterrupt:
-        _interrupted(_command_line(), "the training progress is saved")
+    except KeyboardInterrupt as stop:
+        _interrupted(_command_line(), "the training progress is saved", stop)
     click.echo(f"saved {cfg.out}: final test top-1 {metrics['final_test_top1']:.2f}%  "
                f"top-5 {metrics['final_test_top5']:.2f}%  "
                f"({metrics['train_seconds']:.0f} s)")
@@ -489,8 +494,8 @@ def distill_cmd(teacher, target, target_latency_ms, recipe, options, out, resume
     command = _command_line()
     try:
         run_distillation(cfg, resume=resume, command=command)
-    except KeyboardInterrupt:
-        _interrupted(command, "finished stages and the running stage's progress are saved")
+    except KeyboardInterrupt as stop:
+        _interrupted(command, "finished stages and the running stage's progress are saved", stop)
 
 
 @cli.command("eval")
@@ -617,6 +622,9 @@ def main(argv=None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except Terminated:
+        click.echo("terminated (SIGTERM)", err=True)
+        sys.exit(143)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

@@ -5,6 +5,10 @@
   exits with code 2. Messages name the problem *and* the fix.
 * :class:`CheckFailed` -- the input was fine but a check the user asked for did
   not pass (ONNX parity, a latency budget, an accuracy floor). Exit code 1.
+* :class:`Terminated` -- SIGTERM (a scheduler's preemption or time limit, ``kill``,
+  ``timeout``) stopped a training whose state was saved first, as Ctrl-C does.
+  A ``KeyboardInterrupt``, so everything that cleans up after Ctrl-C cleans up
+  after it; the CLI exits with code 143 (128 + 15) instead of 130.
 """
 
 
@@ -14,3 +18,7 @@ class CompressError(Exception):
 
 class CheckFailed(Exception):
     """A requested check failed: exit code 1."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM stopped a training after its state was saved: exit code 143 (128 + 15, what a shell reports for a process SIGTERM ended)."""

@@ -18,7 +18,11 @@ the epoch's running sums) and raises ``KeyboardInterrupt``. A resume skips the
 steps already done in the batch sampler (Accelerate's ``skip_first_batches``: a
 streamed split does not decode them) and keeps the step numbers that seed
 augmentation, so nothing but the running step is lost. A second Ctrl-C stops at once; with
-several processes the state is saved after every epoch only.
+several processes the state is saved after every epoch only. SIGTERM is handled
+the same way (a scheduler's preemption or time limit, Kubernetes' eviction,
+``timeout``: each sends it and waits before SIGKILL) and raises
+:class:`~compressor.errors.Terminated`, a ``KeyboardInterrupt`` the CLI ends with
+exit code 143.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from torch import nn
 from .bn_recalibration import random_state_kept
 from .config import OptimConfig
 from .data import augment_batch, batch_augmentation, normalize
-from .errors import CompressError
+from .errors import CompressError, Terminated
 from .fileio import append_jsonl, read_jsonl, write_text
 from .guides import GuideLogitCache, GuideSet
 from .losses import dgkd_loss, guides_kd_loss, kd_weight_at, kept_guides, with_unlabeled
@@ -201,36 +205,46 @@ class EpochInterrupted(Exception):
         self.steps_done, self.partial = steps_done, partial
 
 
-class DeferredCtrlC:
-    """While active, the first SIGINT only sets :attr:`hit` (checked at step boundaries); a second
-    one raises ``KeyboardInterrupt`` at once. Active only in the main thread of a single process
-    whose SIGINT handler is Python's default; leaving the block with :attr:`hit` set raises
-    ``KeyboardInterrupt`` so a Ctrl-C is never swallowed."""
+class DeferredStop:
+    """While active, the first SIGINT (Ctrl-C) or SIGTERM only sets :attr:`hit` (checked at step
+    boundaries); a second one raises at once. A signal is taken over only where its handler is
+    the default one (SIGINT: Python's ``KeyboardInterrupt``; SIGTERM: ``SIG_DFL``, which ends the
+    process) -- never from a framework that installed its own -- and only in the main thread of a
+    single process. Leaving the block with :attr:`hit` set raises :meth:`interrupt`, so a stop
+    request is never swallowed."""
+
+    _NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
-        self.hit = False
-        self._previous = None
+        self.hit: int | None = None   # the first signal received
+        self._previous: dict = {}
+
+    def interrupt(self) -> KeyboardInterrupt:
+        """What to raise once the state is saved: :class:`Terminated` after SIGTERM (exit 143)."""
+        return Terminated() if self.hit == signal.SIGTERM else KeyboardInterrupt()
 
     def _handle(self, signum, frame):
-        if self.hit:
-            raise KeyboardInterrupt
-        self.hit = True
-        print("\nCtrl-C: saving the training state after the running step (Ctrl-C again to stop at once)",
+        if self.hit is not None:
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        self.hit = signum
+        name = self._NAMES[signum]
+        print(f"\n{name}: saving the training state after the running step ({name} again to stop at once)",
               file=sys.stderr, flush=True)
 
     def __enter__(self):
-        if (self.enabled and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+                if signal.getsignal(signum) is default:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-        if self.hit and exc_type is None:
-            raise KeyboardInterrupt
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+        if self.hit is not None and exc_type is None:
+            raise self.interrupt()
         return False
 
 
@@ -584,8 +598,8 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
     start = time.perf_counter()
     history: list[dict] = []
     final: dict = {}
-    ctrl_c = DeferredCtrlC(enabled=accelerator.num_processes == 1)
-    with ctrl_c:
+    stop = DeferredStop(enabled=accelerator.num_processes == 1)
+    with stop:
         for epoch in range(resume_state.epoch, epochs):
             lr = lr_at_epoch(cfg, epoch, epochs)
             for group in optimizer.param_groups:
@@ -598,15 +612,15 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
                                                 loss_cfg=loss_cfg, mean=mean, std=std, epoch=epoch,
                                                 stage_seed=stage_seed, aug_seed=aug_seed, progress=progress,
                                                 start_step=resume_state.step, partial=resume_state.partial,
-                                                stop_requested=lambda: ctrl_c.hit, epochs=epochs,
+                                                stop_requested=lambda: stop.hit is not None, epochs=epochs,
                                                 unlabeled=unlabeled, unlabeled_guides=unlabeled_guides)
-            except EpochInterrupted as stop:  # Ctrl-C: keep the steps done so far
+            except EpochInterrupted as stopped:  # Ctrl-C or SIGTERM: keep the steps done so far
                 guides.flush()
                 if unlabeled_guides is not None:
                     unlabeled_guides.flush()
-                resume_state.step, resume_state.partial = stop.steps_done, stop.partial
+                resume_state.step, resume_state.partial = stopped.steps_done, stopped.partial
                 _save_state_atomically(accelerator, stage_dir / "state", resume_state)
-                raise KeyboardInterrupt from None
+                raise stop.interrupt() from None
             resume_state.step, resume_state.partial = 0, {}
             guides.flush()
             if unlabeled_guides is not None:
@@ -638,8 +652,8 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
                                  if isinstance(v, (int, float)) and k != "epoch"}, step=epoch + 1)
             _save_state_atomically(accelerator, stage_dir / "state", resume_state)
             history.append(record)
-            if ctrl_c.hit:  # Ctrl-C during evaluation or saving: the finished epoch is saved
-                raise KeyboardInterrupt
+            if stop.hit is not None:  # a stop during evaluation or saving: the finished epoch is saved
+                raise stop.interrupt()
     if not final:  # resumed after the last epoch: evaluate what was restored
         final = evaluate(accelerator, model, test_loader, mean=mean, std=std, channels_last=cfg.channels_last)
         resume_state.best_top1 = max(resume_state.best_top1, final["top1"])

@@ -107,19 +107,22 @@ def _sigint_is_pythons():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def ctrl_c_at_step(monkeypatch, step: int) -> list:
-    """Ctrl-C during training step ``step`` (1-based, counted over the run; the trainer saves the state
-    after that step); returns the step log (one entry per loss computed)."""
+def ctrl_c_at_step(monkeypatch, step: int, sig=None) -> list:
+    """Ctrl-C (or ``sig``, e.g. SIGTERM) during training step ``step`` (1-based, counted over the run;
+    the trainer saves the state after that step); returns the step log (one entry per loss computed)."""
     import signal
 
     import compressor.trainer as trainer
 
+    sig = signal.SIGINT if sig is None else sig
     real_loss, calls = trainer.dgkd_loss, []
 
     def loss_then_ctrl_c(*args, **kwargs):
         calls.append(1)
         if len(calls) == step:
-            signal.raise_signal(signal.SIGINT)
+            # SIGTERM's default ends the process: only raise it where the trainer took it over
+            assert signal.getsignal(sig) not in (signal.SIG_DFL, signal.SIG_IGN), "the trainer does not handle it"
+            signal.raise_signal(sig)
         return real_loss(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "dgkd_loss", loss_then_ctrl_c)

@@ -17,7 +17,7 @@ Kill points (SIGKILL: no chance to clean up), in one chain of resumes:
    ``report.md`` and the ``runs/latest`` link (a test hook in ``pipeline.py``).
 
 Ctrl-C (SIGINT) exits with code 130 and prints the resume command; resuming
-gives the same student. The first Ctrl-C is deferred to the end of the running
+gives the same student; SIGTERM likewise, with exit code 143. The first Ctrl-C is deferred to the end of the running
 step and the state is saved *inside* the epoch (checked deterministically
 in-process, where the signal is raised at a known step). A damaged finished
 stage model or saved training state is reported on resume (exit 2, the file to
@@ -258,6 +258,24 @@ def test_ctrl_c_exits_130_and_resumes_identically(tmp_path, reference, procs, ca
     out = r.finish()
     # usually mid-epoch ("in epoch 2/2 after step N"); "after epoch 1/2" if the signal came during the save
     assert re.search(r"resumed stage 2/2 resnet8 (in epoch 2/2 after step \d|after epoch 1/2)", out), out
+    assert_same_student(run, reference.dir())
+
+
+def test_sigterm_exits_143_with_the_resume_command_and_resumes_identically(tmp_path, reference, procs):
+    """What a scheduler's preemption or time limit (``timeout``, Kubernetes, SLURM) sends: the
+    running step finishes, the state is saved, exit 143 and the resume command, as for Ctrl-C."""
+    run = tmp_path / "runs" / "run"
+    _copy_until_stage1(reference.dir(), run)
+    r = start(procs, tmp_path, "--resume")
+    r.wait_for(lambda: (run / STAGE2 / "state").is_dir(), "the student's first epoch")
+    code = r.kill(signal.SIGTERM)
+    assert code == 143, f"exit code {code}\n{r.out}\n{r.err}"
+    assert "Traceback" not in r.err, r.err
+    assert "terminated (SIGTERM): finished stages and the running stage's progress are saved" in r.err, r.err
+    resume_cmd = next(line.strip() for line in r.err.splitlines() if line.strip().startswith("compress "))
+    assert resume_cmd.endswith("--resume")
+    assert (run / STAGE2 / "state").is_dir() and not (run / STAGE2 / "model.safetensors").exists()
+    start(procs, tmp_path, "--resume").finish()
     assert_same_student(run, reference.dir())
 
 

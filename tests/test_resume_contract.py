@@ -84,6 +84,61 @@ def test_train_resume_refuses_a_changed_config_and_continues_an_unchanged_one(tm
         _train(moved, resume=True)
 
 
+def test_sigterm_saves_the_running_step_like_ctrl_c_and_the_resumed_model_is_the_same(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's preemption or time limit, ``timeout``) is deferred to the end of the
+    running step like Ctrl-C; the state is saved there and :class:`Terminated` (a
+    ``KeyboardInterrupt``, exit 143 from the CLI) raised; SIGTERM's default is back afterwards."""
+    import json
+    import signal
+
+    from safetensors.torch import load_file
+
+    from compressor.errors import Terminated
+
+    _train(tmp_path / "ref.safetensors")
+    out, work = tmp_path / "t.safetensors", tmp_path / "t.safetensors.train-state"
+    calls = ctrl_c_at_step(monkeypatch, 3, sig=signal.SIGTERM)
+    with pytest.raises(Terminated):
+        _train(out)
+    monkeypatch.undo()
+    assert len(calls) == 3  # the running step finished, no further one started
+    assert "SIGTERM: saving the training state after the running step" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert json.loads((work / "state" / "resume.json").read_text())["step"] == 3 and not out.exists()
+
+    _train(out, resume=True)
+    assert "resumed resnet8 in epoch 1/1 after step 3" in capsys.readouterr().out
+    a, b = load_file(str(out)), load_file(str(tmp_path / "ref.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_stop_signal_stops_at_once_and_only_default_handlers_are_taken_over(monkeypatch):
+    import signal
+
+    from compressor.errors import Terminated
+    from compressor.trainer import DeferredStop
+
+    with DeferredStop() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.hit == signal.SIGTERM and isinstance(stop.interrupt(), Terminated)
+        with pytest.raises(Terminated):
+            signal.raise_signal(signal.SIGTERM)
+        stop.hit = None  # as if the loop had seen nothing: leaving the block must not raise
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with pytest.raises(KeyboardInterrupt) as exc, DeferredStop():
+        signal.raise_signal(signal.SIGINT)  # deferred; leaving the block raises it
+    assert type(exc.value) is KeyboardInterrupt
+
+    # a handler someone else installed (a framework's own SIGTERM handling) is left alone
+    seen = []
+    monkeypatch.setattr(signal, "getsignal", lambda s: seen.append(s) or (lambda *_: None))
+    installed = []
+    monkeypatch.setattr(signal, "signal", lambda s, h: installed.append(s))
+    with DeferredStop() as stop:
+        pass
+    assert set(seen) == {signal.SIGINT, signal.SIGTERM} and installed == [] and stop.hit is None
+
+
 def test_train_resume_contract_through_the_cli(in_tmp, capsys):
     """Exit 2 with one line, before any data is loaded."""
     from conftest import run_cli_inprocess
