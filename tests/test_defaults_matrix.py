@@ -200,6 +200,35 @@ def test_dgkd_without_assistant_records_its_kd_twin(tmp_path, monkeypatch):
     assert sorted(calls) == sorted(f"{cell.id}/{m}-s2" for m in ("ce", "kd", "dgkd"))
 
 
+def test_teachers_trained_first_share_every_core_and_the_runs_split_them_by_jobs(tmp_path, monkeypatch):
+    """One teacher on a 2-job matrix gets both slots' cores (a lone 1-thread teacher left the other
+    core idle: 168-189 s an epoch against 107 s on both); the runs after it get cores / jobs each."""
+    import compressor.machine
+
+    monkeypatch.setattr(compressor.machine, "usable_cores", lambda: 4)
+    for name in ("cifar10", "gray28"):
+        (tmp_path / "data" / name / "train" / "a").mkdir(parents=True)
+    threads_of = {}
+
+    def fake_call(self, label, cmd, log):
+        threads_of[label] = self.threads
+        if "--method" in cmd:
+            _fake_summary(Path(cmd[cmd.index("--out") + 1]), 40.0, 20.0)
+        return 0, 1.0
+
+    monkeypatch.setattr(dm.Runner, "call", fake_call)
+    budgets = {"short": dm.Budget("short", 3, None)}
+    one = dm.enumerate_runs([dm.Cell("cifar10", "mbv2", "short")], [0])
+    dm.execute(one, args=_args(tmp_path, run_identical=True), budgets=budgets, echo=lambda *_: None)
+    assert threads_of.pop("teacher:cifar10-mobilenetv2_100-e5") == 4
+    assert sorted(threads_of.values()) == [2, 2, 2] and len(threads_of) == 3
+    threads_of.clear()
+    two = dm.enumerate_runs([dm.Cell("gray28", "mbv2", "short"), dm.Cell("gray28", "resnet", "short")], [0])
+    dm.execute(two, args=_args(tmp_path, run_identical=True), budgets=budgets, echo=lambda *_: None)
+    assert {k: v for k, v in threads_of.items() if k.startswith("teacher:")} == {
+        "teacher:gray28-mobilenetv2_100-e5": 2, "teacher:gray28-resnet20-e5": 2}
+
+
 def test_failed_run_writes_no_json_and_unlabeled_skips_without_flag(tmp_path, monkeypatch):
     (tmp_path / "data" / dm.LABELS10 / "train").mkdir(parents=True)
     cell = dm.Cell(dm.LABELS10, "resnet", "short", "labels10")
