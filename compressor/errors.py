@@ -21,4 +21,5 @@ class CheckFailed(Exception):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM stopped a training after its state was saved: exit code 143 (128 + 15, what a shell reports for a process SIGTERM ended)."""
+    """SIGTERM stopped a training after its state was saved: exit code 143 (128 + 15, what a
+    shell reports for a process that SIGTERM ended)."""
