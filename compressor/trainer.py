@@ -220,13 +220,17 @@ class DeferredStop:
         self.hit: int | None = None   # the first signal received
         self._previous: dict = {}
 
+    @staticmethod
+    def _stop_for(signum) -> KeyboardInterrupt:
+        return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
     def interrupt(self) -> KeyboardInterrupt:
         """What to raise once the state is saved: :class:`Terminated` after SIGTERM (exit 143)."""
-        return Terminated() if self.hit == signal.SIGTERM else KeyboardInterrupt()
+        return self._stop_for(self.hit)
 
     def _handle(self, signum, frame):
         if self.hit is not None:
-            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+            raise self._stop_for(signum)
         self.hit = signum
         name = self._NAMES[signum]
         print(f"\n{name}: saving the training state after the running step ({name} again to stop at once)",
