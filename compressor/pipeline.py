@@ -354,7 +354,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
                                                     if isinstance(v, (int, float, str, bool))})
     progress = Progress(enabled=accelerator.is_main_process and show_progress,
                         processes=accelerator.num_processes)
-    progress.start_stage(entry.name, cfg.epochs, 0, len(train_loader.sampler))
+    progress.start_stage(entry.name, cfg.epochs, len(train_loader.sampler))
     try:
         result = fit(accelerator, model, [], train_loader, eval_loader, cfg=cfg, loss_cfg=LossSettings(),
                      epochs=cfg.epochs, mean=mean, std=std, stage_seed=stable_seed(cfg.seed, entry.name),
@@ -1027,7 +1027,7 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
     # method sees the same batches; the init depends on the model, not its position.
     train_loader, eval_loader, reported = _loaders(cfg, splits, stable_seed(cfg.seed, "data"))
     guides = [chain_models[i] for i in guide_idx]
-    run.progress.start_stage(label, stage_epochs, 0, len(train_loader.sampler))
+    run.progress.start_stage(label, stage_epochs, len(train_loader.sampler))
     caches = run.open_guide_caches(guides, stage_epochs, len(train_loader)) if run.open_guide_caches else None
     unlabeled = _unlabeled_stream(run) if run.unlabeled is not None and guides else None
     unlabeled_caches = None

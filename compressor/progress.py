@@ -30,7 +30,7 @@ class Progress:
         self.label = ""
         self._loss = None
         self._epochs = 0
-        self._done = 0
+        self._done = 0.0           # epochs trained in this process, a resumed epoch's share as a fraction
         self._t0 = 0.0
         self._per_epoch = 0
         self._epoch = (0, 0)       # (1-based epoch, epochs) being trained
@@ -38,24 +38,35 @@ class Progress:
         self._epoch_resumed = 0    # of those, the ones done before a mid-epoch resume (not in the rate)
         self._epoch_t0 = self._last_line = 0.0
 
-    def start_stage(self, label: str, epochs: int, start_epoch: int, images_per_epoch: int) -> None:
+    def start_stage(self, label: str, epochs: int, images_per_epoch: int) -> None:
         self.close()
-        self.label, self._epochs, self._done, self._t0 = label, epochs, 0, time.perf_counter()
-        self._start_epoch = start_epoch
+        self.label, self._epochs, self._done, self._t0 = label, epochs, 0.0, time.perf_counter()
         self._per_epoch = images_per_epoch
         if self.enabled and self.use_bar:
-            self.bar = tqdm(total=epochs * images_per_epoch, initial=start_epoch * images_per_epoch,
-                            desc=label, unit="img", dynamic_ncols=True, leave=False, file=sys.stderr)
+            self.bar = tqdm(total=epochs * images_per_epoch, desc=label, unit="img", dynamic_ncols=True,
+                            leave=False, file=sys.stderr)
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         self._epoch, self._epoch_images, self._epoch_resumed = (epoch + 1, epochs), 0, 0
         self._epoch_t0 = self._last_line = time.perf_counter()
         if self.bar is not None:
+            # A resumed stage starts at its epoch, not at 0: the bar's remaining images and ETA follow.
+            self._skip_on_bar(epoch * self._per_epoch - self.bar.n)
             self.bar.set_description(f"{self.label} epoch {epoch + 1}/{epochs}")
 
     def resumed_in_epoch(self, images: int) -> None:
         """The epoch was resumed after ``images`` of it, per process (counted, not in the rate)."""
         self._epoch_images = self._epoch_resumed = int(images) * self.processes
+        if self.bar is not None:
+            self._skip_on_bar(self._epoch_resumed)
+
+    def _skip_on_bar(self, images: int) -> None:
+        """Move the bar over images trained before this process started, outside tqdm's rate."""
+        if images > 0:
+            self.bar.n += images
+            self.bar.initial += images  # tqdm's average rate is (n - initial) / elapsed
+            self.bar.last_print_n = self.bar.n
+            self.bar.refresh()
 
     def update(self, n: int, loss: float | None = None) -> None:
         """``n`` images of one batch of this process (times ``processes``: every process took one)."""
@@ -86,7 +97,9 @@ class Progress:
     def end_epoch(self, record: dict) -> None:
         if not self.enabled:
             return
-        self._done += 1
+        # An epoch resumed midway ran only its remaining share here: counting it as a whole epoch
+        # made the stage ETA after a resume several times too short (a 16-min epoch resumed at 83 %).
+        self._done += 1.0 - min(self._epoch_resumed / self._per_epoch, 1.0) if self._per_epoch else 1.0
         parts = [f"{self.label} epoch {record['epoch']}/{self._epochs}", f"loss {record['train_loss']:.4f}",
                  f"train {record['train_top1']:.2f}%"]
         for split in ("val", "test"):
@@ -94,7 +107,7 @@ class Progress:
                 parts.append(f"{split} {record[f'{split}_top1']:.2f}%")
         parts.append(f"{record['seconds']:.1f}s")
         remaining = self._epochs - record["epoch"]
-        if remaining > 0:
+        if remaining > 0 and self._done > 0:
             per_epoch = (time.perf_counter() - self._t0) / self._done
             parts.append(f"ETA {per_epoch * remaining:.0f}s")
         msg = "  " + " | ".join(parts)
