@@ -310,7 +310,7 @@ def import_cmd(file, arch, out, num_classes, mean, std, class_names, options, im
 DISTILL_HELP = {
     "method": "dgkd | takd | kd | ce", "assistants": "auto | N | comma-separated names",
     "by": "assistant spacing metric: macs | params | latency", "max_assistants": "cap for --assistants auto",
-    "spacing": "auto: max compute ratio between neighbours", "temperature": "KD temperature T [default: auto: 4 where the student's stage sees at least 100,000 training images (epochs x images per epoch) of at most 100 classes, else 2] (the paper: 5, pinned in its recipes)",
+    "spacing": "auto: max compute ratio between neighbours", "temperature": "KD temperature T [default: auto: 4 where the student's stage sees at least 100,000 training images (epochs x images per epoch, --unlabeled images included) of at most 100 classes, else 2] (the paper: 5, pinned in its recipes)",
     "kd_weight": "λ in (1-λ)·CE + λ·Σ KD",
     "kd_reduction": "mean: average the kept guides' KD terms, so the KD gradient does not grow with the number "
                     "of guides; sum: add them (the paper)",

@@ -764,8 +764,12 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
     streamed = not isinstance(splits.train, ImageSplit)  # no pixels in memory to mix
     cfg, mixup_rule = resolve_kd_mixup(cfg, len(splits.train), in_memory=not streamed)
     resolved["kd_mixup_rule"] = mixup_rule
-    cfg, temperature_rule = resolve_temperature(  # from the student's stage: epochs x images per epoch
-        cfg, cfg.epochs * len(splits.train) * (cfg.epoch_repeats or 1), tmeta.num_classes)
+    labelled_seen = cfg.epochs * len(splits.train) * (cfg.epoch_repeats or 1)  # by the student's stage
+    cfg, temperature_rule = resolve_temperature(
+        cfg, labelled_seen, tmeta.num_classes,
+        unlabeled_seen=(labelled_seen * unlabeled_batch_size(cfg.batch_size, cfg.unlabeled_ratio) // cfg.batch_size
+                        if cfg.unlabeled and cfg.method != "ce" else 0),
+        recorded_rule=recorded.get("temperature_rule") if isinstance(recorded, dict) else None)
     resolved["temperature_rule"] = temperature_rule
     unlabeled = _load_unlabeled(cfg, bundle, accelerator.num_processes, splits.train)
     if unlabeled is not None:  # recorded, so a resume with other unlabeled images is refused

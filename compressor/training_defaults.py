@@ -163,32 +163,58 @@ AUTO_T_LONG_IMAGES = 100_000
 AUTO_T_LONG_MAX_CLASSES = 100
 
 
-def resolve_temperature(cfg, images_seen: int, num_classes: int):
+def resolve_temperature(cfg, images_seen: int, num_classes: int, *, unlabeled_seen: int = 0,
+                        recorded_rule: str | None = None):
     """``(cfg with temperature a float, rule)`` for ``compress distill``, decided here only: a set
     ``temperature`` is kept (``rule`` "set"); an unset one is :data:`AUTO_T_LONG` (4) where the
-    student's stage sees at least :data:`AUTO_T_LONG_IMAGES` training images (``images_seen``:
-    epochs x images per epoch, passes included) of at most :data:`AUTO_T_LONG_MAX_CLASSES`
-    classes, else :data:`AUTO_T_SHORT` (2).
+    student's stage sees at least :data:`AUTO_T_LONG_IMAGES` training images of at most
+    :data:`AUTO_T_LONG_MAX_CLASSES` classes, else :data:`AUTO_T_SHORT` (2). The images seen are
+    ``images_seen`` (labelled: epochs x images per epoch, passes included) plus ``unlabeled_seen``
+    (``--unlabeled`` images the stage takes beside them: every one is a KD term; the mixes of
+    ``--kd-mixup`` are the same images again and are not counted).
     Why (issue 18; docs/results.md §6, "The temperature by budget"): in short runs a student
     cannot follow the teacher's softer targets: 3-epoch runs (about 11,000 images seen), 14
     cells, 3 paired seeds, DGKD more than 0.5 points under the student alone in 3 cells at T 5
     and 1 at T 2; ResNet-20 -> 8 on the demo set, 9 epochs (40,500 images seen), KD at T 2 and
     T 4 level. At the CPU study's budget (15 epochs on 10,000 CIFAR-10 images: 150,000 seen) the
     softer targets pay (ResNet-8 KD 67.67 % at T 4, alone 64.82 %; the T 2 and MobileNetV2 runs
-    are in that section). Above 100 classes nothing was measured, and ImageNet KD recipes use
-    T 1 (torchdistill, mdistiller): those keep T 2."""
+    are in that section). With 10 % of CIFAR-10's labels (4,500 images, 15 epochs: 67,500 seen)
+    and the other 45,000 as ``--unlabeled`` (67,500 more), T 4 beat T 2 on 3 of 3 paired seeds
+    ("10 % labels plus unlabeled images at the CPU budget"). Above 100 classes nothing was
+    measured, and ImageNet KD recipes use T 1 (torchdistill, mdistiller): those keep T 2.
+
+    ``recorded_rule``: the ``temperature_rule`` of the run being resumed; an auto T it recorded is
+    kept (a run resumed after this rule changed trains on at the T it started with)."""
     given = getattr(cfg, "temperature", None)
     if given is not None:
         return dataclasses.replace(cfg, temperature=float(given)), "set"
-    long_run = int(images_seen) >= AUTO_T_LONG_IMAGES and int(num_classes) <= AUTO_T_LONG_MAX_CLASSES
+    seen = int(images_seen) + int(unlabeled_seen)
+    long_run = seen >= AUTO_T_LONG_IMAGES and int(num_classes) <= AUTO_T_LONG_MAX_CLASSES
     t = AUTO_T_LONG if long_run else AUTO_T_SHORT
+    counted = f"{seen:,} training images seen by the student's stage" + (
+        f", {int(unlabeled_seen):,} of them unlabeled" if unlabeled_seen else "")
     if long_run:
-        why = f"{images_seen:,} training images seen by the student's stage (from {AUTO_T_LONG_IMAGES:,} on)"
-    elif int(images_seen) >= AUTO_T_LONG_IMAGES:
+        why = f"{counted} (from {AUTO_T_LONG_IMAGES:,} on)"
+    elif seen >= AUTO_T_LONG_IMAGES:
         why = f"{num_classes} classes (T {AUTO_T_LONG:g} only up to {AUTO_T_LONG_MAX_CLASSES})"
     else:
-        why = f"{images_seen:,} training images seen by the student's stage (fewer than {AUTO_T_LONG_IMAGES:,})"
-    return dataclasses.replace(cfg, temperature=t), f"auto: {t:g}, {why}"
+        why = f"{counted} (fewer than {AUTO_T_LONG_IMAGES:,})"
+    rule = f"auto: {t:g}, {why}"
+    kept = _recorded_auto_temperature(recorded_rule)
+    if kept is not None and kept != t:
+        return (dataclasses.replace(cfg, temperature=kept),
+                f"{recorded_rule.split('; kept from the run')[0]}; kept from the run (this version: T {t:g})")
+    return dataclasses.replace(cfg, temperature=t), rule
+
+
+def _recorded_auto_temperature(rule) -> float | None:
+    """The T of a recorded ``temperature_rule`` that begins ``auto: T,``; None for any other."""
+    if not isinstance(rule, str) or not rule.startswith("auto: "):
+        return None
+    try:
+        return float(rule[len("auto: "):].split(",")[0])
+    except ValueError:
+        return None
 
 
 def auto_batch_size(train_images: int, num_processes: int = 1, grad_accum: int = 1) -> int:

@@ -352,3 +352,27 @@ def test_mixed_training_set_mixes_pairs_of_the_training_pixels_only():
     assert pool.kind == "mixed"
     with pytest.raises(TypeError, match="in memory"):  # a streamed split: resolve_kd_mixup keeps it from here
         mixed_training_set(object(), seed=7)
+
+
+def test_unlabeled_images_count_toward_the_auto_temperature_and_a_resumed_run_keeps_its_t():
+    from compressor.training_defaults import resolve_temperature
+
+    base = resolve_config(DistillConfig, None, {"teacher": "t", "target": "resnet8"})
+    # 10 % of CIFAR-10's labels at the CPU budget: 15 x 4,500 labelled, as many unlabeled beside them
+    cfg, rule = resolve_temperature(base, 15 * 4500, 10, unlabeled_seen=15 * 4500)
+    assert cfg.temperature == 4.0
+    assert rule == ("auto: 4, 135,000 training images seen by the student's stage, 67,500 of them unlabeled "
+                    "(from 100,000 on)")
+    assert resolve_temperature(base, 15 * 4500, 10)[0].temperature == 2.0   # the labelled ones alone
+    cfg, rule = resolve_temperature(base, 3 * 4500, 10, unlabeled_seen=3 * 4500)
+    assert cfg.temperature == 2.0 and rule.endswith("13,500 of them unlabeled (fewer than 100,000)")
+    # --resume of a run that recorded auto T 2 under the earlier rule: trains on at T 2, says why
+    old = "auto: 2, 67,500 training images seen by the student's stage (fewer than 100,000)"
+    cfg, rule = resolve_temperature(base, 15 * 4500, 10, unlabeled_seen=15 * 4500, recorded_rule=old)
+    assert cfg.temperature == 2.0 and rule == old + "; kept from the run (this version: T 4)"
+    # ... resumed again: the note is not repeated
+    assert resolve_temperature(base, 15 * 4500, 10, unlabeled_seen=15 * 4500, recorded_rule=rule)[1] == rule
+    # a recorded "set" or the same auto T change nothing; a flag still wins
+    assert resolve_temperature(base, 150_000, 10, recorded_rule="set")[0].temperature == 4.0
+    given = resolve_config(DistillConfig, None, {"teacher": "t", "target": "resnet8", "temperature": 3})
+    assert resolve_temperature(given, 10, 10, recorded_rule=old) == (given, "set")

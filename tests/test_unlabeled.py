@@ -1,6 +1,7 @@
 """``compress distill --unlabeled DIR``: the guides label unlabeled images, the student learns their KD terms."""
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,10 @@ def _student(run: Path) -> dict:
 def test_distill_with_unlabeled_records_it_streams_caches_and_refuses_a_changed_set_on_resume(
         tmp_path, pretrained_teacher, capsys, monkeypatch, one_torch_thread):
     monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    # the auto T counts the unlabeled images the stage takes: with the bound just above the ~63
+    # labelled images seen, the unlabeled ones (half as many: ratio 0.5) make it a long run (T 4)
+    from compressor import training_defaults
+    monkeypatch.setattr(training_defaults, "AUTO_T_LONG_IMAGES", 70)
     folder = _png_folder(tmp_path / "unlabeled", 24, start=100)  # flat: no class folders, no labels
     args = ["distill", "--teacher", pretrained_teacher, "--target", "resnet8", *TINY, "--unlabeled", folder,
             "--unlabeled-ratio", "0.5", "--data-workers", "0"]
@@ -219,6 +224,11 @@ def test_distill_with_unlabeled_records_it_streams_caches_and_refuses_a_changed_
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["unlabeled"] == str(folder) and cfg["unlabeled_ratio"] == 0.5
     assert cfg["unlabeled_data"]["fingerprint"] == rec["fingerprint"]
+    seen, unl = (int(x.replace(",", "")) for x in
+                 re.fullmatch(r"auto: 4, ([\d,]+) training images seen by the student's stage, ([\d,]+) of them "
+                              r"unlabeled \(from 70 on\)", cfg["temperature_rule"]).groups())
+    labelled = seen - unl
+    assert labelled < 70 <= seen and unl == labelled // 2 and summary["temperature"] == 4.0
     metrics = [json.loads(x) for x in (run / "stages/1-resnet8/metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["steps"] == 2 and metrics[0]["train_kd_unlabeled"] > 0
     assert metrics[0]["unlabeled_cache_hits_misses"] == [[0, 2]]  # filled: one miss per step
@@ -247,7 +257,8 @@ def test_distill_with_unlabeled_records_it_streams_caches_and_refuses_a_changed_
     # without --unlabeled the student differs (the unlabeled batches did train it)
     assert run_cli_inprocess(["distill", "--teacher", pretrained_teacher, "--target", "resnet8", *TINY,
                               "--no-kd-mixup", "--out", tmp_path / "d"], capsys)[0] == 0
-    assert json.loads((tmp_path / "d/summary.json").read_text())["unlabeled"] is None
+    summary_d = json.loads((tmp_path / "d/summary.json").read_text())
+    assert summary_d["unlabeled"] is None and summary_d["temperature"] == 2.0  # the labelled images alone: short
     assert not all(torch.equal(a[k], v) for k, v in _student(tmp_path / "d").items())
 
     # resuming with other unlabeled images is refused with one line
