@@ -111,7 +111,7 @@ OPTIM_HELP = {
     "augment": "cifar (pad-4 crop + flip) | crop (pad-4 crop, no flip: digits, text, anything a mirror "
                "changes) | imagenet (RandomResizedCrop + flip) | none | auto (crop for grayscale images; "
                "colour: imagenet from 64 px or for imagenet families, else cifar)", "seed": "random seed",
-    "mixed_precision": "auto | no | bf16 | fp16 (auto: bf16 + channels_last where the CPU or GPU has native bf16)",
+    "mixed_precision": "auto | no | bf16 | fp16 (auto: bf16 + channels_last where the CPU or GPU has native bf16; on such a CPU a model with depthwise convolutions is timed once and trains in fp32 + channels_last where that is 1.15x faster)",
     "grad_accum": "gradient accumulation steps", "channels_last": "channels_last memory format [default: on when auto picks bf16]",
     "val_fraction": "hold out this share of train for the per-epoch evaluation (0: per-epoch on test)",
     "train_subset": "train on the first N shuffled images only", "eval_every": "evaluate every N epochs",

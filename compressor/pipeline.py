@@ -46,7 +46,8 @@ from .models import create_model, get_entry, input_size_for, model_options
 from .models.stems import CIFAR_STEM_MAX_PX, with_auto_stem
 from .models.user import arch_slug, is_user_ref
 from .precision import resolve_precision
-from .planning import Plan, format_plan, guides_for_stage, pick_student_by_latency, plan_chain
+from .precision_probe import PROBE_BATCH, cached_timing, has_depthwise, probe_key, time_training_steps
+from .planning import Plan, format_plan, guides_for_stage, pick_student_by_latency, plan_chain, chain_model_kwargs
 from .progress import Progress
 from .report import format_summary, write_report
 from .stability import (NEAR_CHANCE_POINTS, chance_top1, gated_guides, guide_gate, kd_warmup_for_stage,
@@ -261,6 +262,50 @@ def _link_latest(run_dir: Path, echo=print) -> None:
     os.replace(tmp, link)
 
 
+# ---------------------------------------------------------------- precision
+def _run_precision(cfg, models: list[tuple[str, dict]], num_classes: int, input_size,
+                   recorded: dict | None = None):
+    """:func:`resolve_precision` for a run that trains ``models`` ((arch, model kwargs) pairs) on
+    images of ``input_size``: where ``auto`` has the choice (a CPU with native bf16) it times them
+    in fp32 and bf16 (:mod:`compressor.precision_probe`, cached per machine and model), summed, and
+    trains in the faster; without a depthwise convolution in them it keeps bf16 unprobed."""
+    def build(arch, kwargs):
+        return create_model(arch, num_classes=num_classes, in_chans=input_size[0], **kwargs)
+
+    def probe() -> dict | None:
+        with torch.random.fork_rng(devices=[]):  # building draws weights: the run's RNG stays as it was
+            if not any(has_depthwise(build(arch, kwargs)) for arch, kwargs in models):
+                return None
+        total, cached, record = {"no": 0.0, "bf16": 0.0}, True, {}
+        batch, channels_last = min(cfg.batch_size or PROBE_BATCH, PROBE_BATCH), cfg.channels_last is not False
+        for arch, kwargs in models:
+            record = cached_timing(
+                probe_key(arch, {**kwargs, "channels_last": channels_last}, num_classes, input_size, batch),
+                lambda: time_training_steps(lambda: build(arch, kwargs), input_size, num_classes, batch=batch,
+                                            channels_last=channels_last))
+            total = {p: total[p] + record["ms_per_image"][p] for p in total}
+            cached = cached and record["cached"]
+        return {**record, "ms_per_image": {p: round(v, 4) for p, v in total.items()}, "cached": cached,
+                "arch": ", ".join(arch for arch, _ in models)}
+
+    # the user's own code is not run for a speed guess: it keeps bf16, the measured default for ResNets
+    probed = not any(is_user_ref(arch) for arch, _ in models)
+    return resolve_precision(cfg.mixed_precision, cfg.channels_last, probe=probe if probed else None,
+                             recorded=recorded)
+
+
+def _recorded_precision(config_path: Path) -> dict | None:
+    """The ``precision`` block of a run's config.yaml (None if absent; damage is reported later)."""
+    if not config_path.is_file():
+        return None
+    try:
+        recorded = _read_run_file(config_path)
+    except CompressError:  # the resume check names the damage
+        return None
+    block = recorded.get("precision") if isinstance(recorded, dict) else None
+    return block if isinstance(block, dict) else None
+
+
 # ---------------------------------------------------------------- train
 def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True,
                 data: DataBundle | None = None) -> dict:
@@ -297,7 +342,9 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
     if len(mean) != c or len(std) != c:
         raise CompressError(f"--mean/--std need {c} values (one per channel)")
     requested = config_to_dict(cfg)  # as given (e.g. mixed_precision auto); what it resolved to is "precision"
-    precision = resolve_precision(cfg.mixed_precision, cfg.channels_last)
+    model_kwargs = with_auto_stem(entry.builder, cfg.model_kwargs, bundle.input_size)
+    precision = _run_precision(cfg, [(entry.name, model_kwargs)], num_classes, bundle.input_size,
+                               recorded=_recorded_precision(work / "config.yaml") if resume else None)
     cfg = precision.apply(cfg)
     accelerator = make_accelerator(cfg, project_dir=str(out.with_name(out.name + ".logs")))
     resolved = {**requested, "num_processes": accelerator.num_processes, "precision": precision.to_dict()}
@@ -308,7 +355,6 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
                                        fix=f"resume with the same flags, or delete {work} to start again")
     accelerator.print(precision.describe())
     splits = prepare_splits(cfg, bundle)
-    model_kwargs = with_auto_stem(entry.builder, cfg.model_kwargs, bundle.input_size)
     if model_kwargs.get("stem") != cfg.model_kwargs.get("stem"):
         accelerator.print(f"stem: {model_kwargs['stem']} for {bundle.input_size[-1]} px images (default: cifar up "
                           f"to {CIFAR_STEM_MAX_PX} px, else imagenet; --option stem=imagenet|cifar)")
@@ -752,7 +798,12 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
         if isinstance(recorded, dict) and isinstance(recorded.get("training_defaults"), dict):
             recorded_defaults = recorded["training_defaults"]
     requested = config_to_dict(cfg)  # as given (e.g. mixed_precision auto); what it resolved to is "precision"
-    precision = resolve_precision(cfg.mixed_precision, cfg.channels_last)
+    # auto's speed probe times the student: the deployed model, and with the default spacing (no
+    # assistant up to 6x) the only one trained
+    student = [(target, {} if is_user_ref(target) else chain_model_kwargs(target, cfg.model_kwargs, tmeta.input_size))]
+    precision = _run_precision(cfg, student,
+                               tmeta.num_classes, tmeta.input_size,
+                               recorded=recorded.get("precision") if isinstance(recorded, dict) else None)
     cfg = precision.apply(cfg)
     accelerator = make_accelerator(cfg, project_dir=str(run_dir))
     # The process count is part of the config: it changes the batches (refused on resume).

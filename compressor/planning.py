@@ -90,7 +90,7 @@ def profile_arch(arch: str, num_classes: int, model_kwargs: dict | None = None,
                          tuple(input_size) if input_size else None)
 
 
-def _student_kwargs(arch: str, model_kwargs: dict, input_size=None) -> dict:
+def chain_model_kwargs(arch: str, model_kwargs: dict, input_size=None) -> dict:
     """The options of ``model_kwargs`` the arch's builder accepts (e.g. ``shortcut`` for CIFAR ResNets),
     plus the stem ``input_size`` calls for when the builder has one and none is given."""
     import inspect
@@ -134,7 +134,7 @@ def _candidates(teacher_entry, student_entry, student_kwargs: dict, model_kwargs
     else:
         family = student_entry.family
         source = f"the student's family {family}"
-    out = [(name, name, _student_kwargs(name, model_kwargs, input_size))
+    out = [(name, name, chain_model_kwargs(name, model_kwargs, input_size))
            for name in family_ladder(family) if name != student_entry.name]
     return out, source
 
@@ -221,7 +221,7 @@ def plan_chain(teacher_arch: str, num_classes: int, target: str, *, teacher_kwar
         return float(macs)
 
     t_kwargs = dict(teacher_kwargs or {})
-    s_kwargs = _student_kwargs(student_entry.name, model_kwargs, size)
+    s_kwargs = chain_model_kwargs(student_entry.name, model_kwargs, size)
     m_teacher, m_student = metric(teacher_entry.name, t_kwargs), metric(student_entry.name, s_kwargs)
     s_label = member_label(student_entry.name, s_kwargs)
     if m_student >= m_teacher:
@@ -263,7 +263,7 @@ def plan_chain(teacher_arch: str, num_classes: int, target: str, *, teacher_kwar
         names = [get_entry(a.strip()).name for a in str(assistants).split(",") if a.strip()]
         values = {}
         for name in names:
-            kwargs = _student_kwargs(name, model_kwargs, size)
+            kwargs = chain_model_kwargs(name, model_kwargs, size)
             v = metric(name, kwargs)
             if not m_student < v < m_teacher:
                 raise CompressError(
@@ -320,7 +320,7 @@ def pick_student_by_latency(family: str, budget_ms: float, teacher_arch: str, nu
     measured = []
     fitting = None
     for name in family_ladder(family):
-        kwargs = _student_kwargs(name, model_kwargs or {}, size)
+        kwargs = chain_model_kwargs(name, model_kwargs or {}, size)
         if profile_arch(name, num_classes, kwargs, size)[1] >= t_macs:
             break
         ms = latency_ms(name, backend="onnxruntime", num_classes=num_classes, model_kwargs=kwargs, input_size=size)

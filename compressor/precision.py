@@ -1,18 +1,28 @@
 """``--mixed-precision auto``: pick bf16 autocast + channels_last where the hardware
-runs bf16 natively, fp32 elsewhere.
+runs bf16 natively and it trains the model faster, fp32 elsewhere.
 
 bf16 is native on CPUs with AVX512-BF16 or AMX-BF16 (measured 1.8-2.4x faster
-training and 2.9x faster guide inference than fp32 there, DESIGN.md section 6)
-and on CUDA GPUs that report bf16 support. Without those instructions bf16 is
-emulated and slower than fp32, so ``auto`` keeps fp32. The choice is printed at
-the start of a run and recorded (``config.yaml`` ``precision``, ``summary.json``).
+training and 2.9x faster guide inference than fp32 there for ResNets, DESIGN.md
+section 6) and on CUDA GPUs that report bf16 support. Without those instructions
+bf16 is emulated and slower than fp32, so ``auto`` keeps fp32. On such a CPU,
+``compress train`` and ``compress distill`` pass a speed probe
+(:mod:`compressor.precision_probe`): a model to train with depthwise
+convolutions is timed for a few steps in both (once per machine, cached), and
+fp32 + channels_last wins when it is at least :data:`FP32_MARGIN` times faster
+(MobileNetV2-0.35 trained 2.3x faster in fp32 on an AMD EPYC with AVX512-BF16). The choice is printed at the
+start of a run and recorded (``config.yaml`` ``precision``, ``summary.json``,
+with the probe's timings).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# fp32 displaces bf16 on a CPU with native bf16 only when the probe times it this much faster: bf16 is
+# the measured default there (ResNets, two CPUs), and a near tie should not flip with the machine's load.
+FP32_MARGIN = 1.15
 
 
 @dataclass(frozen=True)
@@ -21,9 +31,13 @@ class PrecisionChoice:
     mixed_precision: str  # what runs: no | bf16 | fp16 (Accelerate's names)
     channels_last: bool
     reason: str
+    probe: dict | None = None  # the speed probe's timings, where auto measured (precision_probe)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["probe"] is None:  # as recorded before the probe existed
+            del d["probe"]
+        return d
 
     def describe(self) -> str:
         what = "fp32" if self.mixed_precision == "no" else f"{self.mixed_precision} autocast"
@@ -61,7 +75,8 @@ def launcher_precision(environ=None) -> str | None:
 
 def resolve_precision(requested: str, channels_last: bool | None = None, *, cuda: bool | None = None,
                       cuda_bf16: bool | None = None, flags: set[str] | None = None,
-                      environ=None) -> PrecisionChoice:
+                      environ=None, probe: Callable[[], dict] | None = None,
+                      recorded: dict | None = None) -> PrecisionChoice:
     """Resolve ``requested`` (auto | no | bf16 | fp16) for this machine.
 
     ``channels_last`` None means "not given": on with bf16 chosen by ``auto``, off
@@ -71,6 +86,13 @@ def resolve_precision(requested: str, channels_last: bool | None = None, *, cuda
     Under ``accelerate launch`` (its config's ``mixed_precision`` arrives as
     ``ACCELERATE_MIXED_PRECISION``), ``auto`` follows the launch config; an explicit
     ``--mixed-precision`` wins and the reason says it overrides the config.
+
+    ``probe``: on a CPU with native bf16 only, a callable returning
+    :func:`compressor.precision_probe.time_training_steps`'s record (plus ``arch``) for the
+    model(s) the run trains, or None when it has nothing to measure; fp32 (+ channels_last
+    unless given) is chosen when it trains at least :data:`FP32_MARGIN` times faster. A probe that raises leaves bf16 (the reason says
+    so). ``recorded``: the ``precision`` block of the run being resumed; a choice its probe made
+    is kept (a resumed run does not change precision on a close call).
     """
     explicit_cl = channels_last is not None
     launcher = launcher_precision(environ)
@@ -94,7 +116,34 @@ def resolve_precision(requested: str, channels_last: bool | None = None, *, cuda
         return PrecisionChoice("auto", "no", bool(channels_last), "the GPU has no bf16 support")
     native = sorted(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else set(flags)))
     if native:
-        return PrecisionChoice("auto", "bf16", channels_last if explicit_cl else True,
-                               f"the CPU has {', '.join(native)}")
+        has = f"the CPU has {', '.join(native)}"
+        if (isinstance(recorded, dict) and isinstance(recorded.get("probe"), dict)
+                and recorded.get("mixed_precision") in ("no", "bf16")):
+            why = str(recorded.get("reason", "")).removeprefix("kept from the run: ")
+            return PrecisionChoice("auto", recorded["mixed_precision"], bool(recorded.get("channels_last")),
+                                   f"kept from the run: {why}", recorded["probe"])
+        if probe is None:
+            return PrecisionChoice("auto", "bf16", channels_last if explicit_cl else True, has)
+        return _probed_choice(has, probe, channels_last if explicit_cl else True)
     return PrecisionChoice("auto", "no", bool(channels_last),
                            "the CPU has neither AVX512-BF16 nor AMX, bf16 would be emulated")
+
+
+def _probed_choice(has: str, probe: Callable[[], dict], channels_last: bool) -> PrecisionChoice:
+    """bf16 or fp32 on a CPU with native bf16 (``has`` says which), by the speed ``probe``."""
+    try:
+        timing = probe()
+        if timing is None:  # the probe found nothing to measure (no depthwise convolution): bf16 as measured
+            return PrecisionChoice("auto", "bf16", channels_last, has)
+        ms = timing["ms_per_image"]
+        fp32, bf16 = float(ms["no"]), float(ms["bf16"])
+    except Exception as exc:  # noqa: BLE001 -- a speed heuristic must not stop a run; the model's own errors come later
+        return PrecisionChoice("auto", "bf16", channels_last,
+                               f"{has}; the speed probe failed ({type(exc).__name__}), bf16 kept")
+    what = timing.get("arch", "the model")
+    measured = f"{fp32:.3g} vs {bf16:.3g} ms per training image, measured on this machine"
+    if fp32 * FP32_MARGIN < bf16:
+        return PrecisionChoice("auto", "no", channels_last,
+                               f"{has}, but {what} trains {bf16 / fp32:.1f}x faster in fp32: {measured}", timing)
+    return PrecisionChoice("auto", "bf16", channels_last,
+                           f"{has}; {what} trains {fp32 / bf16:.1f}x as fast in bf16: {measured}", timing)

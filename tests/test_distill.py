@@ -13,7 +13,7 @@ from compressor.config import DistillConfig, resolve_config
 from compressor.data import synthetic_data
 from compressor.errors import CompressError
 from compressor.pipeline import run_distillation
-from compressor.precision import resolve_precision
+from compressor.precision import PrecisionChoice, resolve_precision
 
 # --no-gate-guides: the 1-epoch assistant may end near chance; this run checks dense guidance itself.
 # The assistant is named: a 3.3x gap gets none by default (config.AUTO_SPACING).
@@ -49,9 +49,12 @@ def test_tiny_distillation_through_the_cli(in_tmp, pretrained_teacher, capsys):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["epochs"] == 1 and cfg["target"] == "resnet8" and cfg["method"] == "dgkd"
     # --mixed-precision auto (the default): the request and this machine's choice are recorded and printed
-    choice = resolve_precision("auto")
-    assert cfg["mixed_precision"] == "auto" and cfg["precision"] == summary["precision"] == choice.to_dict()
-    assert choice.describe() in out
+    choice = PrecisionChoice(**cfg["precision"])  # on a CPU with native bf16 with the speed probe's timings
+    assert cfg["mixed_precision"] == "auto" and cfg["precision"] == summary["precision"]
+    assert choice.requested == "auto" and choice.describe() in out
+    plain = resolve_precision("auto")  # without a probe: the hardware's answer
+    assert choice.mixed_precision in (plain.mixed_precision, "no") and (choice.probe is None) == (plain.reason ==
+                                                                                                 choice.reason)
     # stage 2 (the student) was guided by teacher and assistant, one of them dropped per batch
     rec = [json.loads(line) for line in (run / "stages/2-resnet8/metrics.jsonl").read_text().splitlines()]
     assert len(rec) == 1 and sum(rec[0]["guide_uses"]) == rec[0]["steps"] == 4  # 256 / 64

@@ -91,3 +91,140 @@ def test_auto_follows_the_accelerate_launch_config():
     assert choice.mixed_precision == "bf16" and "overrides the accelerate launch config" in choice.reason
     # not launched by accelerate: auto picks by the hardware
     assert resolve_precision("auto", flags={"avx512_bf16"}, cuda=False, environ={}).mixed_precision == "bf16"
+
+
+def _probe(fp32_ms: float, bf16_ms: float, calls: list | None = None):
+    def probe():
+        if calls is not None:
+            calls.append(1)
+        return {"ms_per_image": {"no": fp32_ms, "bf16": bf16_ms}, "batch": 32, "steps": 3, "threads": 1,
+                "arch": "mobilenetv2_035"}
+    return probe
+
+
+def test_the_speed_probe_picks_fp32_only_where_it_trains_clearly_faster():
+    # MobileNetV2-0.35 on the AMD EPYC: 0.70 ms per image in fp32 + channels_last, 1.59 in bf16
+    slow_bf16 = resolve_precision("auto", None, cuda=False, flags={"avx512_bf16"}, probe=_probe(0.70, 1.59))
+    assert (slow_bf16.mixed_precision, slow_bf16.channels_last) == ("no", True)
+    assert slow_bf16.reason == ("the CPU has avx512_bf16, but mobilenetv2_035 trains 2.3x faster in fp32: "
+                                "0.7 vs 1.59 ms per training image, measured on this machine")
+    assert slow_bf16.to_dict()["probe"]["ms_per_image"] == {"no": 0.70, "bf16": 1.59}
+    assert slow_bf16.describe().startswith("precision: fp32 + channels_last (--mixed-precision auto: ")
+    # fp32 must be FP32_MARGIN (1.15x) faster to displace bf16: 1.1x is a tie, bf16 stays
+    tie = resolve_precision("auto", None, cuda=False, flags={"avx512_bf16"}, probe=_probe(1.0, 1.1))
+    assert (tie.mixed_precision, tie.channels_last) == ("bf16", True) and "0.9x as fast in bf16" in tie.reason
+    fast_bf16 = resolve_precision("auto", None, cuda=False, flags={"amx_bf16"}, probe=_probe(2.0, 1.0))
+    assert fast_bf16.mixed_precision == "bf16" and "trains 2.0x as fast in bf16" in fast_bf16.reason
+    # an explicit layout is kept either way
+    assert resolve_precision("auto", False, cuda=False, flags={"avx512_bf16"},
+                             probe=_probe(0.7, 1.59)).channels_last is False
+
+
+def test_the_probe_runs_only_where_auto_has_the_choice_and_a_failure_keeps_bf16():
+    calls = []
+    for kwargs in ({"cuda": False, "flags": {"avx2"}}, {"cuda": True, "cuda_bf16": True},
+                   {"cuda": False, "flags": {"avx512_bf16"}, "environ": {"ACCELERATE_MIXED_PRECISION": "no"}}):
+        resolve_precision("auto", None, probe=_probe(0.1, 9.0, calls), **kwargs)
+    resolve_precision("bf16", None, probe=_probe(0.1, 9.0, calls))
+    assert calls == []  # no bf16 to choose, the GPU, the launcher or the user decided
+
+    def broken():
+        raise RuntimeError("no kernel")
+    kept = resolve_precision("auto", None, cuda=False, flags={"avx512_bf16"}, probe=broken)
+    assert kept.mixed_precision == "bf16" and "speed probe failed (RuntimeError), bf16 kept" in kept.reason
+    assert "probe" not in kept.to_dict()  # nothing measured, nothing recorded
+
+
+def test_a_resumed_run_keeps_what_its_probe_chose():
+    first = resolve_precision("auto", None, cuda=False, flags={"avx512_bf16"}, probe=_probe(0.70, 1.59))
+    calls = []
+    again = resolve_precision("auto", None, cuda=False, flags={"avx512_bf16"}, probe=_probe(1.0, 0.5, calls),
+                              recorded=first.to_dict())
+    assert calls == [] and (again.mixed_precision, again.channels_last) == ("no", True)
+    assert again.reason == "kept from the run: " + first.reason and again.probe == first.probe
+    twice = resolve_precision("auto", None, cuda=False, flags={"avx512_bf16"}, recorded=again.to_dict())
+    assert twice.reason == again.reason  # not "kept from the run: kept from the run: ..."
+    # a record without a probe (an older run, or another machine's hardware answer) is resolved anew
+    old = resolve_precision("auto", None, cuda=False, flags={"avx512_bf16"}).to_dict()
+    assert resolve_precision("auto", None, cuda=False, flags={"avx512_bf16"}, probe=_probe(0.7, 1.59),
+                             recorded=old).mixed_precision == "no"
+
+
+def test_time_training_steps_times_both_precisions_and_leaves_the_random_state():
+    import torch
+
+    from compressor.models import create_model
+    from compressor.precision_probe import time_training_steps
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    record = time_training_steps(lambda: create_model("resnet8", num_classes=10), (3, 32, 32), 10, batch=4, steps=2)
+    assert torch.equal(torch.get_rng_state(), before)  # the run's init and data order do not see the probe
+    assert set(record["ms_per_image"]) == {"no", "bf16"} and all(v > 0 for v in record["ms_per_image"].values())
+    assert (record["batch"], record["steps"], record["threads"]) == (4, 2, torch.get_num_threads())
+
+
+def test_compress_train_probes_a_model_with_depthwise_convolutions_once(in_tmp, monkeypatch, capsys,
+                                                                          one_torch_thread):
+    import compressor.pipeline as pipeline
+    import compressor.precision as precision
+    from conftest import run_cli_inprocess
+
+    seen = []
+
+    def fake_timing(build, input_size, num_classes, *, batch, steps=3, channels_last=True, precisions=()):
+        seen.append((type(build()).__name__, tuple(input_size), num_classes, batch, channels_last))
+        return {"ms_per_image": {"no": 1.0, "bf16": 3.0}, "batch": batch, "steps": steps, "threads": 1}
+
+    monkeypatch.setenv("COMPRESS_CACHE", str(in_tmp / "cache"))  # the fake timing must not reach other tests
+    monkeypatch.setattr(precision, "cpu_flags", lambda *a: {"avx512_bf16"})
+    monkeypatch.setattr(pipeline, "time_training_steps", fake_timing)
+    train = ["train", "--data", "demo", "--train-subset", "32", "--epochs", "1", "--batch-size", "16"]
+    code, out, err = run_cli_inprocess([*train, "--arch", "mobilenetv2_035", "--out", "m.safetensors"], capsys)
+    assert code == 0, err
+    assert seen == [("MobileNetV2", (3, 32, 32), 10, 16, True)]  # the run's model, size, classes; batch <= 32
+    assert ("precision: fp32 + channels_last (--mixed-precision auto: the CPU has avx512_bf16, but mobilenetv2_035 "
+            "trains 3.0x faster in fp32: 1 vs 3 ms per training image, measured on this machine)") in out
+    # the next run of that model on this machine takes the cached timing: the same precision, no probe
+    code, out, err = run_cli_inprocess([*train, "--arch", "mobilenetv2_035", "--out", "m2.safetensors"], capsys)
+    assert code == 0 and len(seen) == 1 and "precision: fp32 + channels_last" in out
+    # a model without depthwise convolutions keeps bf16, unprobed
+    code, out, err = run_cli_inprocess([*train, "--arch", "resnet8", "--out", "r.safetensors"], capsys)
+    assert code == 0 and len(seen) == 1
+    assert "precision: bf16 autocast + channels_last (--mixed-precision auto: the CPU has avx512_bf16)\n" in out
+
+
+@pytest.mark.parametrize("arch,depthwise", [("resnet8", False), ("regnety_400mf", False), ("vgg8", False),
+                                            ("mobilenetv2_035", True), ("mobilenetv3_small_050", True),
+                                            ("shufflenetv2_x0_5", True), ("efficientnet_b0", True)])
+def test_which_models_have_depthwise_convolutions(arch, depthwise):
+    from compressor.models import create_model
+    from compressor.precision_probe import has_depthwise
+
+    assert has_depthwise(create_model(arch, num_classes=10)) is depthwise
+
+
+def test_probe_timings_are_cached_per_key_and_a_damaged_entry_is_measured_again(tmp_path):
+    import json
+
+    from compressor.precision_probe import cached_timing
+
+    cache = tmp_path / "precision_probe.json"
+    calls = []
+
+    def measure(ms):
+        def run():
+            calls.append(ms)
+            return {"ms_per_image": {"no": ms, "bf16": 1.0}, "batch": 32, "steps": 3, "threads": 1}
+        return run
+    assert cached_timing("a", measure(0.5), cache)["cached"] is False
+    again = cached_timing("a", measure(9.0), cache)
+    assert again["cached"] is True and again["ms_per_image"]["no"] == 0.5 and calls == [0.5]
+    assert cached_timing("b", measure(2.0), cache)["ms_per_image"]["no"] == 2.0  # another model or machine
+    data = json.loads(cache.read_text())
+    data["a"]["ms_per_image"]["bf16"] = -1  # edited: not a timing
+    cache.write_text(json.dumps(data))
+    assert cached_timing("a", measure(0.7), cache)["ms_per_image"]["no"] == 0.7 and calls == [0.5, 2.0, 0.7]
+    cache.write_text("{not json")
+    assert cached_timing("a", measure(0.8), cache)["cached"] is False  # damaged file: measured, rewritten
+    assert json.loads(cache.read_text())["a"]["ms_per_image"]["no"] == 0.8
