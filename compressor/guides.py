@@ -327,7 +327,11 @@ def open_guide_cache(root: Path, guide: nn.Module, settings: dict, *, epochs: in
 class GuideSet:
     """The guides of one stage; ``logits(kept, x, epoch, step)`` runs (or looks up) the kept ones."""
 
-    def __init__(self, guides: Sequence[nn.Module], caches: Sequence[GuideLogitCache | None] | None = None):
+    def __init__(self, guides: Sequence[nn.Module], caches: Sequence[GuideLogitCache | None] | None = None,
+                 autocast=None):
+        """``autocast``: the guides' own autocast context factory (else the one ``logits`` is given:
+        the training's), e.g. bf16 inference beside fp32 training (``PrecisionChoice.guides``)."""
+        self.autocast = autocast
         self.guides = list(guides)
         self.caches = list(caches) if caches is not None else [None] * len(self.guides)
         for g in self.guides:
@@ -348,7 +352,7 @@ class GuideSet:
             if cached is not None:
                 out.append(cached.to(x.device, torch.float32))
                 continue
-            with torch.inference_mode(), autocast():
+            with torch.inference_mode(), (self.autocast or autocast)():
                 z = self.guides[i](x)
             # Clone outside inference mode so autograd may save it for backward.
             z = z.float().clone()

@@ -294,6 +294,15 @@ def _run_precision(cfg, models: list[tuple[str, dict]], num_classes: int, input_
                              recorded=recorded)
 
 
+def _guide_autocast(precision, accelerator):
+    """The guides' autocast factory where they infer in another precision than the training
+    (:attr:`PrecisionChoice.guides`), else None (the training's)."""
+    if precision.guide_mixed_precision != "bf16" or precision.mixed_precision == "bf16":
+        return None
+    device = accelerator.device.type
+    return lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)
+
+
 def _recorded_precision(config_path: Path) -> dict | None:
     """The ``precision`` block of a run's config.yaml (None if absent; damage is reported later)."""
     if not config_path.is_file():
@@ -527,7 +536,8 @@ def _unlabeled_stream(run: "_Run"):
                            rank=accelerator.process_index, world=accelerator.num_processes, workers=cfg.data_workers)
 
 
-def _guide_cache_opener(cfg: DistillConfig, accelerator, splits: Splits, num_classes: int, mean, std):
+def _guide_cache_opener(cfg: DistillConfig, accelerator, splits: Splits, num_classes: int, mean, std,
+                        guide_precision: str):
     """``open(guides, epochs, steps)`` -> one logit cache per guide, when ``cache_guides`` is on
     (single process only; else ``None``).
 
@@ -553,6 +563,7 @@ def _guide_cache_opener(cfg: DistillConfig, accelerator, splits: Splits, num_cla
             return None
         if not settings:
             settings.update(cache_settings(cfg, splits.train, splits.bundle.input_size, mean, std, num_classes))
+            settings["mixed_precision"] = guide_precision  # what the stored logits were computed in
         for g in guides:
             if id(g) not in fingerprints:
                 fingerprints[id(g)] = weights_fingerprint(g)
@@ -880,7 +891,8 @@ def _open_run(cfg: DistillConfig, tmeta, bundle: DataBundle, *, resume: bool, sh
                 splits=splits, mean=mean, std=std, loss_cfg=loss_cfg, stage_cfgs=stage_cfgs, resume=resume,
                 progress=Progress(enabled=accelerator.is_main_process and show_progress,
                                   processes=accelerator.num_processes),
-                open_guide_caches=_guide_cache_opener(cfg, accelerator, splits, tmeta.num_classes, mean, std),
+                open_guide_caches=_guide_cache_opener(cfg, accelerator, splits, tmeta.num_classes, mean, std,
+                                                      precision.guide_mixed_precision),
                 epochs=epochs, assistant_epochs=assistant_epochs, precision=precision, unlabeled=unlabeled)
 
 
@@ -1100,7 +1112,8 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
                      aug_seed=stable_seed(cfg.seed, "aug"), guide_caches=caches, eval_split=splits.eval_name,
                      report_loaders=reported,
                      unlabeled=unlabeled, unlabeled_caches=unlabeled_caches,
-                     refresh_bn=epoch_bn_refresh(accelerator, splits.train, run.cfg, run.mean, run.std))
+                     refresh_bn=epoch_bn_refresh(accelerator, splits.train, run.cfg, run.mean, run.std),
+                     guide_autocast=_guide_autocast(run.precision, accelerator))
     finally:
         run.progress.close()
     model = result.model

@@ -300,14 +300,15 @@ def compile_for_training(module: nn.Module) -> nn.Module:
 
 
 def _prepare_guides(guides: Sequence[nn.Module], device, channels_last: bool,
-                    caches: Sequence[GuideLogitCache | None] | None, compile: bool = False) -> GuideSet:
+                    caches: Sequence[GuideLogitCache | None] | None, compile: bool = False,
+                    autocast=None) -> GuideSet:
     moved = []
     for g in guides:
         g = g.to(device)
         if channels_last:
             g = g.to(memory_format=torch.channels_last)
         moved.append(compile_for_training(g) if compile else g)
-    return GuideSet(moved, caches)
+    return GuideSet(moved, caches, autocast=autocast)
 
 
 def _to_input(images, mean, std, channels_last: bool):
@@ -537,8 +538,12 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
         stage_label: str, resume: bool, progress: Progress, aug_seed: int | None = None,
         guide_caches: Sequence[GuideLogitCache | None] | None = None, eval_split: str = "val",
         unlabeled=None, unlabeled_caches: Sequence[GuideLogitCache | None] | None = None,
-        refresh_bn: Callable[[nn.Module], int] | None = None, report_loaders: dict | None = None) -> FitResult:
+        refresh_bn: Callable[[nn.Module], int] | None = None, report_loaders: dict | None = None,
+        guide_autocast: Callable | None = None) -> FitResult:
     """Train ``model`` for ``epochs`` from its ``guides``; state saved in ``stage_dir/state``.
+
+    ``guide_autocast``: the guides' autocast context factory where it differs from the training's
+    (``accelerator.autocast``): bf16 inference beside fp32 training (``PrecisionChoice.guides``).
 
     ``unlabeled`` (an :class:`~compressor.data.unlabeled.UnlabeledStream`, with ``guides`` only):
     each step also learns from an unlabeled batch (:func:`train_one_epoch`); ``unlabeled_caches``
@@ -563,10 +568,11 @@ def fit(accelerator, model: nn.Module, guides: Sequence[nn.Module], train_loader
     optimizer = build_optimizer(model, cfg)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     report_loaders = {name: accelerator.prepare(loader) for name, loader in (report_loaders or {}).items()}
-    guides = _prepare_guides(guides, accelerator.device, cfg.channels_last, guide_caches, compile=cfg.compile)
+    guides = _prepare_guides(guides, accelerator.device, cfg.channels_last, guide_caches, compile=cfg.compile,
+                             autocast=guide_autocast)
     if not len(guides):
         unlabeled = None  # nobody to label the images (a stage without guides)
-    unlabeled_guides = GuideSet(guides.guides, unlabeled_caches) if unlabeled is not None else None
+    unlabeled_guides = GuideSet(guides.guides, unlabeled_caches, autocast=guide_autocast) if unlabeled is not None else None
     step_model = compile_for_training(model) if cfg.compile else model
     resume_state = ResumeState(stage=stage_label, num_processes=accelerator.num_processes)
     metrics_path = stage_dir / "metrics.jsonl"

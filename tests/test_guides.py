@@ -185,7 +185,7 @@ def _caches_for(data, tmp_path, monkeypatch, **overrides):
     torch.manual_seed(0)
     guide.reset_parameters()
     open_caches = _guide_cache_opener(cfg, SimpleNamespace(num_processes=1), prepare_splits(cfg, data), 10,
-                                      (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+                                      (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), cfg.mixed_precision)
     return open_caches([guide], 1, 4)
 
 

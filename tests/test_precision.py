@@ -228,3 +228,33 @@ def test_probe_timings_are_cached_per_key_and_a_damaged_entry_is_measured_again(
     cache.write_text("{not json")
     assert cached_timing("a", measure(0.8), cache)["cached"] is False  # damaged file: measured, rewritten
     assert json.loads(cache.read_text())["a"]["ms_per_image"]["no"] == 0.8
+
+
+def test_guides_keep_bf16_inference_where_the_probe_chose_fp32_training():
+    fp32 = resolve_precision("auto", None, cuda=False, flags={"avx512_bf16"}, probe=_probe(0.70, 1.59))
+    assert (fp32.mixed_precision, fp32.guide_mixed_precision, fp32.to_dict()["guides"]) == ("no", "bf16", "bf16")
+    assert fp32.describe().endswith("measured on this machine); guides infer in bf16 autocast")
+    kept = resolve_precision("auto", None, cuda=False, flags={"avx512_bf16"}, recorded=fp32.to_dict())
+    assert kept.guide_mixed_precision == "bf16"  # a resumed run keeps it too
+    for same in (resolve_precision("auto", None, cuda=False, flags={"avx512_bf16"}, probe=_probe(2.0, 1.0)),
+                 resolve_precision("no", None), resolve_precision("auto", None, cuda=False, flags=set())):
+        assert same.guide_mixed_precision == same.mixed_precision and "guides" not in same.to_dict()
+
+
+def test_a_guide_set_infers_in_its_own_autocast(one_torch_thread):
+    import contextlib
+
+    import torch
+
+    from compressor.guides import GuideSet
+
+    guide = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    own = GuideSet([guide], autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    plain = GuideSet([guide])
+    (z_own,), (z_plain,) = own.logits([0], x, 0, 0, contextlib.nullcontext), plain.logits([0], x, 0, 0,
+                                                                                           contextlib.nullcontext)
+    assert z_own.dtype == z_plain.dtype == torch.float32  # handed on in float32 either way
+    expected = guide(x.bfloat16().float()).detach()  # not equal to fp32's: bf16 rounds the inputs and weights
+    assert not torch.equal(z_own, z_plain) and torch.equal(z_plain, guide(x).detach())
+    assert torch.allclose(z_own, expected, atol=0.05)
