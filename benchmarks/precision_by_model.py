@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
     from compressor.machine import cpu_model
     from compressor.models import create_model, get_entry
     from compressor.models.stems import with_auto_stem
-    from compressor.precision import FP32_MARGIN, cpu_flags, BF16_CPU_FLAGS
+    from compressor.precision import BF16_CPU_FLAGS, FP32_MARGIN, cpu_flags, resolve_precision
     from compressor.precision_probe import has_depthwise, time_training_steps
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -61,10 +61,14 @@ def main(argv=None) -> dict:
                    for _ in range(args.repeats)]
         speedups = [round(r["bf16"] / r["no"], 2) for r in repeats]
         depthwise = has_depthwise(build())
+        # what auto decides from each repeat's timing: the decision itself, not a copy of its rule
+        picks = {"bf16 (not probed)"} if not depthwise else {
+            resolve_precision("auto", None, cuda=False, flags=set(BF16_CPU_FLAGS), environ={},
+                              probe=lambda r=r: {"ms_per_image": r}).mixed_precision.replace("no", "fp32")
+            for r in repeats}
         row = {"model": arch, "px": size[-1], "options": kwargs, "depthwise": depthwise,
                "ms_per_image": repeats, "fp32_speedup": speedups,
-               "auto_picks": ("fp32" if depthwise and min(speedups) >= FP32_MARGIN
-                              else "bf16" if not depthwise or max(speedups) < FP32_MARGIN else "either (a tie)")}
+               "auto_picks": picks.pop() if len(picks) == 1 else "either (a tie)"}
         rows.append(row)
         print(f"{arch:>24} @{size[-1]:>3}px  fp32 speed-up {speedups}  depthwise={depthwise}  auto: {row['auto_picks']}",
               flush=True)

@@ -269,19 +269,18 @@ def _run_precision(cfg, models: list[tuple[str, dict]], num_classes: int, input_
     images of ``input_size``: where ``auto`` has the choice (a CPU with native bf16) it times them
     in fp32 and bf16 (:mod:`compressor.precision_probe`, cached per machine and model), summed, and
     trains in the faster; without a depthwise convolution in them it keeps bf16 unprobed."""
-    def build(arch, kwargs):
-        return create_model(arch, num_classes=num_classes, in_chans=input_size[0], **kwargs)
-
     def probe() -> dict | None:
         with torch.random.fork_rng(devices=[]):  # building draws weights: the run's RNG stays as it was
-            if not any(has_depthwise(build(arch, kwargs)) for arch, kwargs in models):
-                return None
+            built = [(arch, kwargs, create_model(arch, num_classes=num_classes, in_chans=input_size[0], **kwargs))
+                     for arch, kwargs in models]
+        if not any(has_depthwise(model) for _, _, model in built):
+            return None
         total, cached, record = {"no": 0.0, "bf16": 0.0}, True, {}
         batch, channels_last = min(cfg.batch_size or PROBE_BATCH, PROBE_BATCH), cfg.channels_last is not False
-        for arch, kwargs in models:
+        for arch, kwargs, model in built:  # a throw-away copy: the probe's steps only move BatchNorm statistics
             record = cached_timing(
                 probe_key(arch, {**kwargs, "channels_last": channels_last}, num_classes, input_size, batch),
-                lambda: time_training_steps(lambda: build(arch, kwargs), input_size, num_classes, batch=batch,
+                lambda: time_training_steps(lambda: model, input_size, num_classes, batch=batch,
                                             channels_last=channels_last))
             total = {p: total[p] + record["ms_per_image"][p] for p in total}
             cached = cached and record["cached"]
