@@ -351,8 +351,9 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
         raise CompressError(f"--mean/--std need {c} values (one per channel)")
     requested = config_to_dict(cfg)  # as given (e.g. mixed_precision auto); what it resolved to is "precision"
     model_kwargs = with_auto_stem(entry.builder, cfg.model_kwargs, bundle.input_size)
-    precision = _run_precision(cfg, [(entry.name, model_kwargs)], num_classes, bundle.input_size,
-                               recorded=_recorded_precision(work / "config.yaml") if resume else None)
+    precision = replace(_run_precision(cfg, [(entry.name, model_kwargs)], num_classes, bundle.input_size,
+                                       recorded=_recorded_precision(work / "config.yaml") if resume else None),
+                        guides=None)  # one model, no guides
     cfg = precision.apply(cfg)
     accelerator = make_accelerator(cfg, project_dir=str(out.with_name(out.name + ".logs")))
     resolved = {**requested, "num_processes": accelerator.num_processes, "precision": precision.to_dict()}

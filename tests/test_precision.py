@@ -185,6 +185,7 @@ def test_compress_train_probes_a_model_with_depthwise_convolutions_once(in_tmp, 
     assert seen == [("MobileNetV2", (3, 32, 32), 10, 16, True)]  # the run's model, size, classes; batch <= 32
     assert ("precision: fp32 + channels_last (--mixed-precision auto: the CPU has avx512_bf16, but mobilenetv2_035 "
             "trains 3.0x faster in fp32: 1 vs 3 ms per training image, measured on this machine)") in out
+    assert "guides infer" not in out  # compress train has no guides
     # the next run of that model on this machine takes the cached timing: the same precision, no probe
     code, out, err = run_cli_inprocess([*train, "--arch", "mobilenetv2_035", "--out", "m2.safetensors"], capsys)
     assert code == 0 and len(seen) == 1 and "precision: fp32 + channels_last" in out
