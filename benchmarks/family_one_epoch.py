@@ -82,7 +82,9 @@ def main() -> None:
                 used = metrics.get("training_defaults", {})
                 row = {"family": family, "arch": arch, "top1": metrics["final_test_top1"],
                        "loss": metrics["final_test_loss"], "seconds": round(time.perf_counter() - t0, 1),
-                       "optimizer": used.get("optimizer"), "lr": used.get("lr"), "seed": cfg.seed}
+                       "optimizer": used.get("optimizer"), "lr": used.get("lr"), "seed": cfg.seed,
+                       # what --mixed-precision auto trained it in (the probe may pick fp32 for depthwise convs)
+                       "precision": metrics["precision"]["mixed_precision"]}
                 if args.precise_bn:
                     row["top1_precise_bn"] = precise_bn_top1(cfg.out, args.data, args.precise_bn)
             except Exception as exc:  # a diverged run is a result, not a crash of the benchmark

@@ -437,6 +437,7 @@ def train_model(cfg: TrainConfig, *, resume: bool = False, show_progress: bool =
                "bn_recalibrated_batches": recalibrated, "warnings": warnings,
                "epochs": cfg.epochs, "train_seconds": round(result.seconds, 1), "data": bundle.name,
                "training_defaults": defaults_record, "model_options": options,
+               "precision": precision.to_dict(),  # what it trained in (auto may have measured: precision_probe)
                **({"init": init_record} if init_record else {}),
                **_data_metrics(bundle)}
     if accelerator.is_main_process:
@@ -1136,7 +1137,8 @@ def _train_stage(run: _Run, k: int, label: str, member, stage_dir: Path, chain_m
             steps=sum(r.get("steps", 0) for r in result.history) or None)
     fields.update(extra)
     metrics = {**fields, "epochs": stage_epochs, "train_seconds": round(seconds, 1), "method": plan.method,
-               "data": run.bundle.name, "model_options": options, **_data_metrics(run.bundle)}
+               "data": run.bundle.name, "model_options": options, "precision": run.precision.to_dict(),
+               **_data_metrics(run.bundle)}
     _save_stage(run, k, member, stage_dir, model, metrics)
     best_name = f"best_{splits.eval_name}_top1"
     bn_note = f", BN statistics recomputed on {recalibrated} batches" if recalibrated else ""

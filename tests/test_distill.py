@@ -61,6 +61,7 @@ def test_tiny_distillation_through_the_cli(in_tmp, pretrained_teacher, capsys):
     _, meta = load_model(run / "student.safetensors")
     assert meta.metrics["guides"] == ["resnet20", "resnet14"] and meta.mean == (0.485, 0.456, 0.406)
     assert meta.metrics["model_options"] == {"shortcut": "A"} and "model_options" not in summary["chain"][2]
+    assert meta.metrics["precision"] == summary["precision"] and "precision" not in summary["chain"][2]
     assert "final test top-1 %" in out and "best val top-1 %" in out and "student" in out
     assert "val_top1" in rec[0] and "test_top1" not in rec[0] and "eval_top1" not in rec[0]
 

@@ -193,6 +193,13 @@ def test_compress_train_probes_a_model_with_depthwise_convolutions_once(in_tmp, 
     code, out, err = run_cli_inprocess([*train, "--arch", "resnet8", "--out", "r.safetensors"], capsys)
     assert code == 0 and len(seen) == 1
     assert "precision: bf16 autocast + channels_last (--mixed-precision auto: the CPU has avx512_bf16)\n" in out
+    # each checkpoint records the precision it trained in (the probe's timings where it measured)
+    from compressor.checkpoint import load_model
+
+    probed, plain = load_model("m.safetensors")[1].metrics["precision"], load_model("r.safetensors")[1].metrics["precision"]
+    assert (probed["mixed_precision"], probed["channels_last"], probed["probe"]["ms_per_image"]) == \
+        ("no", True, {"no": 1.0, "bf16": 3.0})
+    assert (plain["mixed_precision"], plain["requested"], "probe" in plain) == ("bf16", "auto", False)
 
 
 @pytest.mark.parametrize("arch,depthwise", [("resnet8", False), ("regnety_400mf", False), ("vgg8", False),
