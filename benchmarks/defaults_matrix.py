@@ -45,7 +45,8 @@ Usage::
 build the data with ``--quick`` too. 18 min on 2 cores with ``--jobs 2`` once its teachers are
 cached in ``OUT/teachers/`` (2026-11-30; the first run also trains 4 models, the two slowest 43 and
 45 min of one core each on a loaded machine). ``--list`` prints the runs without running them;
-``--table-only`` rebuilds the table from the JSON files. Works without installing the package (it
+``--table-only`` rebuilds the table from the JSON files. ``--methods dgkd`` runs only those methods
+(start the longest runs first on a machine with few cores; a later call without it runs the rest). Works without installing the package (it
 runs ``python -m compressor.cli`` with this checkout on ``PYTHONPATH``).
 
 Threads: each of the ``--jobs`` processes gets ``cores / jobs`` CPU threads; the teachers (and the
@@ -431,6 +432,7 @@ def make_record(run: Run, summary: dict, *, command: list[str], budget: Budget, 
         "models": [{"role": m.get("role"), "arch": m.get("arch"), "test_top1": m.get("final_test_top1"),
                     "train_seconds": m.get("train_seconds")} for m in chain],
         "dropped_assistants": summary.get("dropped_assistants", []),
+        "teacher_dropped": summary.get("teacher_dropped"),  # the gate record when an assistant surpassed it
         "near_chance": top1 is not None and top1 <= chance(num_classes) + DONE_CHANCE_MARGIN,
         "warnings": summary.get("warnings", []),
         "train_seconds": summary.get("total_seconds"), "wall_seconds": None if wall is None else round(wall, 1),
@@ -893,6 +895,9 @@ def parse_args(argv=None):
     ap.add_argument("--datasets", default=",".join(DATASETS), help="[default: %(default)s]")
     ap.add_argument("--chains", default=",".join(CHAINS), help="[default: %(default)s]")
     ap.add_argument("--only", default=None, help="regular expression on the cell ids (see --list)")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated subset of the methods to run, e.g. dgkd to start the longest runs first "
+                         "(a later call without it runs the rest) [default: every method of each cell]")
     ap.add_argument("--short-epochs", type=int, default=3, help="epochs per stage, short budget [default: 3]")
     ap.add_argument("--teacher-epochs", type=int, default=None,
                     help=f"epochs of the teachers trained here [default: {FULL_TEACHER_EPOCHS}; quick: "
@@ -925,6 +930,12 @@ def parse_args(argv=None):
         bad = [v for v in vals if v not in allowed]
         if bad:
             ap.error(f"unknown {what}(s) {bad}; choose from {', '.join(allowed)}")
+    all_methods = BASE_METHODS + UNL_METHODS
+    args.methods = _csv(args.methods) if args.methods else None
+    if args.methods is not None:
+        bad = [m for m in args.methods if m not in all_methods]
+        if bad or not args.methods:
+            ap.error(f"unknown method(s) {bad}; choose from {', '.join(all_methods)}")
     if args.jobs < 1:
         ap.error("--jobs must be >= 1")
     if args.short_epochs < 1 or (args.teacher_epochs is not None and args.teacher_epochs < 1):
@@ -947,7 +958,10 @@ def select_runs(args) -> tuple[list[Run], dict]:
     elif args.quick:
         cells = [c for c in cells if c.id in QUICK_CELLS]
     budgets = {"short": Budget("short", args.short_epochs, args.train_subset), "cpu": cpu_budget()}
-    return enumerate_runs(cells, args.seeds), budgets
+    runs = enumerate_runs(cells, args.seeds)
+    if getattr(args, "methods", None):
+        runs = [r for r in runs if r.method in args.methods]
+    return runs, budgets
 
 
 def main(argv=None) -> int:

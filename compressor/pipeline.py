@@ -719,6 +719,7 @@ class _Run:
     teacher_top1: float | None = None
     dropped: dict = field(default_factory=dict)  # chain index -> its gate record (guide_gate), kept out of later stages
     guide_scores: dict = field(default_factory=dict)  # chain index -> the score the gate judged it by (teacher: test)
+    guide_images: dict = field(default_factory=dict)  # chain index -> how many images that score was measured on
     unlabeled: object = None  # --unlabeled: an UnlabeledSet (compressor.data.unlabeled)
 
     @property
@@ -743,6 +744,7 @@ def run_distillation(cfg: DistillConfig, *, resume: bool = False, command: str |
     teacher_row = _teacher_row(run, teacher, teacher_sha256)
     run.teacher_top1 = teacher_row["final_test_top1"]
     run.guide_scores[0] = run.teacher_top1
+    run.guide_images[0] = len(run.splits.test)
     chain_models, rows = [teacher], [teacher_row]
     total_start = time.perf_counter()
     for k, member in enumerate(run.plan.members[1:]):
@@ -1004,10 +1006,11 @@ def _gate_assistant(run: _Run, index: int, arch: str, fields: dict) -> dict:
     The teacher is judged by its *test* score: the validation images are held out of this run's
     training split, but the teacher was trained before the split was drawn and has most likely
     seen them, so its validation score would flatter it. Each assistant's validation score and
-    the teacher's test score are both estimates of accuracy on unseen images."""
-    score = fields.get("final_val_top1")
+    the teacher's test score are both estimates of accuracy on unseen images, and a lead counts
+    only beyond their noise (:func:`~compressor.stability.surpass_margin`)."""
+    score, split = fields.get("final_val_top1"), run.splits.eval
     if score is None:
-        score = fields.get("final_test_top1")
+        score, split = fields.get("final_test_top1"), run.splits.test
     gate = guide_gate(score, num_classes=run.tmeta.num_classes, teacher_top1=run.teacher_top1)
     if not gate["kept"]:
         run.dropped[index] = gate
@@ -1015,10 +1018,13 @@ def _gate_assistant(run: _Run, index: int, arch: str, fields: dict) -> dict:
                 f"(--no-gate-guides keeps it)")
         return gate
     run.guide_scores[index] = score
-    for j in surpassed_guides({i: s for i, s in run.guide_scores.items() if i not in run.dropped}, index, score):
+    run.guide_images[index] = len(split)
+    kept_scores = {i: s for i, s in run.guide_scores.items() if i not in run.dropped}
+    for j, margin in surpassed_guides(kept_scores, index, score, run.guide_images).items():
         earlier = run.plan.members[j]
         run.dropped[j] = {"top1": round(float(run.guide_scores[j]), 3), "kept": False,
-                          "reason": f"surpassed by {arch}", "by": arch, "by_top1": round(float(score), 3)}
+                          "reason": f"surpassed by {arch}", "by": arch, "by_top1": round(float(score), 3),
+                          "margin": margin}
         run.say(f"guide {earlier.arch}{' (the teacher)' if j == 0 else ''} dropped: {gate_text(run.dropped[j])}; "
                 f"later stages learn from the better models (--no-gate-guides keeps it)")
     return gate

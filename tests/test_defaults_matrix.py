@@ -68,6 +68,11 @@ def test_quick_defaults_and_filters(tmp_path):
     assert {r.seed for r in runs} == {3, 4}
     assert budgets["cpu"].epochs == 15 and budgets["cpu"].train_subset == 10000  # recipes/cpu_study.yaml
     assert budgets["short"].epochs == 3
+    args = dm.parse_args(["--data-root", str(tmp_path), "--only", r"^small\.resnet\.short$", "--methods", "dgkd,ce"])
+    assert [r.id for r in dm.select_runs(args)[0]] == [f"small.resnet.short/{m}-s{s}" for s in (0, 1, 2)
+                                                         for m in ("ce", "dgkd")]
+    with pytest.raises(SystemExit):
+        dm.parse_args(["--data-root", str(tmp_path), "--methods", "dgkd,fitnet"])
     for bad in (["--budgets", "long"], ["--seeds", "a"], ["--seeds", "1,1"], ["--only", "("], ["--jobs", "0"],
                 ["--short-epochs", "0"]):
         with pytest.raises(SystemExit) as exc:
@@ -144,7 +149,7 @@ def test_execute_writes_one_json_per_run_and_skips_finished(tmp_path, monkeypatc
     rec = json.loads(dm.record_path(tmp_path / "out", runs[2]).read_text())
     assert rec["id"] == "cifar10.resnet.short/dgkd-s0" and rec["seed"] == 0 and rec["status"] == "done"
     assert "derived_from" not in rec and rec["command"].endswith("--spacing 2.5")
-    assert rec["student_top1"] == 43.5 and rec["teacher_top1"] == 80.0
+    assert rec["student_top1"] == 43.5 and rec["teacher_top1"] == 80.0 and rec["teacher_dropped"] is None
     assert rec["student_epoch1_top1"] == 20.0 and rec["epoch1_split"] == "test"  # --test-every-epoch's score
     assert "--test-every-epoch" in rec["command"]
     assert rec["num_classes"] == 2 and rec["chance_top1"] == 50.0 and rec["near_chance"] is True  # 43.5 <= 52

@@ -74,13 +74,30 @@ def test_surpassed_guides_are_the_earlier_ones_beaten_by_more_than_two_points():
     from compressor.stability import gate_text, surpassed_guides
 
     scores = {0: 40.0, 1: 55.0}
-    assert surpassed_guides(scores, 2, 57.5) == [0, 1]
-    assert surpassed_guides(scores, 2, 57.0) == [0]          # 57.0 is not more than 2 points above 55.0
-    assert surpassed_guides(scores, 1, 55.0) == [0]          # only models before it
-    assert surpassed_guides({0: None, 1: 30.0}, 2, 80.0) == [1]
-    assert surpassed_guides(scores, 2, None) == [] and surpassed_guides(scores, 2, float("nan")) == []
+    assert surpassed_guides(scores, 2, 57.5) == {0: 2.0, 1: 2.0}   # no image counts: the 2-point floor
+    assert surpassed_guides(scores, 2, 57.0) == {0: 2.0}           # 57.0 is not more than 2 points above 55.0
+    assert surpassed_guides(scores, 1, 55.0) == {0: 2.0}           # only models before it
+    assert surpassed_guides({0: None, 1: 30.0}, 2, 80.0) == {1: 2.0}
+    assert surpassed_guides(scores, 2, None) == {} and surpassed_guides(scores, 2, float("nan")) == {}
     record = {"top1": 40.0, "kept": False, "reason": "surpassed by resnet14", "by": "resnet14", "by_top1": 55.0}
     assert gate_text(record) == "resnet14 after it scored 55.0%, more than 2 points above its 40.0%"
+    assert gate_text({**record, "margin": 3.42}) == "resnet14 after it scored 55.0%, more than 3.42 points above its 40.0%"
+
+
+def test_a_lead_within_the_noise_of_the_two_scores_does_not_surpass():
+    """The 96-px cell (docs/results.md §6): a MobileNetV2-1.0 assistant at 68.4 % on 1,000 validation
+    images over its 65.2 % teacher (3,000 test images). SE of the difference by hand:
+    sqrt(.684*.316/1000 + .652*.348/3000) = sqrt(2.16144e-4 + 7.5632e-5) = 0.017082 -> margin 3.416."""
+    from compressor.stability import surpass_margin, surpassed_guides
+
+    assert surpass_margin(68.4, 1000, 65.2, 3000) == pytest.approx(3.4164, abs=1e-3)
+    assert surpassed_guides({0: 65.2}, 1, 68.4, {0: 3000, 1: 1000}) == {}          # 3.2 < 3.42: kept
+    assert surpassed_guides({0: 65.2}, 1, 68.7, {0: 3000, 1: 1000}) == {0: 3.41}   # 3.5 > 3.41: dropped
+    # the weak-teacher case the rule is for still drops: 40 % teacher, 71 % assistant on 500 val images
+    assert list(surpassed_guides({0: 40.0}, 1, 71.0, {0: 1000, 1: 500})) == [0]
+    # large splits: the 2-point floor decides (10,000 and 5,000 images: 2 SE = 1.6 points)
+    assert surpass_margin(70.0, 5000, 67.0, 10000) == 2.0
+    assert surpass_margin(50.0, None, 40.0, None) == 2.0
 
 
 def test_gated_guides_keep_one_guide_per_stage():
@@ -235,22 +252,30 @@ def test_an_assistant_that_beats_the_teacher_drops_it_from_later_stages():
 
     said = []
     members = [SimpleNamespace(arch=a) for a in ("resnet20", "resnet14", "resnet8")]
-    run = SimpleNamespace(tmeta=SimpleNamespace(num_classes=10), teacher_top1=40.0, dropped={},
-                          guide_scores={0: 40.0}, plan=SimpleNamespace(members=members), say=said.append)
+    splits = SimpleNamespace(eval=[0] * 100, test=[0] * 200)   # only their lengths are read
+    run = SimpleNamespace(tmeta=SimpleNamespace(num_classes=10), teacher_top1=40.0, dropped={}, splits=splits,
+                          guide_scores={0: 40.0}, guide_images={0: 200}, plan=SimpleNamespace(members=members),
+                          say=said.append)
     gate = pipeline._gate_assistant(run, 1, "resnet14", {"final_val_top1": 55.0})
     assert gate["kept"] and set(run.dropped) == {0}
-    assert run.dropped[0]["reason"] == "surpassed by resnet14"
-    assert said == ["guide resnet20 (the teacher) dropped: resnet14 after it scored 55.0%, more than 2 points "
+    assert run.dropped[0]["reason"] == "surpassed by resnet14" and run.guide_images == {0: 200, 1: 100}
+    # 2 SE by hand: 200 * sqrt(.55*.45/100 + .4*.6/200) = 200 * sqrt(2.475e-3 + 1.2e-3) = 12.124
+    assert run.dropped[0]["margin"] == 12.12
+    assert said == ["guide resnet20 (the teacher) dropped: resnet14 after it scored 55.0%, more than 12.12 points "
                     "above its 40.0%; later stages learn from the better models (--no-gate-guides keeps it)"]
     assert gated_guides([0, 1], set(run.dropped)) == [1]  # the student's guides: the assistant only
     summary = {"chain": [{"arch": "resnet20"}, {"arch": "resnet14", "guide_gate": gate}, {"arch": "resnet8"}],
                "teacher_dropped": run.dropped[0]}
     assert stability_notes(summary) == ["guide resnet20 (the teacher) dropped: resnet14 after it scored 55.0%, "
-                                        "more than 2 points above its 40.0%"]
-    # an assistant only 2 points above the teacher does not drop it
-    run2 = SimpleNamespace(**{**vars(run), "dropped": {}, "guide_scores": {0: 40.0}})
-    pipeline._gate_assistant(run2, 1, "resnet14", {"final_val_top1": 42.0})
+                                        "more than 12.12 points above its 40.0%"]
+    # an assistant 10 points above the teacher on these few images does not drop it (within 2 SE)
+    run2 = SimpleNamespace(**{**vars(run), "dropped": {}, "guide_scores": {0: 40.0}, "guide_images": {0: 200}})
+    pipeline._gate_assistant(run2, 1, "resnet14", {"final_val_top1": 50.0})
     assert run2.dropped == {}
+    # scored on the test split (no validation split): its count is the test split's
+    run3 = SimpleNamespace(**{**vars(run), "dropped": {}, "guide_scores": {0: 40.0}, "guide_images": {0: 200}})
+    pipeline._gate_assistant(run3, 1, "resnet14", {"final_test_top1": 60.0})
+    assert run3.guide_images[1] == 200 and run3.dropped[0]["margin"] == 9.8
 
 
 def test_kd_logits_setting_reaches_every_kd_term(tmp_path, pretrained_teacher, monkeypatch, one_torch_thread):
