@@ -925,17 +925,13 @@ def parse_args(argv=None):
             ap.error(f"--only {args.only!r} is not a regular expression ({exc}); e.g. --only '^cifar10\\.'")
     args.budgets = _csv(args.budgets) if args.budgets else (["short"] if args.quick else ["short", "cpu"])
     args.datasets, args.chains = _csv(args.datasets), _csv(args.chains)
+    args.methods = _csv(args.methods) or None if args.methods else None  # None: every method of each cell
     for what, vals, allowed in (("budget", args.budgets, ("short", "cpu")), ("data set", args.datasets, DATASETS),
-                                ("chain", args.chains, tuple(CHAINS))):
+                                ("chain", args.chains, tuple(CHAINS)),
+                                ("method", args.methods or [], BASE_METHODS + UNL_METHODS)):
         bad = [v for v in vals if v not in allowed]
         if bad:
             ap.error(f"unknown {what}(s) {bad}; choose from {', '.join(allowed)}")
-    all_methods = BASE_METHODS + UNL_METHODS
-    args.methods = _csv(args.methods) if args.methods else None
-    if args.methods is not None:
-        bad = [m for m in args.methods if m not in all_methods]
-        if bad or not args.methods:
-            ap.error(f"unknown method(s) {bad}; choose from {', '.join(all_methods)}")
     if args.jobs < 1:
         ap.error("--jobs must be >= 1")
     if args.short_epochs < 1 or (args.teacher_epochs is not None and args.teacher_epochs < 1):
@@ -959,7 +955,7 @@ def select_runs(args) -> tuple[list[Run], dict]:
         cells = [c for c in cells if c.id in QUICK_CELLS]
     budgets = {"short": Budget("short", args.short_epochs, args.train_subset), "cpu": cpu_budget()}
     runs = enumerate_runs(cells, args.seeds)
-    if getattr(args, "methods", None):
+    if getattr(args, "methods", None):  # tests build args without it
         runs = [r for r in runs if r.method in args.methods]
     return runs, budgets
 
