@@ -10,7 +10,8 @@ data, the chain, the epochs, the train subset and the seed, over
   resnet8), ``resnet-mbv2`` (resnet20 -> mobilenetv2_035), ``mbv2`` (mobilenetv2_100 ->
   mobilenetv2_035, a MobileNet ladder); their gaps (3.3x, 2.6x, 5.6x MACs) are under the default
   ``--spacing`` (6x), so the default dgkd plans no assistant and trains as kd: the matrix then records
-  the kd run for dgkd instead of training it again (``--run-identical`` trains it); ``--extra-args
+  the kd run for dgkd instead of training it again (``--run-identical`` trains it; a ``--methods dgkd``
+  call copies kd's record of an earlier call, and trains dgkd only when kd was never recorded); ``--extra-args
   "--spacing 2.5"`` measures the chains with one;
 * budgets: ``short`` (``--short-epochs``, 3, per stage) everywhere; ``cpu`` (epochs and train
   subset of recipes/cpu_study.yaml) on cifar10 and photo96;
@@ -852,7 +853,9 @@ def execute(runs: list[Run], *, args, budgets: dict, echo=say) -> tuple[list[str
     if not getattr(args, "run_identical", False):
         run_ids = {r.id for r in runs}
         for r in todo:
-            if not r.method.startswith("dgkd") or kd_twin(r).id not in run_ids:
+            twin = kd_twin(r)
+            # the twin runs in this call, or an earlier call recorded it (--methods dgkd after --methods kd)
+            if not r.method.startswith("dgkd") or (twin.id not in run_ids and not record_path(out, twin).is_file()):
                 continue
             t = teacher_for(r.cell, args.teacher_epochs)
             if t is not None and ok_prereq.get(t.id):

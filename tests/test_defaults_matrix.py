@@ -189,6 +189,14 @@ def test_dgkd_without_assistant_records_its_kd_twin(tmp_path, monkeypatch):
     assert rec["student_top1"] == kd["student_top1"] == 42.0 and rec["command"] == kd["command"]
     assert rec["wall_seconds"] is None and "--run-identical" in rec["notes"][-1]
     assert dm.aggregate(dm.load_records(tmp_path / "out"))[cell.id]["dgkd_minus_ce"]["mean"] == 2.0
+    # --methods dgkd in a later call: kd's record from the earlier call is copied, nothing trains
+    calls.clear()
+    dm.record_path(tmp_path / "out", dm.Run(cell, "dgkd", 1)).unlink()
+    only_dgkd = [r for r in runs if r.method == "dgkd"]
+    skipped, failed = dm.execute(only_dgkd, args=_args(tmp_path), budgets={"short": dm.Budget("short", 3, None)},
+                                 echo=lambda *_: None)
+    assert calls == [] and not skipped and not failed
+    assert json.loads(dm.record_path(tmp_path / "out", dm.Run(cell, "dgkd", 1)).read_text())["derived_from"] == kd["id"]
     # a kd run that fails leaves its dgkd twin unrecorded, with the reason
     cell2 = dm.Cell("cifar10", "resnet", "short", "")
     monkeypatch.setattr(dm.Runner, "call", lambda self, label, cmd, log: (1, 1.0))
