@@ -853,9 +853,9 @@ def execute(runs: list[Run], *, args, budgets: dict, echo=say) -> tuple[list[str
     if not getattr(args, "run_identical", False):
         run_ids = {r.id for r in runs}
         for r in todo:
-            twin = kd_twin(r)
+            kd_run = kd_twin(r)
             # the twin runs in this call, or an earlier call recorded it (--methods dgkd after --methods kd)
-            if not r.method.startswith("dgkd") or (twin.id not in run_ids and not record_path(out, twin).is_file()):
+            if not r.method.startswith("dgkd") or (kd_run.id not in run_ids and not record_path(out, kd_run).is_file()):
                 continue
             t = teacher_for(r.cell, args.teacher_epochs)
             if t is not None and ok_prereq.get(t.id):
@@ -928,7 +928,7 @@ def parse_args(argv=None):
             ap.error(f"--only {args.only!r} is not a regular expression ({exc}); e.g. --only '^cifar10\\.'")
     args.budgets = _csv(args.budgets) if args.budgets else (["short"] if args.quick else ["short", "cpu"])
     args.datasets, args.chains = _csv(args.datasets), _csv(args.chains)
-    args.methods = _csv(args.methods) or None if args.methods else None  # None: every method of each cell
+    args.methods = _csv(args.methods or "") or None  # None: every method of each cell
     for what, vals, allowed in (("budget", args.budgets, ("short", "cpu")), ("data set", args.datasets, DATASETS),
                                 ("chain", args.chains, tuple(CHAINS)),
                                 ("method", args.methods or [], BASE_METHODS + UNL_METHODS)):
