@@ -1007,7 +1007,9 @@ def _gate_assistant(run: _Run, index: int, arch: str, fields: dict) -> dict:
     training split, but the teacher was trained before the split was drawn and has most likely
     seen them, so its validation score would flatter it. Each assistant's validation score and
     the teacher's test score are both estimates of accuracy on unseen images, and a lead counts
-    only beyond their noise (:func:`~compressor.stability.surpass_margin`)."""
+    only beyond their noise (:func:`~compressor.stability.surpass_margin`). Scoring both on the
+    same validation images where the teacher held them out was measured and decides the same
+    (``benchmarks/guide_gate_paired.py``, docs/results.md §6, session 31), so it is not done."""
     score, split = fields.get("final_val_top1"), run.splits.eval
     if score is None:
         score, split = fields.get("final_test_top1"), run.splits.test
