@@ -46,7 +46,9 @@ Usage::
 build the data with ``--quick`` too. 18 min on 2 cores with ``--jobs 2`` once its teachers are
 cached in ``OUT/teachers/`` (2026-11-30; the first run also trains 4 models, the two slowest 43 and
 45 min of one core each on a loaded machine). ``--list`` prints the runs without running them;
-``--table-only`` rebuilds the table from the JSON files. ``--methods dgkd`` runs only those methods
+``--table-only`` rebuilds the table from the JSON files; ``--combine SOURCE ...`` writes OUT's table,
+checks and plot from matrix summaries and folders of run records made in several sessions (each cell whole
+from the last source that has it: docs/results.md's table of the whole matrix). ``--methods dgkd`` runs only those methods
 (start the longest runs first on a machine with few cores; a later call without it runs the rest). Works without installing the package (it
 runs ``python -m compressor.cli`` with this checkout on ``PYTHONPATH``).
 
@@ -679,19 +681,69 @@ def machine() -> str:
     return f"cpu: {name}, {os.cpu_count()} cores"
 
 
-def write_outputs(out: Path, *, settings: dict, skipped: list[str], failed: list[str]) -> tuple[dict, str]:
+def cells_of_source(path: Path) -> dict:
+    """The cell rows of one ``--combine`` source: a folder of run records (``*.json`` with ``cell`` and
+    ``status``, searched below it: ``OUT/cells`` of another matrix, ``docs/study/matrix_runs/CELL/``),
+    aggregated; or a JSON file holding a matrix summary's ``cells`` (at its top or under ``summary``)."""
+    from compressor.errors import CompressError
+
+    if path.is_dir():
+        records = []
+        for f in sorted(path.rglob("*.json")):
+            try:
+                rec = json.loads(f.read_text())
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "cell" in rec and "status" in rec:
+                records.append(rec)
+        if not records:
+            raise CompressError(f"--combine {path}: no run records in it (*.json with 'cell' and 'status'); "
+                                f"give OUT/cells of a matrix or a folder of its records")
+        return aggregate(records)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CompressError(f"--combine {path}: not a readable JSON file ({exc}); give a summary.json or a "
+                            f"folder of run records") from None
+    cells = data.get("cells") if isinstance(data, dict) else None
+    if cells is None and isinstance(data, dict) and isinstance(data.get("summary"), dict):
+        cells = data["summary"].get("cells")
+    if not isinstance(cells, dict) or not cells:
+        raise CompressError(f"--combine {path}: no 'cells' in it (a defaults_matrix summary.json has them); "
+                            f"give a summary.json or a folder of run records")
+    return cells
+
+
+def combine_sources(paths: list[Path]) -> tuple[dict, dict]:
+    """``(cells, origin)``: every cell of ``paths`` (:func:`cells_of_source`), each taken whole from the
+    *last* source that has it (runs of one cell from two sources are never mixed: a later source is a
+    re-measurement under later defaults); ``origin`` maps a cell to its source."""
+    cells, origin = {}, {}
+    for path in paths:
+        for cid, row in cells_of_source(path).items():
+            cells[cid], origin[cid] = row, str(path)
+    order = sorted(cells, key=cell_sort_key)
+    return {cid: cells[cid] for cid in order}, {cid: origin[cid] for cid in order}
+
+
+def write_outputs(out: Path, *, settings: dict, skipped: list[str], failed: list[str],
+                  cells: dict | None = None) -> tuple[dict, str]:
+    """``OUT/summary.json``, ``matrix.md`` and ``matrix.png`` from ``cells`` (default: OUT's run records)."""
     from compressor.fileio import write_json, write_text
 
-    records = load_records(out)
-    cells = aggregate(records)
+    if cells is None:
+        cells = aggregate(load_records(out))
     chk = checks(cells)
     table = markdown_table(cells, chk)
     note = plot(cells, out / "matrix.png")
-    summary = {"settings": settings, "machine": machine(), "cells": cells, "checks": chk,
+    # a combined table's runs ran where their sources say, not where it is drawn
+    where = "each source's own (settings.combined_from)" if settings.get("combined_from") else machine()
+    summary = {"settings": settings, "machine": where, "cells": cells, "checks": chk,
                "skipped": skipped, "failed": failed, "plot": None if note else "matrix.png", "plot_note": note,
                "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_json(out / "summary.json", summary)
-    head = [f"# Defaults matrix ({'quick mode' if settings.get('quick') else 'full'})", "",
+    kind = "combined" if settings.get("combined_from") else ("quick mode" if settings.get("quick") else "full")
+    head = [f"# Defaults matrix ({kind})", "",
             f"- machine: {summary['machine']}; written {summary['written']}",
             f"- command: `{settings.get('command', '')}`",
             "- mean test top-1 (%) per method; gains are paired means over seeds ± std, in points", ""]
@@ -886,7 +938,8 @@ def _csv(value: str) -> list[str]:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--data-root", type=Path, required=True, help="folder made by tools/build_datasets.py")
+    ap.add_argument("--data-root", type=Path, default=None,
+                    help="folder made by tools/build_datasets.py (required unless --combine)")
     ap.add_argument("--out", type=Path, default=Path("runs/defaults-matrix"), help="[default: %(default)s]")
     ap.add_argument("--quick", action="store_true", help=f"one seed, short budget only, {QUICK_TEACHER_EPOCHS}-epoch teachers, the "
                          f"{len(QUICK_CELLS)} cells of QUICK_CELLS (--only: any of the short cells)")
@@ -914,7 +967,16 @@ def parse_args(argv=None):
                          "by default kd's record is copied for it)")
     ap.add_argument("--list", action="store_true", help="print the runs and exit")
     ap.add_argument("--table-only", action="store_true", help="rebuild the table from the JSON files and exit")
+    ap.add_argument("--combine", nargs="+", type=Path, default=None, metavar="SOURCE",
+                    help="write OUT's table, checks and plot from these sources instead of OUT's runs and exit: "
+                         "summary.json files or folders of run records; a cell comes whole from the last source "
+                         "that has it (the whole matrix from runs made in several sessions)")
     args = ap.parse_args(argv)
+    if args.data_root is None and not args.combine:
+        ap.error("--data-root is required (a folder made by tools/build_datasets.py), unless --combine")
+    for path in args.combine or []:
+        if not path.exists():
+            ap.error(f"--combine {path}: no such file or folder")
     try:
         args.seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else ([0] if args.quick else [0, 1, 2])
     except ValueError:
@@ -944,8 +1006,9 @@ def parse_args(argv=None):
     if args.train_subset == 0:
         args.train_subset = None
     # the subprocesses run in the repository root: relative paths are the caller's
-    args.data_root_given = str(args.data_root)  # as typed, for the records (no machine paths)
-    args.data_root, args.out = args.data_root.resolve(), args.out.resolve()
+    args.data_root_given = None if args.data_root is None else str(args.data_root)  # as typed (no machine paths)
+    args.data_root = None if args.data_root is None else args.data_root.resolve()
+    args.out = args.out.resolve()
     return args
 
 
@@ -965,9 +1028,11 @@ def select_runs(args) -> tuple[list[Run], dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    runs, budgets = select_runs(args)
     command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/defaults_matrix.py",
                                                  *(sys.argv[1:] if argv is None else argv)])
+    if args.combine:
+        return combine_main(args, command)
+    runs, budgets = select_runs(args)
     settings = {"command": command, "quick": args.quick, "seeds": args.seeds, "budgets":
                 {k: asdict(v) for k, v in budgets.items() if k in args.budgets},
                 "teacher_epochs": args.teacher_epochs, "data_root": args.data_root_given,
@@ -1016,6 +1081,24 @@ def main(argv=None) -> int:
         print("\nfailed: " + ", ".join(failed) + f" (logs in {args.out / 'logs'})")
     print(f"\nwrote {args.out / 'summary.json'}, {args.out / 'matrix.md'}"
           + ("" if summary["plot_note"] else f", {args.out / 'matrix.png'}"))
+    return 0
+
+
+def combine_main(args, command: str) -> int:
+    """``--combine``: OUT's summary.json, matrix.md and matrix.png from the sources' cells."""
+    from compressor.errors import CompressError
+
+    try:
+        cells, origin = combine_sources(args.combine)
+    except CompressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = {"command": command, "combined_from": origin}
+    summary, table = write_outputs(args.out, settings=settings, skipped=[], failed=[], cells=cells)
+    print(table)
+    print(f"\n{len(cells)} cells from {len(set(origin.values()))} sources; wrote {args.out / 'summary.json'}, "
+          f"{args.out / 'matrix.md'}" + ("" if summary["plot_note"] else f", {args.out / 'matrix.png'}"))
     return 0
 
 

@@ -415,6 +415,51 @@ def test_table_only_cli_on_empty_out(tmp_path, capsys):
     assert (tmp_path / "o" / "matrix.md").read_text().startswith("# Defaults matrix (quick mode)")
 
 
+def test_combine_takes_each_cell_whole_from_its_last_source(tmp_path, capsys):
+    # source 1: a summary.json (wrapped under "summary", as the study JSONs file it) with two cells
+    first = dm.aggregate(_fixture_records())
+    summary_file = tmp_path / "old.json"
+    summary_file.write_text(json.dumps({"what": "an older study", "summary": {"cells": first}}))
+    # source 2: a folder of run records re-measuring cifar10.resnet.short on one seed (ce 50, dgkd 56: +6)
+    folder = tmp_path / "records" / "cifar10.resnet.short"
+    folder.mkdir(parents=True)
+    a = "cifar10.resnet.short"
+    for rec in (_rec(a, "ce", 5, 50.0), _rec(a, "kd", 5, 55.0), _rec(a, "dgkd", 5, 56.0)):
+        (folder / f"{rec['method']}-s{rec['seed']}.json").write_text(json.dumps(rec))
+    (folder / "notes.json").write_text(json.dumps({"not": "a record"}))  # ignored
+    out = tmp_path / "o"
+    assert dm.main(["--out", str(out), "--combine", str(summary_file), str(tmp_path / "records")]) == 0
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["settings"]["combined_from"][a] == str(tmp_path / "records")
+    assert saved["settings"]["combined_from"]["gray28.resnet.short"] == str(summary_file)
+    # the later source's cell replaces the earlier one whole: seed 5 only, not seeds 0, 1 and 5 mixed
+    assert saved["cells"][a]["seeds"] == [5] and saved["cells"][a]["dgkd_minus_ce"]["mean"] == pytest.approx(6.0)
+    # checks over the combined cells: +6.0, +4.5, +1.0, -1.0 -> mean 2.625
+    assert saved["checks"]["mean_gain_ge_1.5"]["mean"] == pytest.approx(2.625)
+    assert list(saved["cells"]) == [a, "gray28.resnet.short", "gray28.resnet.short.pretrained",
+                                    "cifar10-labels10.resnet.short.labels10"]
+    assert (out / "matrix.md").read_text().startswith("# Defaults matrix (combined)")
+    assert "4 cells from 2 sources" in capsys.readouterr().out
+
+
+def test_combine_bad_sources_exit_2(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    not_summary = tmp_path / "x.json"
+    not_summary.write_text(json.dumps({"runs": []}))
+    for source, words in ((empty, "no run records"), (not_summary, "no 'cells'")):
+        assert dm.main(["--out", str(tmp_path / "o"), "--combine", str(source)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "o" / "summary.json").exists()
+    with pytest.raises(SystemExit) as exc:  # a missing source, and runs without --data-root: argparse's exit 2
+        dm.main(["--out", str(tmp_path / "o"), "--combine", str(tmp_path / "nowhere")])
+    assert exc.value.code == 2 and "no such file or folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        dm.main(["--out", str(tmp_path / "o"), "--table-only"])
+    assert exc.value.code == 2 and "--data-root is required" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- build_datasets
 def _jpeg(seed: int) -> bytes:
     from PIL import Image
