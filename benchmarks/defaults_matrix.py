@@ -449,14 +449,22 @@ def num_classes_of(folder: Path) -> int:
     return n or 10
 
 
-def load_records(out: Path) -> list[dict]:
+def read_records(folder: Path, pattern: str) -> list[dict]:
+    """The run records (JSON objects with ``cell`` and ``status``) among ``folder.glob(pattern)``;
+    unreadable files and other JSON are passed over."""
     recs = []
-    for p in sorted((out / "cells").glob("*/*.json")):
+    for p in sorted(folder.glob(pattern)):
         try:
-            recs.append(json.loads(p.read_text()))
+            rec = json.loads(p.read_text())
         except ValueError:
             continue
+        if isinstance(rec, dict) and "cell" in rec and "status" in rec:
+            recs.append(rec)
     return recs
+
+
+def load_records(out: Path) -> list[dict]:
+    return read_records(out / "cells", "*/*.json")
 
 
 # ----------------------------------------------------------------------------- the table
@@ -688,14 +696,7 @@ def cells_of_source(path: Path) -> dict:
     from compressor.errors import CompressError
 
     if path.is_dir():
-        records = []
-        for f in sorted(path.rglob("*.json")):
-            try:
-                rec = json.loads(f.read_text())
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and "cell" in rec and "status" in rec:
-                records.append(rec)
+        records = read_records(path, "**/*.json")
         if not records:
             raise CompressError(f"--combine {path}: no run records in it (*.json with 'cell' and 'status'); "
                                 f"give OUT/cells of a matrix or a folder of its records")
