@@ -89,8 +89,8 @@ def resolve_precision(requested: str, channels_last: bool | None = None, *, cuda
                       recorded: dict | None = None) -> PrecisionChoice:
     """Resolve ``requested`` (auto | no | bf16 | fp16) for this machine.
 
-    ``channels_last`` None means "not given": on with bf16 chosen by ``auto``, off
-    otherwise; an explicit True/False is kept. ``cuda``, ``cuda_bf16`` and ``flags``
+    ``channels_last`` None means "not given": on whenever ``auto`` picks for a CPU (bf16
+    or fp32) and with bf16 on a GPU, off otherwise; an explicit True/False is kept. ``cuda``, ``cuda_bf16`` and ``flags``
     default to what this machine reports (tests pass them).
 
     Under ``accelerate launch`` (its config's ``mixed_precision`` arrives as
@@ -136,7 +136,9 @@ def resolve_precision(requested: str, channels_last: bool | None = None, *, cuda
         if probe is None:
             return PrecisionChoice("auto", "bf16", channels_last if explicit_cl else True, has)
         return _probed_choice(has, probe, channels_last if explicit_cl else True)
-    return PrecisionChoice("auto", "no", bool(channels_last),
+    # fp32 on a CPU trains faster channels_last too: 1.06-1.44x on every model of
+    # benchmarks/fp32_channels_last.py (docs/performance.md), most for depthwise convolutions
+    return PrecisionChoice("auto", "no", channels_last if explicit_cl else True,
                            "the CPU has neither AVX512-BF16 nor AMX, bf16 would be emulated")
 
 

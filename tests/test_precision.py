@@ -28,7 +28,8 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
 def test_auto_on_cpu_follows_the_bf16_flags(flags, expect, reason):
     choice = resolve_precision("auto", None, cuda=False, flags=flags)
     assert choice.mixed_precision == expect
-    assert choice.channels_last is (expect == "bf16")  # channels_last comes with bf16 when not given
+    # not given: channels_last on a CPU in either precision (fp32 trains 1.06-1.44x faster with it too)
+    assert choice.channels_last is True
     assert reason in choice.reason and choice.requested == "auto"
 
 
@@ -54,7 +55,10 @@ def test_describe_and_apply():
     cfg = choice.apply(resolve_config(TrainConfig, None, {"arch": "resnet8", "out": "x.safetensors"}))
     assert (cfg.mixed_precision, cfg.channels_last, cfg.arch) == ("bf16", True, "resnet8")
     fp32 = resolve_precision("auto", None, cuda=False, flags=set())
-    assert fp32.describe().startswith("precision: fp32 (--mixed-precision auto:")
+    assert fp32.describe().startswith("precision: fp32 + channels_last (--mixed-precision auto:")
+    assert fp32.apply(resolve_config(TrainConfig, None, {"arch": "resnet8", "out": "x.safetensors"})).channels_last
+    plain = resolve_precision("auto", False, cuda=False, flags=set())  # --no-channels-last wins
+    assert plain.describe().startswith("precision: fp32 (--mixed-precision auto:")
 
 
 def test_auto_is_the_default_and_choices_are_checked():
