@@ -16,47 +16,21 @@ Example::
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(REPO))
-
-DEFAULT_MODELS = ("mobilenetv2_035@32", "mobilenetv2_035@96", "mobilenetv2_100@32", "mobilenetv2_100@96",
-                  "mobilenetv3_small_050@96", "efficientnet_b0@96", "shufflenetv2_x0_5@96", "regnety_400mf@96",
-                  "resnet8@32", "resnet20@96")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_model_table.py, however the script is run
+from _model_table import emit_table, machine_fields, parse_table_args, table_models  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    import torch
-
-    from compressor.machine import cpu_model
-    from compressor.models import create_model, get_entry
-    from compressor.models.stems import with_auto_stem
-    from compressor.precision import BF16_CPU_FLAGS, FP32_MARGIN, cpu_flags, resolve_precision
+    from compressor.precision import BF16_CPU_FLAGS, FP32_MARGIN, resolve_precision
     from compressor.precision_probe import has_depthwise, time_training_steps
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help="ARCH@PX,... (stem as a run picks it)")
-    ap.add_argument("--batch", type=int, default=32, help="images per step [default: the probe's, 32]")
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per precision and repeat")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--json", default=None, help="write the JSON report here")
-    args = ap.parse_args(argv)
+    args = parse_table_args(__doc__, argv, steps=6, repeats=2)
 
     rows = []
-    for item in args.models.split(","):
-        arch, _, px = item.partition("@")
-        size = (3, int(px or 32), int(px or 32))
-        kwargs = with_auto_stem(get_entry(arch).builder, {}, size)  # the stem a run at this size gets
-
-        def build():
-            return create_model(arch, num_classes=10, **kwargs)
+    for arch, size, kwargs, build in table_models(args.models):
         repeats = [time_training_steps(build, size, 10, batch=args.batch, steps=args.steps)["ms_per_image"]
                    for _ in range(args.repeats)]
         speedups = [round(r["bf16"] / r["no"], 2) for r in repeats]
@@ -72,14 +46,8 @@ def main(argv=None) -> dict:
         rows.append(row)
         print(f"{arch:>24} @{size[-1]:>3}px  fp32 speed-up {speedups}  depthwise={depthwise}  auto: {row['auto_picks']}",
               flush=True)
-    report = {"benchmark": "precision_by_model", "cpu": cpu_model(), "machine": platform.machine(),
-              "bf16_flags": sorted(set(BF16_CPU_FLAGS) & cpu_flags()), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "batch": args.batch, "steps": args.steps, "fp32_margin": FP32_MARGIN,
-              "rows": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "rows"}))
-    return report
+    report = {"benchmark": "precision_by_model", **machine_fields(args), "fp32_margin": FP32_MARGIN, "rows": rows}
+    return emit_table(report, args)
 
 
 if __name__ == "__main__":
