@@ -23,6 +23,7 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 # fp32 displaces bf16 on a CPU with native bf16 only when the probe times it this much faster: bf16 is
 # the measured default there (ResNets, two CPUs), and a near tie should not flip with the machine's load.
 FP32_MARGIN = 1.15
+X86_MACHINES = ("x86_64", "amd64", "i686", "i386")  # platform.machine() names of x86 CPUs
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,12 @@ def launcher_precision(environ=None) -> str | None:
 def resolve_precision(requested: str, channels_last: bool | None = None, *, cuda: bool | None = None,
                       cuda_bf16: bool | None = None, flags: set[str] | None = None,
                       environ=None, probe: Callable[[], dict] | None = None,
-                      recorded: dict | None = None) -> PrecisionChoice:
+                      recorded: dict | None = None, machine: str | None = None) -> PrecisionChoice:
     """Resolve ``requested`` (auto | no | bf16 | fp16) for this machine.
 
-    ``channels_last`` None means "not given": on whenever ``auto`` picks for a CPU (bf16
-    or fp32) and with bf16 on a GPU, off otherwise; an explicit True/False is kept. ``cuda``, ``cuda_bf16`` and ``flags``
+    ``channels_last`` None means "not given": on whenever ``auto`` picks for an x86 CPU (bf16
+    or fp32) and with bf16 on a GPU, off otherwise; an explicit True/False is kept.
+    ``machine``: ``platform.machine()`` unless given (tests). ``cuda``, ``cuda_bf16`` and ``flags``
     default to what this machine reports (tests pass them).
 
     Under ``accelerate launch`` (its config's ``mixed_precision`` arrives as
@@ -136,10 +138,17 @@ def resolve_precision(requested: str, channels_last: bool | None = None, *, cuda
         if probe is None:
             return PrecisionChoice("auto", "bf16", channels_last if explicit_cl else True, has)
         return _probed_choice(has, probe, channels_last if explicit_cl else True)
-    # fp32 on a CPU trains faster channels_last too: 1.06-1.44x on every model of
-    # benchmarks/fp32_channels_last.py (docs/performance.md), most for depthwise convolutions
-    return PrecisionChoice("auto", "no", channels_last if explicit_cl else True,
-                           "the CPU has neither AVX512-BF16 nor AMX, bf16 would be emulated")
+    reason = "the CPU has neither AVX512-BF16 nor AMX, bf16 would be emulated"
+    if explicit_cl:
+        return PrecisionChoice("auto", "no", bool(channels_last), reason)
+    # fp32 on an x86 CPU trains faster channels_last too: 1.06-1.44x on every model of
+    # benchmarks/fp32_channels_last.py (docs/performance.md), most for depthwise convolutions.
+    # Other CPUs (Arm) keep the default layout: not measured there.
+    import platform
+
+    x86 = (machine or platform.machine()).lower() in X86_MACHINES
+    return PrecisionChoice("auto", "no", x86, reason if x86 else f"{reason}; default memory format "
+                           "(channels_last is measured faster in fp32 on x86 CPUs only: --channels-last)")
 
 
 def _probed_choice(has: str, probe: Callable[[], dict], channels_last: bool) -> PrecisionChoice:

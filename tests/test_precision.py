@@ -26,7 +26,7 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     (set(), "no", "neither AVX512-BF16 nor AMX"),
 ])
 def test_auto_on_cpu_follows_the_bf16_flags(flags, expect, reason):
-    choice = resolve_precision("auto", None, cuda=False, flags=flags)
+    choice = resolve_precision("auto", None, cuda=False, flags=flags, machine="x86_64")
     assert choice.mixed_precision == expect
     # not given: channels_last on a CPU in either precision (fp32 trains 1.06-1.44x faster with it too)
     assert choice.channels_last is True
@@ -54,11 +54,15 @@ def test_describe_and_apply():
                                  "(--mixed-precision auto: the CPU has avx512_bf16)")
     cfg = choice.apply(resolve_config(TrainConfig, None, {"arch": "resnet8", "out": "x.safetensors"}))
     assert (cfg.mixed_precision, cfg.channels_last, cfg.arch) == ("bf16", True, "resnet8")
-    fp32 = resolve_precision("auto", None, cuda=False, flags=set())
+    fp32 = resolve_precision("auto", None, cuda=False, flags=set(), machine="x86_64")
     assert fp32.describe().startswith("precision: fp32 + channels_last (--mixed-precision auto:")
     assert fp32.apply(resolve_config(TrainConfig, None, {"arch": "resnet8", "out": "x.safetensors"})).channels_last
     plain = resolve_precision("auto", False, cuda=False, flags=set())  # --no-channels-last wins
     assert plain.describe().startswith("precision: fp32 (--mixed-precision auto:")
+    # measured on x86 only: an Arm CPU keeps the default layout, and says how to change it
+    arm = resolve_precision("auto", None, cuda=False, flags=set(), machine="aarch64")
+    assert (arm.mixed_precision, arm.channels_last) == ("no", False) and "--channels-last" in arm.reason
+    assert resolve_precision("auto", None, cuda=False, flags=set(), machine="AMD64").channels_last is True
 
 
 def test_auto_is_the_default_and_choices_are_checked():
