@@ -15,6 +15,7 @@ with the probe's timings).
 """
 from __future__ import annotations
 
+import platform
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -144,8 +145,6 @@ def resolve_precision(requested: str, channels_last: bool | None = None, *, cuda
     # fp32 on an x86 CPU trains faster channels_last too: 1.06-1.44x on every model of
     # benchmarks/fp32_channels_last.py (docs/performance.md), most for depthwise convolutions.
     # Other CPUs (Arm) keep the default layout: not measured there.
-    import platform
-
     x86 = (machine or platform.machine()).lower() in X86_MACHINES
     return PrecisionChoice("auto", "no", x86, reason if x86 else f"{reason}; default memory format "
                            "(channels_last is measured faster in fp32 on x86 CPUs only: --channels-last)")
