@@ -46,11 +46,9 @@ def table_models(models: str):
 
 def emit_table(report: dict, args) -> dict:
     """Write ``report`` to ``--json`` (when given), print it without its rows, and return it."""
-    import json
+    from _json_report import emit_report
 
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "rows"}))
+    emit_report(report, args.json, hide=("rows",))
     return report
 
 

@@ -58,15 +58,14 @@ def hits(model, meta, split):
     """0/1 top-1 hits of ``model`` on ``split`` in order (fp32, the tie rule of ``compress eval``)."""
     import torch
 
-    from compressor.data import make_loader
+    from compressor.data import make_loader, normalize
     from compressor.evaluation import predictions
-    from compressor.trainer import _to_input
 
     model.eval()
     out = []
     with torch.no_grad():
         for images, labels in make_loader(split, 256, shuffle=False):
-            logits = model(_to_input(images, meta.mean, meta.std, False)).float()
+            logits = model(normalize(images, meta.mean, meta.std)).float()
             out.extend((predictions(logits.numpy()) == labels.numpy()).tolist())
     return out
 
@@ -85,9 +84,15 @@ def score_run(run_dir: Path, teacher_seed: int | None) -> dict:
     if not split_cfg.val_fraction:
         raise SystemExit(f"{run_dir}: val_fraction is 0, the gate used the test split for both (same images already)")
 
+    views: dict = {}  # the splits at each view the models need, decoded once (teacher and assistants often share it)
+
     def both_splits(model, meta):
-        bundle = load_data_for_model(meta, cfg["data"], splits=("train", "test"))
-        return hits(model, meta, prepare_splits(split_cfg, bundle).eval), hits(model, meta, bundle.test)
+        view = (tuple(meta.input_size), (meta.metrics or {}).get("augment"))
+        if view not in views:
+            bundle = load_data_for_model(meta, cfg["data"], splits=("train", "test"))
+            views[view] = (prepare_splits(split_cfg, bundle).eval, bundle.test)
+        val_split, test_split = views[view]
+        return hits(model, meta, val_split), hits(model, meta, test_split)
 
     chain = json.loads((run_dir / "plan.json").read_text())["chain"]
     stages = [run_dir / "stages" / f"{k}-{arch_slug(m['arch'])}" for k, m in enumerate(chain) if m["role"] == "assistant"]
