@@ -122,6 +122,25 @@ def sparsify(logits: torch.Tensor, k: int, temperature: float) -> dict[str, torc
     return {"values": values.half(), "indices": indices.to(_index_dtype(num_classes)), "rest": rest}
 
 
+def fit_float16(logits: torch.Tensor) -> torch.Tensor:
+    """Float32 logits ``(N, C)`` whose float16 copy is finite and gives the same softmax.
+
+    A row with a logit beyond float16's range (+-65,504; an untrained or badly
+    scaled guide in eval mode reaches 1e5) would be stored as ``inf`` and the KD
+    loss would be NaN at the first step. Softmax is unchanged by subtracting a
+    row's maximum, so such rows are shifted to a maximum of 0 and clipped at
+    -65,504 (``exp(-65504 / T)`` is 0 in float32 for any T up to ~700). Rows in range
+    are returned unchanged, so ordinary logits are stored exactly as before.
+    """
+    limit = torch.finfo(torch.float16).max
+    row_max = logits.amax(dim=1, keepdim=True)
+    out_of_range = logits.abs().amax(dim=1, keepdim=True) > limit
+    if not bool(out_of_range.any()):
+        return logits
+    shifted = (logits - row_max).clamp(min=-limit)
+    return torch.where(out_of_range, shifted, logits)
+
+
 def densify(values: torch.Tensor, indices: torch.Tensor, rest: torch.Tensor, num_classes: int,
             temperature: float) -> torch.Tensor:
     """Full float32 logits ``(N, C)`` from top-k soft labels (see the module docstring):
@@ -177,7 +196,7 @@ class GuideLogitCache:
         return {name: torch.zeros(shape, dtype=dtype) for name, (shape, dtype) in self._layout().items()}
 
     def _record(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = logits.detach().to("cpu", torch.float32)
+        z = fit_float16(logits.detach().to("cpu", torch.float32))
         if self.top_k is None:
             return {"logits": z.half()}
         return sparsify(z, self.top_k, self.temperature)

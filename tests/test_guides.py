@@ -54,6 +54,26 @@ def test_cache_round_trip(tmp_path):
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["epoch-00001.safetensors"]
 
 
+@pytest.mark.parametrize("classes", [5, 150])  # dense float16 rows, and top-k rows
+def test_logits_beyond_float16_range_are_stored_finite_with_the_same_softmax(tmp_path, classes):
+    # An untrained ResNet-56 in eval mode gives logits near 1e5; float16 holds +-65,504, so
+    # they were stored as inf and the first KD loss was NaN (a CI failure of the paper recipe).
+    temperature = 4.0
+    z = torch.zeros(2, classes)
+    z[0, :3] = torch.tensor([100000.0, 99996.0, -120000.0])  # out of range: shifted by its max
+    z[1, :3] = torch.tensor([2.0, -1.0, 0.5])  # in range: stored as before
+    cache = GuideLogitCache(tmp_path, 1, 1, 2, classes, temperature=temperature)
+    used = cache.put(0, 0, z)
+    assert torch.isfinite(used).all()
+    assert used[0, 0] == 0 and used[0, 1] == -4  # 100000 - 100000 and 99996 - 100000, exact
+    assert used[0, 2] == -65504  # -220000 after the shift, clipped to float16's lowest
+    p = torch.softmax(z / temperature, 1)
+    assert torch.allclose(torch.softmax(used / temperature, 1)[0, :2], p[0, :2])  # e/(1+e) and 1/(1+e)
+    assert torch.allclose(p[0, :2], torch.tensor([math.e / (1 + math.e), 1 / (1 + math.e)]))
+    if classes == 5:
+        assert torch.equal(used[1], z[1].half().float())
+
+
 def _held_tensor_bytes(obj) -> int:
     """Bytes of every tensor the cache object holds (attributes, dicts, lists)."""
     def walk(v):
