@@ -129,15 +129,14 @@ def fit_float16(logits: torch.Tensor) -> torch.Tensor:
     scaled guide in eval mode reaches 1e5) would be stored as ``inf`` and the KD
     loss would be NaN at the first step. Softmax is unchanged by subtracting a
     row's maximum, so such rows are shifted to a maximum of 0 and clipped at
-    -65,504 (``exp(-65504 / T)`` is 0 in float32 for any T up to ~700). Rows in range
+    -65,504 (``exp(-65504 / T)`` underflows to 0 in float32 for any T up to ~600). Rows in range
     are returned unchanged, so ordinary logits are stored exactly as before.
     """
     limit = torch.finfo(torch.float16).max
-    row_max = logits.amax(dim=1, keepdim=True)
     out_of_range = logits.abs().amax(dim=1, keepdim=True) > limit
-    if not bool(out_of_range.any()):
+    if not bool(out_of_range.any()):  # the usual case: one reduction per cached batch
         return logits
-    shifted = (logits - row_max).clamp(min=-limit)
+    shifted = (logits - logits.amax(dim=1, keepdim=True)).clamp(min=-limit)
     return torch.where(out_of_range, shifted, logits)
 
 
