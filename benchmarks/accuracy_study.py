@@ -142,7 +142,7 @@ def _check_same_config(run_dir: Path, cfg) -> None:
     """A finished run is reused only when it was made with the same settings."""
     import yaml
 
-    from compressor.config import config_to_dict
+    from compressor.config import RUN_RECORD_KEYS, config_to_dict
     from compressor.errors import CompressError
     from compressor.models import get_entry
 
@@ -151,8 +151,11 @@ def _check_same_config(run_dir: Path, cfg) -> None:
         return
     old = yaml.safe_load(path.read_text()) or {}
     new = {**config_to_dict(cfg), "target": get_entry(cfg.target).name}
+    # What the run recorded beside its settings (the rules' words, the precision `auto` resolved to,
+    # per-model defaults, the teacher's sha256): a freshly resolved config has none of them.
+    ignored = (*CONFIG_KEYS_IGNORED, *RUN_RECORD_KEYS)
     diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-             if k not in CONFIG_KEYS_IGNORED and old.get(k) != new.get(k)]
+             if k not in ignored and old.get(k) != new.get(k)]
     if diffs:
         raise CompressError(f"{run_dir} was made with other settings ({'; '.join(diffs)}); "
                             f"use another --out for a study with new settings")

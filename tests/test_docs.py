@@ -196,3 +196,25 @@ def test_study_plot_title_shows_no_machine_path(monkeypatch, tmp_path):
     assert mod.display_path("/somewhere/else/cifar10-jpeg") == "cifar10-jpeg"
     assert mod.display_path(str(tmp_path / "data" / "cifar10-jpeg")) == "data/cifar10-jpeg"
     assert mod.display_path("data/cifar10-jpeg") == "data/cifar10-jpeg"
+
+
+def test_study_reuses_a_finished_run_whatever_it_recorded_beside_its_settings(tmp_path):
+    """A finished run's config.yaml also holds what it resolved (precision, per-model defaults, rules,
+    the teacher's sha256); the study reuses the run all the same, and refuses one made with another lr."""
+    import yaml
+
+    from compressor.config import DistillConfig, config_to_dict
+    from compressor.errors import CompressError
+
+    spec = importlib.util.spec_from_file_location("accuracy_study", ROOT / "benchmarks" / "accuracy_study.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = DistillConfig(data="d", teacher="t.safetensors", target="resnet8", out=str(tmp_path))
+    recorded = {**config_to_dict(cfg), "target": "resnet8", "temperature_rule": "set", "kd_mixup_rule": "set",
+                "num_processes": 1, "teacher_sha256": "99f7", "training_defaults": {"resnet8": {"lr": 0.1}},
+                "precision": {"requested": "no", "mixed_precision": "no", "channels_last": True}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
+    mod._check_same_config(tmp_path, cfg)  # reused: nothing but records differ
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**recorded, "lr": 0.05}))
+    with pytest.raises(CompressError, match=r"\(lr: 0\.05 -> None\)"):
+        mod._check_same_config(tmp_path, cfg)
