@@ -187,11 +187,17 @@ def test_readme_tour_runs(tmp_path):
     assert re.search(r"student\.onnx on demo \(1000 images, onnxruntime\): top-1", r.stdout)
 
 
-def test_study_plot_title_shows_no_machine_path(monkeypatch, tmp_path):
-    """benchmarks/accuracy_study.py titles its plot with the data path: relative, or only its name."""
+def _accuracy_study_module():
+    """benchmarks/accuracy_study.py as a module (it is a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location("accuracy_study", ROOT / "benchmarks" / "accuracy_study.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_study_plot_title_shows_no_machine_path(monkeypatch, tmp_path):
+    """benchmarks/accuracy_study.py titles its plot with the data path: relative, or only its name."""
+    mod = _accuracy_study_module()
     monkeypatch.chdir(tmp_path)
     assert mod.display_path("/somewhere/else/cifar10-jpeg") == "cifar10-jpeg"
     assert mod.display_path(str(tmp_path / "data" / "cifar10-jpeg")) == "data/cifar10-jpeg"
@@ -206,9 +212,7 @@ def test_study_reuses_a_finished_run_whatever_it_recorded_beside_its_settings(tm
     from compressor.config import DistillConfig, config_to_dict
     from compressor.errors import CompressError
 
-    spec = importlib.util.spec_from_file_location("accuracy_study", ROOT / "benchmarks" / "accuracy_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _accuracy_study_module()
     cfg = DistillConfig(data="d", teacher="t.safetensors", target="resnet8", out=str(tmp_path))
     recorded = {**config_to_dict(cfg), "target": "resnet8", "temperature_rule": "set", "kd_mixup_rule": "set",
                 "num_processes": 1, "teacher_sha256": "99f7", "training_defaults": {"resnet8": {"lr": 0.1}},
