@@ -182,8 +182,9 @@ def run_one(cfg, bundle, method: str, seed: int, command: str, progress: bool) -
         if not resume:  # a resumed run's wall time covers only part of it
             from compressor.fileio import write_json
 
-            write_json(timing_path, {"wall_seconds": round(wall, 1)})
-    wall = json.loads(timing_path.read_text())["wall_seconds"] if timing_path.exists() else None
+            write_json(timing_path, {"wall_seconds": round(wall, 1), "device": _device()})
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+    wall = timing.get("wall_seconds")
     chain = summary["chain"]
     student = chain[-1]
     return {
@@ -199,6 +200,7 @@ def run_one(cfg, bundle, method: str, seed: int, command: str, progress: bool) -
         "wall_seconds": wall,
         "relative_cost": summary.get("relative_cost"),
         "run_dir": run_dir.name,
+        "device": timing.get("device"),  # where it trained: a reused run may come from another machine
     }
 
 
@@ -304,6 +306,13 @@ def _device() -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def study_device(runs: list[dict]) -> str:
+    """Where the study's runs trained ("; "-joined when several machines), not where this process
+    combines them; a run that does not say (trained before runs recorded it) counts as unknown."""
+    devices = sorted({r.get("device") or "unknown (not recorded)" for r in runs})
+    return "; ".join(devices) if devices else _device()
+
+
 def display_path(path: str) -> str:
     """A data path as the study's files show it: relative to the working folder, or just its name
     (the plot title and study.md are published; one machine's absolute path means nothing elsewhere)."""
@@ -331,7 +340,7 @@ def write_outputs(out: Path, args, cfg0, runs: list[dict], command: str, data_na
         "milestones", "momentum", "weight_decay", "augment", "temperature", "kd_weight", "val_fraction",
         "train_subset", "mixed_precision", "channels_last")}
     study = {
-        "command": command, "recipe": args.recipe, "data": data_name, "device": _device(),
+        "command": command, "recipe": args.recipe, "data": data_name, "device": study_device(runs),
         "seeds": args.seeds, "methods": args.methods, "settings": settings,
         "teacher_test_top1": teacher_top1, "data_load_seconds": round(load_s, 1),
         "runs": runs, "per_method": stats, "paired_reference": reference, "paired": diffs,
@@ -355,7 +364,7 @@ def write_outputs(out: Path, args, cfg0, runs: list[dict], command: str, data_na
         f"({cfg0.schedule}), momentum {cfg0.momentum}, weight decay {cfg0.weight_decay}, "
         f"augment {cfg0.augment}, T {cfg0.temperature}, λ {cfg0.kd_weight}, "
         f"train subset {cfg0.train_subset or 'all'}, mixed precision {cfg0.mixed_precision}",
-        f"- seeds: {', '.join(map(str, args.seeds))}; device: {_device()}",
+        f"- seeds: {', '.join(map(str, args.seeds))}; device: {study_device(runs)}",
         f"- runs finished: {len(runs)} of {len(args.methods) * len(args.seeds)}", "",
         table, "",
     ]

@@ -204,6 +204,27 @@ def test_study_plot_title_shows_no_machine_path(monkeypatch, tmp_path):
     assert mod.display_path("data/cifar10-jpeg") == "data/cifar10-jpeg"
 
 
+def test_study_reports_where_its_runs_trained_not_where_it_combines_them(tmp_path):
+    """Runs trained on a GPU and combined on a CPU: study.json names the GPU (a CPU combine once
+    wrote "cpu: x86_64, 1 threads" over five H200 runs)."""
+    import yaml
+
+    from compressor.config import DistillConfig, config_to_dict
+
+    mod = _accuracy_study_module()
+    cfg = DistillConfig(data="d", teacher="t.safetensors", target="resnet8", out=str(tmp_path))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**config_to_dict(cfg), "target": "resnet8"}))
+    chain = [{"arch": "resnet56", "final_test_top1": 83.2}, {"arch": "resnet8", "final_test_top1": 66.0,
+                                                              "best_val_top1": 66.4}]
+    (tmp_path / "summary.json").write_text(json.dumps({"method": "kd", "drop_guides": 1, "chain": chain,
+                                                       "total_seconds": 36.0}))
+    (tmp_path / "study_timing.json").write_text(json.dumps({"wall_seconds": 38.2, "device": "cuda: NVIDIA H200"}))
+    run = mod.run_one(cfg, None, "kd", 0, "cmd", False)  # finished: reused, nothing trains
+    assert (run["device"], run["wall_seconds"], run["test_top1"]) == ("cuda: NVIDIA H200", 38.2, 66.0)
+    assert mod.study_device([run, dict(run)]) == "cuda: NVIDIA H200"
+    assert mod.study_device([run, {**run, "device": None}]) == "cuda: NVIDIA H200; unknown (not recorded)"
+
+
 def test_study_reuses_a_finished_run_whatever_it_recorded_beside_its_settings(tmp_path):
     """A finished run's config.yaml also holds what it resolved (precision, per-model defaults, rules,
     the teacher's sha256); the study reuses the run all the same, and refuses one made with another lr."""

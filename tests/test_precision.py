@@ -1,5 +1,6 @@
 """``--mixed-precision auto``: which hardware gets bf16 + channels_last, and what is recorded."""
 import pytest
+import torch
 
 from compressor.config import DistillConfig, TrainConfig, resolve_config
 from compressor.errors import CompressError
@@ -172,6 +173,8 @@ def test_time_training_steps_times_both_precisions_and_leaves_the_random_state()
     assert (record["batch"], record["steps"], record["threads"]) == (4, 2, torch.get_num_threads())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(),  # seen failing on an H200 (session 34): no probe there
+                    reason="the CPU's precision probe; with a GPU, auto picks bf16 without probing")
 def test_compress_train_probes_a_model_with_depthwise_convolutions_once(in_tmp, monkeypatch, capsys,
                                                                           one_torch_thread):
     import compressor.pipeline as pipeline
