@@ -309,8 +309,7 @@ def _device() -> str:
 def study_device(runs: list[dict]) -> str:
     """Where the study's runs trained ("; "-joined when several machines), not where this process
     combines them; a run that does not say (trained before runs recorded it) counts as unknown."""
-    devices = sorted({r.get("device") or "unknown (not recorded)" for r in runs})
-    return "; ".join(devices) if devices else _device()
+    return "; ".join(sorted({r.get("device") or "unknown (not recorded)" for r in runs}))
 
 
 def display_path(path: str) -> str:
@@ -364,7 +363,7 @@ def write_outputs(out: Path, args, cfg0, runs: list[dict], command: str, data_na
         f"({cfg0.schedule}), momentum {cfg0.momentum}, weight decay {cfg0.weight_decay}, "
         f"augment {cfg0.augment}, T {cfg0.temperature}, λ {cfg0.kd_weight}, "
         f"train subset {cfg0.train_subset or 'all'}, mixed precision {cfg0.mixed_precision}",
-        f"- seeds: {', '.join(map(str, args.seeds))}; device: {study_device(runs)}",
+        f"- seeds: {', '.join(map(str, args.seeds))}; device: {study['device']}",
         f"- runs finished: {len(runs)} of {len(args.methods) * len(args.seeds)}", "",
         table, "",
     ]
